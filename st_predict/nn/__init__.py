@@ -1,0 +1,31 @@
+"""Building blocks of NH2ST (pure torch)."""
+
+from ._attention import CrossAttentionBlock
+from ._encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    GeneTokenizer,
+    PathologyHead,
+    TwoLayerMLP,
+    build_resnet18_trunk,
+    load_trunk_weights,
+)
+from ._hypergraph import DenseGraphConv, HypergraphConv, NeighbourhoodEncoder, knn_adjacency, knn_hyperedges
+from ._losses import info_nce
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CrossAttentionBlock",
+    "DenseGraphConv",
+    "GeneTokenizer",
+    "HypergraphConv",
+    "NeighbourhoodEncoder",
+    "PathologyHead",
+    "TwoLayerMLP",
+    "build_resnet18_trunk",
+    "info_nce",
+    "knn_adjacency",
+    "knn_hyperedges",
+    "load_trunk_weights",
+]

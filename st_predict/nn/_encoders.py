@@ -1,0 +1,221 @@
+"""Encoders of NH2ST: the ResNet18 trunk, the pathology head, the ST encoder and the translator."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: ImageNet channel statistics used to normalise patches for the ResNet18 trunk.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Output channels of the ResNet18 trunk.
+TRUNK_CHANNELS = 512
+
+
+def build_resnet18_trunk() -> nn.Sequential:
+    """A randomly initialised torchvision ResNet18 without ``avgpool`` and ``fc``.
+
+    Maps ``(B, 3, S, S)`` to ``(B, 512, S/32, S/32)`` (``7 x 7`` at 224 px).
+    """
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
+    return nn.Sequential(*list(net.children())[:-2])
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefixes = ("module.", "model.", "resnet.", "backbone.", "encoder.", "trunk.", "net.")
+    out = {}
+    for key, value in state.items():
+        k = key
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k = k[len(p) :]
+                    changed = True
+        out[k] = value
+    return out
+
+
+def _resnet_keys_to_trunk(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map torchvision ResNet18 key names (``conv1.weight``, ``layer1.0...``) onto the trunk's
+    ``nn.Sequential`` indices (``0.weight``, ``4.0...``)."""
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    mapping = {n: str(i) for i, n in enumerate(names)}
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in mapping:
+            out[f"{mapping[head]}.{rest}"] = value
+        elif head.isdigit():
+            out[key] = value
+    return out
+
+
+def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | None) -> str:
+    """Load pretrained weights into a trunk from :func:`build_resnet18_trunk`.
+
+    Parameters
+    ----------
+    trunk
+        The trunk to fill.
+    weights
+        ``"imagenet"``: torchvision's ``ResNet18_Weights.IMAGENET1K_V1``, from the torch hub cache
+        (``$TORCH_HOME/hub/checkpoints``) or downloaded; if neither works, the trunk stays random and
+        a :class:`UserWarning` says so. A path: a state dict (``.pt``/``.pth``/``.ckpt``, optionally
+        under a ``"state_dict"`` key, common prefixes such as ``module.`` or ``model.`` stripped),
+        e.g. a histology self-supervised checkpoint. ``"random"`` or ``None``: random initialisation.
+
+    Returns
+    -------
+    A one-line description of what was loaded, recorded in the model summary.
+    """
+    if weights is None or weights == "random":
+        logger.warning("ResNet18 trunk is randomly initialised (weights='random').")
+        return "random init (no pretrained weights)"
+    if weights == "imagenet":
+        from torchvision.models import ResNet18_Weights
+
+        spec = ResNet18_Weights.IMAGENET1K_V1
+        try:
+            state = spec.get_state_dict(progress=False)
+        except Exception as err:  # noqa: BLE001 - any failure (offline, corrupt cache) -> loud fallback
+            warnings.warn(
+                "Could not load torchvision's ImageNet ResNet18 weights (IMAGENET1K_V1) from the torch "
+                f"hub cache or the internet ({type(err).__name__}: {err}). The ResNet18 trunk is RANDOMLY "
+                "INITIALISED: expect much weaker predictions, above all with trunk='frozen'. Put "
+                "'resnet18-f37072fd.pth' in $TORCH_HOME/hub/checkpoints or pass weights='<file>'.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return "random init (ImageNet weights unavailable)"
+        _load_resnet_state(trunk, state, source="torchvision IMAGENET1K_V1")
+        return "torchvision ResNet18 IMAGENET1K_V1"
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights={str(weights)!r} is neither 'imagenet', 'random' nor an existing weights file."
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
+    _load_resnet_state(trunk, obj, source=str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"file {path.name} (sha256 {digest})"
+
+
+def _load_resnet_state(trunk: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    mapped = _resnet_keys_to_trunk(_strip_prefixes(state))
+    own = trunk.state_dict()
+    usable = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
+    if not usable:
+        raise ValueError(f"No ResNet18 trunk weights found in {source}: none of its keys match.")
+    if missing:
+        raise ValueError(
+            f"{source} lacks {len(missing)} ResNet18 trunk tensors (e.g. {missing[:3]}); "
+            "is it a ResNet18 checkpoint?"
+        )
+    trunk.load_state_dict(usable, strict=False)
+    logger.info("Loaded ResNet18 trunk weights from %s", source)
+
+
+class PathologyHead(nn.Module):
+    """Projects a trunk feature map ``(B, C, h, w)`` to the latent vector ``h^p`` and, on demand, to
+    ``h * w`` spatial tokens.
+
+    ``pooling="flatten"`` (the authors' code): ``Linear(C*h*w -> N)`` on the flattened map.
+    ``pooling="avg"``: global average, then ``Linear(C -> N)``.
+    """
+
+    def __init__(
+        self,
+        map_size: int,
+        latent_dim: int = 512,
+        pooling: Literal["flatten", "avg"] = "flatten",
+        in_channels: int = TRUNK_CHANNELS,
+        with_tokens: bool = False,
+    ):
+        super().__init__()
+        if pooling not in ("flatten", "avg"):
+            raise ValueError(f"pooling must be 'flatten' or 'avg', got {pooling!r}.")
+        self.pooling = pooling
+        in_features = in_channels * map_size * map_size if pooling == "flatten" else in_channels
+        self.proj = nn.Linear(in_features, latent_dim)
+        if with_tokens:
+            self.token_proj = nn.Linear(in_channels, latent_dim)
+            self.token_pos = nn.Parameter(torch.zeros(1, map_size * map_size, latent_dim))
+            nn.init.normal_(self.token_pos, std=0.02)
+        else:
+            self.token_proj = None
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Latent vector ``(B, N)``."""
+        pooled = fmap.flatten(1) if self.pooling == "flatten" else fmap.mean((2, 3))
+        return self.proj(pooled)
+
+    def tokens(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Spatial tokens ``(B, h*w, N)``."""
+        if self.token_proj is None:
+            raise RuntimeError("PathologyHead was built without tokens (with_tokens=False).")
+        return self.token_proj(fmap.flatten(2).transpose(1, 2)) + self.token_pos
+
+
+class TwoLayerMLP(nn.Sequential):
+    """``Linear -> activation -> (dropout) -> Linear``: the ST encoder (``n -> N -> N``) and the
+    translator (``N -> 256 -> n``). ``activation="none"`` reproduces the authors' code (no
+    nonlinearity between the two layers)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        activation: Literal["relu", "gelu", "none"] = "relu",
+        dropout: float = 0.0,
+    ):
+        acts = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}.")
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim), acts[activation](), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
+        )
+
+
+class GeneTokenizer(nn.Module):
+    """Splits the ``n`` genes into ``n_tokens`` contiguous groups and embeds each group with its own
+    linear map: ``(B, n) -> (B, n_tokens, N)``. Gives the cross-attention something to attend over
+    on the gene side (``attention_mode="tokens"``)."""
+
+    def __init__(self, n_genes: int, n_tokens: int, latent_dim: int):
+        super().__init__()
+        if not 1 <= n_tokens <= n_genes:
+            raise ValueError(f"n_gene_tokens must be in [1, n_genes={n_genes}], got {n_tokens}.")
+        self.n_tokens = n_tokens
+        self.group = -(-n_genes // n_tokens)
+        self.pad = self.group * n_tokens - n_genes
+        self.weight = nn.Parameter(torch.empty(n_tokens, self.group, latent_dim))
+        self.bias = nn.Parameter(torch.zeros(n_tokens, latent_dim))
+        nn.init.normal_(self.weight, std=self.group**-0.5)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """Gene tokens ``(B, n_tokens, N)``."""
+        if self.pad:
+            y = torch.nn.functional.pad(y, (0, self.pad))
+        groups = y.view(y.shape[0], self.n_tokens, self.group)
+        return torch.einsum("btg,tgd->btd", groups, self.weight) + self.bias

@@ -1,0 +1,111 @@
+"""Gene selection and expression normalisation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+logger = logging.getLogger(__name__)
+
+
+def _as_csr(x):
+    return x.tocsr() if sparse.issparse(x) else sparse.csr_matrix(np.asarray(x))
+
+
+def check_expression(matrix, where: str, is_count_data: bool = True) -> None:
+    """Raise a ``ValueError`` naming ``where`` if ``matrix`` holds NaN/inf, or, for counts, negative
+    or non-integer values."""
+    data = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    if data.size == 0:
+        return
+    if not np.issubdtype(data.dtype, np.number):
+        raise ValueError(f"{where} has non-numeric dtype {data.dtype}.")
+    n_bad = int((~np.isfinite(data)).sum()) if np.issubdtype(data.dtype, np.floating) else 0
+    if n_bad:
+        raise ValueError(f"{where} holds {n_bad} NaN or infinite values; expression must be finite.")
+    if is_count_data:
+        n_neg = int((data < 0).sum())
+        if n_neg:
+            raise ValueError(
+                f"{where} holds {n_neg} negative values, but counts were expected (is_count_data=True)."
+            )
+        if np.issubdtype(data.dtype, np.floating):
+            n_frac = int((data != np.round(data)).sum())
+            if n_frac:
+                raise ValueError(
+                    f"{where} holds {n_frac} non-integer values, but raw counts were expected. If it is "
+                    "already log-normalised, pass is_count_data=False to setup_anndata."
+                )
+
+
+def normalize_expression(
+    counts, gene_idx: np.ndarray, is_count_data: bool = True, library_size: str = "all_genes",
+    target_sum: float = 1e4,
+) -> np.ndarray:
+    """Dense float32 ``(n_obs, len(gene_idx))`` model targets.
+
+    With counts: ``log1p(counts / library size * target_sum)``, library size summed over all genes
+    (``library_size="all_genes"``, scanpy's ``normalize_total``) or over the selected genes only
+    (``"selected_genes"``, the authors' code). Without counts: the selected columns as they are.
+    Spots with a library size of 0 get 0.
+    """
+    x = _as_csr(counts).astype(np.float64)
+    if not is_count_data:
+        return np.asarray(x[:, gene_idx].toarray(), dtype=np.float32)
+    sub = x[:, gene_idx]
+    if library_size == "all_genes":
+        lib = np.asarray(x.sum(1)).ravel()
+    elif library_size == "selected_genes":
+        lib = np.asarray(sub.sum(1)).ravel()
+    else:
+        raise ValueError(f"library_size must be 'all_genes' or 'selected_genes', got {library_size!r}.")
+    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
+    dense = sub.toarray() * scale[:, None]
+    return np.log1p(dense).astype(np.float32)
+
+
+def select_genes(
+    counts,
+    var_names: Sequence[str],
+    libraries: Sequence[str],
+    n_top: int = 250,
+    genes: Sequence[str] | None = None,
+    is_count_data: bool = True,
+) -> list[str]:
+    """The model's genes.
+
+    ``genes`` given: checked to exist (a ``ValueError`` lists the absent ones) and returned in that
+    order. Otherwise the ``n_top`` genes with the highest mean normalised expression
+    (``log1p`` of counts per 10k) among the genes detected (count > 0) in every section. With fewer
+    such genes than ``n_top``, all of them are used (and logged).
+    """
+    var_names = pd.Index(np.asarray(var_names).astype(str))
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        missing = [g for g in genes if g not in var_names]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise ValueError(f"{len(missing)} requested genes are not in adata.var_names: {shown}")
+        if len(set(genes)) != len(genes):
+            raise ValueError("The gene list has duplicates.")
+        return genes
+    if n_top < 1:
+        raise ValueError(f"n_genes must be >= 1, got {n_top}.")
+    x = _as_csr(counts)
+    libraries = np.asarray(libraries).astype(str)
+    present = np.ones(x.shape[1], dtype=bool)
+    for lib in np.unique(libraries):
+        present &= np.asarray((x[libraries == lib] > 0).sum(0)).ravel() > 0
+    if not present.any():
+        raise ValueError("No gene is detected in every section; cannot choose genes.")
+    candidates = np.flatnonzero(present)
+    norm = normalize_expression(x, candidates, is_count_data=is_count_data)
+    means = norm.mean(0)
+    order = candidates[np.argsort(-means, kind="stable")]
+    if len(order) < n_top:
+        logger.info("Only %d genes are detected in every section; using all of them.", len(order))
+    return var_names[order[:n_top]].tolist()
