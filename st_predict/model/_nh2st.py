@@ -201,6 +201,8 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self._data: _TrainingData | None = None
         self._predict_adata: AnnData | None = None
         self.init_params_ = self._get_init_params(locals())  # ``genes`` holds the resolved list
+        if adata is not None:
+            self._training_data()  # check neighbours, patches and targets now, not at train()
 
     # -- summary ---------------------------------------------------------------------------------
     @property
