@@ -114,7 +114,8 @@ def test_load_weights_from_user_file(tmp_path, layout):
     trunk = build_resnet18_trunk()
     desc = load_trunk_weights(trunk, path)
     assert path.name in desc
-    torch.testing.assert_close(trunk[7][0].conv1.weight.detach(), state["layer4.0.conv1.weight"], rtol=0, atol=0)
+    layer4 = trunk[7][0].conv1.weight.detach()
+    torch.testing.assert_close(layer4, state["layer4.0.conv1.weight"], rtol=0, atol=0)
     torch.testing.assert_close(trunk[1].running_mean, state["bn1.running_mean"], rtol=0, atol=0)
     torch.testing.assert_close(trunk[0].weight.detach(), state["conv1.weight"], rtol=0, atol=0)
 

@@ -150,7 +150,7 @@ def test_hypergraph_conv_sym_matches_hand_computation(weighted):
     # 4 nodes, 4 hyperedges: {0, 1, 2}, {1, 2, 3}, {0, 3}, {1} (node degrees 2, 3, 2, 2)
     h = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1], [1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.float64)
     x = torch.randn(1, 4, 3, dtype=torch.float64)
-    w = torch.tensor([2.0, 0.5, 1.0, 1.5], dtype=torch.float64) if weighted else torch.ones(4, dtype=torch.float64)
+    w = torch.tensor([2.0, 0.5, 1.0, 1.5] if weighted else [1.0] * 4, dtype=torch.float64)
     conv = HypergraphConv(3, 2, normalization="sym").double()
     with torch.no_grad():
         conv.bias.copy_(torch.tensor([0.3, -0.7]))
@@ -165,7 +165,8 @@ def test_hypergraph_conv_sym_matches_hand_computation(weighted):
     dv_inv_sqrt = torch.diag(torch.diag(dv) ** -0.5)
     de_inv = torch.diag(1.0 / torch.diag(de))
     theta = conv.lin.weight.detach().T
-    expected = dv_inv_sqrt @ h @ torch.diag(w) @ de_inv @ h.T @ dv_inv_sqrt @ x[0] @ theta + conv.bias.detach()
+    operator = dv_inv_sqrt @ h @ torch.diag(w) @ de_inv @ h.T @ dv_inv_sqrt
+    expected = operator @ x[0] @ theta + conv.bias.detach()
     torch.testing.assert_close(out[0].detach(), expected)
     # and "sym" is really a different operator from "rw" on this irregular hypergraph
     rw = HypergraphConv(3, 2, normalization="rw").double()

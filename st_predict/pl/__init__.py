@@ -1,0 +1,5 @@
+"""Plotting."""
+
+from ._spatial import predicted_vs_measured, predictions_to_anndata
+
+__all__ = ["predicted_vs_measured", "predictions_to_anndata"]
