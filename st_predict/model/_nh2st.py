@@ -402,15 +402,8 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             )
         if not self.is_trained_:
             self.module.init_output_bias(data.targets[torch.from_numpy(train_idx)].mean(0))
-        device = _device_for(accelerator)
         if self.module.trunk_mode == "frozen":
-            if data.fmaps is None:
-                self.module.to(device)
-                data.fmaps = compute_fmaps(
-                    self.module, data.reader.read, n_obs, batch_size=embed_batch_size, device=device,
-                    progress=progress, desc="Embedding patches (frozen trunk)",
-                )
-            source = {"fmaps": data.fmaps}
+            source = {"fmaps": self._cached_fmaps(_device_for(accelerator), embed_batch_size, progress)}
         else:
             source = {"read_patches": data.reader.read}
         collate = NH2STCollate(data.targets, data.neighbors, augment=augment, **source)
@@ -426,6 +419,17 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             max_epochs=max_epochs, accelerator=accelerator, devices=devices, datamodule=datamodule,
             plan_kwargs=plan, **trainer_kwargs,
         )
+
+    def _cached_fmaps(self, device: torch.device, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+        """Trunk feature maps of every training spot, computed on first use (frozen trunk only)."""
+        data = self._training_data()
+        if data.fmaps is None:
+            self.module.to(device)
+            data.fmaps = compute_fmaps(
+                self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
+                progress=progress, desc="Embedding patches (frozen trunk)",
+            )
+        return data.fmaps
 
     # -- inference -------------------------------------------------------------------------------
     def _inference(self, adata, indices, batch_size, what: str, progress: bool = False) -> tuple[np.ndarray, pd.Index]:

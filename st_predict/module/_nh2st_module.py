@@ -158,6 +158,7 @@ class NH2STModule(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if trunk == "frozen":
             self.trunk.requires_grad_(False)
+            self.trunk.eval()  # fixed BatchNorm statistics from the start, not only after .train()/.eval()
         self.path_head = PathologyHead(self.map_size, latent_dim, pooling, with_tokens=tokens)
         self.gene_encoder = TwoLayerMLP(n_genes, latent_dim, latent_dim, activation, dropout)
         self.translator = TwoLayerMLP(latent_dim, translator_hidden, n_genes, activation, dropout)

@@ -198,24 +198,28 @@ class TwoLayerMLP(nn.Sequential):
 
 
 class GeneTokenizer(nn.Module):
-    """Splits the ``n`` genes into ``n_tokens`` contiguous groups and embeds each group with its own
-    linear map: ``(B, n) -> (B, n_tokens, N)``. Gives the cross-attention something to attend over
-    on the gene side (``attention_mode="tokens"``)."""
+    """Splits the ``n`` genes into ``n_tokens`` contiguous groups of near-equal size (sizes differ by at
+    most one) and embeds each group with its own linear map: ``(B, n) -> (B, n_tokens, N)``. Gives the
+    cross-attention something to attend over on the gene side (``attention_mode="tokens"``)."""
 
     def __init__(self, n_genes: int, n_tokens: int, latent_dim: int):
         super().__init__()
         if not 1 <= n_tokens <= n_genes:
             raise ValueError(f"n_gene_tokens must be in [1, n_genes={n_genes}], got {n_tokens}.")
         self.n_tokens = n_tokens
-        self.group = -(-n_genes // n_tokens)
-        self.pad = self.group * n_tokens - n_genes
+        groups = torch.tensor_split(torch.arange(n_genes), n_tokens)
+        self.group = max(len(g) for g in groups)
+        # gene index per (token, slot); slot past a short group's end points at an appended zero column
+        index = torch.full((n_tokens, self.group), n_genes, dtype=torch.long)
+        for t, g in enumerate(groups):
+            index[t, : len(g)] = g
+        self.register_buffer("index", index, persistent=False)
         self.weight = nn.Parameter(torch.empty(n_tokens, self.group, latent_dim))
         self.bias = nn.Parameter(torch.zeros(n_tokens, latent_dim))
         nn.init.normal_(self.weight, std=self.group**-0.5)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """Gene tokens ``(B, n_tokens, N)``."""
-        if self.pad:
-            y = torch.nn.functional.pad(y, (0, self.pad))
-        groups = y.view(y.shape[0], self.n_tokens, self.group)
+        padded = torch.nn.functional.pad(y, (0, 1))
+        groups = padded[:, self.index]  # (B, T, group)
         return torch.einsum("btg,tgd->btd", groups, self.weight) + self.bias

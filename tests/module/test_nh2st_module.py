@@ -266,13 +266,6 @@ def test_frozen_trunk_gets_no_gradient_and_stays_in_eval(data):
     assert not module.trunk.training
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG st_predict/module/_nh2st_module.py NH2STModule.__init__: with trunk='frozen' the trunk is "
-    "left in training mode after construction (only the train() override puts it in eval), so a "
-    "forward on patches before any .train()/.eval() call uses batch statistics and overwrites the "
-    "frozen BatchNorm running stats.",
-)
 def test_frozen_trunk_is_in_eval_mode_right_after_construction(data):
     module = _module(trunk="frozen")
     running = module.trunk[1].running_mean.clone()
