@@ -65,8 +65,8 @@ def main() -> None:
     module = model.module.eval()
     with torch.inference_mode():
         t = time.perf_counter()
-        for s in range(0, n, 64):
-            module.trunk_features(patches[s : s + 64])
+        for s in range(0, n, 16):
+            module.trunk_features(patches[s : s + 16])
         t_fwd = time.perf_counter() - t
     res["crop_patches_per_s"] = round(n / t_read, 1)
     res["trunk_forward_patches_per_s"] = round(n / t_fwd, 1)

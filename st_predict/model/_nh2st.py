@@ -82,7 +82,10 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         Side of the patch fed to the trunk, in pixels (multiple of 32). Crops of
         ``setup_anndata(patch_size=...)`` full-resolution pixels are resampled to it.
     pooling
-        ``"flatten"`` (authors' code) or ``"avg"`` pooling of the trunk map.
+        ``"avg"`` (global average of the trunk map, default) or ``"flatten"`` (the authors' code:
+        ``Linear(512*7*7 -> N)``, 3x slower to train on CPU and weaker on HER2ST with a frozen trunk,
+        see the changelog). Pooled features are standardised on the training spots before the
+        projection.
     attention
         ``"cross"`` (NH2ST), ``"self"`` or ``"none"`` (ablations).
     attention_mode
@@ -152,7 +155,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         trunk: Literal["frozen", "finetune"] = "frozen",
         weights: str | os.PathLike | None = "imagenet",
         image_size: int = 224,
-        pooling: Literal["flatten", "avg"] = "flatten",
+        pooling: Literal["flatten", "avg"] = "avg",
         attention: Literal["cross", "self", "none"] = "cross",
         attention_mode: Literal["vector", "tokens"] = "vector",
         n_heads: int = 8,
@@ -343,7 +346,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         lr_gamma: float = 0.9,
         augment: bool = True,
         num_workers: int = 0,
-        embed_batch_size: int = 64,
+        embed_batch_size: int = 16,
         progress: bool = True,
         plan_kwargs: dict | None = None,
         **trainer_kwargs,
@@ -400,12 +403,24 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(
                 f"Only {len(train_idx)} training spots for batch_size={batch_size}: lower batch_size or train_size < 1."
             )
-        if not self.is_trained_:
-            self.module.init_output_bias(data.targets[torch.from_numpy(train_idx)].mean(0))
+        device = _device_for(accelerator)
         if self.module.trunk_mode == "frozen":
-            source = {"fmaps": self._cached_fmaps(_device_for(accelerator), embed_batch_size, progress)}
+            fmaps = self._cached_fmaps(device, embed_batch_size, progress)
+            source = {"fmaps": fmaps}
+            if fmaps.shape[-1] == 1:  # pooled cache: flips/rotations cannot change an average
+                augment = False
         else:
             source = {"read_patches": data.reader.read}
+        if not self.is_trained_:
+            # start from the per-gene mean, with standardised trunk features (fitted on training spots)
+            self.module.init_output_bias(data.targets[torch.from_numpy(train_idx)].mean(0))
+            if self.module.trunk_mode == "frozen":
+                sample = fmaps[torch.from_numpy(train_idx)]
+            else:
+                pick = np.sort(rng.choice(train_idx, min(len(train_idx), 256), replace=False))
+                sample = compute_fmaps(self.module.to(device), lambda i: data.reader.read(pick[i]), len(pick),
+                                       batch_size=embed_batch_size, device=device, progress=False)
+            self.module.path_head.fit_input_scaling(sample)
         collate = NH2STCollate(data.targets, data.neighbors, augment=augment, **source)
         val_collate = NH2STCollate(data.targets, data.neighbors, augment=False, **source)
         datamodule = NH2STDataModule(train_idx, val_idx, collate, val_collate, batch_size, num_workers)
@@ -420,15 +435,19 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             plan_kwargs=plan, **trainer_kwargs,
         )
 
-    def _cached_fmaps(self, device: torch.device, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    def _cached_fmaps(self, device: torch.device, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
         """Trunk feature maps of every training spot, computed on first use (frozen trunk only)."""
         data = self._training_data()
         if data.fmaps is None:
             self.module.to(device)
-            data.fmaps = compute_fmaps(
+            fmaps = compute_fmaps(
                 self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
                 progress=progress, desc="Embedding patches (frozen trunk)",
             )
+            head = self.module.path_head
+            if head.pooling == "avg" and head.token_proj is None:
+                fmaps = fmaps.mean((2, 3), keepdim=True)  # all the avg head needs: 49x less memory
+            data.fmaps = fmaps
         return data.fmaps
 
     # -- inference -------------------------------------------------------------------------------
@@ -474,7 +493,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
-        batch_size: int = 64,
+        batch_size: int = 16,
         return_numpy: bool = False,
         progress: bool = False,
     ) -> pd.DataFrame | np.ndarray:
@@ -507,14 +526,14 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         return pd.DataFrame(arr, index=names, columns=pd.Index(self.genes_))
 
     def get_latent_representation(
-        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int = 64
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int = 16
     ) -> np.ndarray:
         """The pathology latent ``h^p`` (input of the translator) of each spot, ``(n_spots, latent_dim)``."""
         self._check_if_trained(warn=True)
         return self._inference(adata, indices, batch_size, "latent")[0]
 
     def predict(
-        self, adata: AnnData | None = None, key_added: str = PREDICTED_KEY, batch_size: int = 64, progress: bool = False
+        self, adata: AnnData | None = None, key_added: str = PREDICTED_KEY, batch_size: int = 16, progress: bool = False
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
 

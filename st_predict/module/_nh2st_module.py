@@ -51,7 +51,7 @@ class NH2STModule(nn.Module):
         ``"frozen"`` (trunk fixed in eval mode; batches may carry cached ``fmaps``) or ``"finetune"``
         (trained end to end from ``patches``, as the paper).
     pooling
-        How the trunk map becomes ``h^p``: ``"flatten"`` (authors' code) or ``"avg"``.
+        How the trunk map becomes ``h^p``: ``"avg"`` (global average) or ``"flatten"`` (authors' code).
     attention
         ``"cross"`` (NH2ST), ``"self"`` (ablation: each modality attends to itself) or ``"none"``
         (contrastive loss directly on the encoder outputs).
@@ -100,7 +100,7 @@ class NH2STModule(nn.Module):
         latent_dim: int = 512,
         image_size: int = 224,
         trunk: Literal["frozen", "finetune"] = "frozen",
-        pooling: Literal["flatten", "avg"] = "flatten",
+        pooling: Literal["flatten", "avg"] = "avg",
         attention: Literal["cross", "self", "none"] = "cross",
         attention_mode: Literal["vector", "tokens"] = "vector",
         n_heads: int = 8,
@@ -153,7 +153,8 @@ class NH2STModule(nn.Module):
         self.map_size = image_size // 32
         tokens = attention_mode == "tokens" and attention != "none"
 
-        self.trunk = build_resnet18_trunk()
+        # channels-last convolutions run ~1.5x faster on CPU (and on tensor cores)
+        self.trunk = build_resnet18_trunk().to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if trunk == "frozen":
@@ -215,7 +216,7 @@ class NH2STModule(nn.Module):
         x = patches.float()
         if patches.dtype == torch.uint8:
             x = x / 255.0
-        x = (x - self.pixel_mean) / self.pixel_std
+        x = ((x - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
         if self.trunk_mode == "frozen":
             with torch.no_grad():
                 return self.trunk(x)
@@ -269,7 +270,9 @@ class NH2STModule(nn.Module):
         out["nce_query"] = zero
         out["nce_neighbor"] = zero
         if self.contrastive:
-            hg_s = self.gene_encoder(y_s)
+            # encode each node's expression once; the target is node 0
+            g_nodes = self.gene_encoder(y if self.use_neighbor_branch else y[:, :1])
+            hg_s = g_nodes[:, 0]
             tokens = self.attention_mode == "tokens" and self.attention != "none"
             if tokens:
                 ctx_p = self.path_head.tokens(fmaps)[node_map[:, 0]]
@@ -281,7 +284,6 @@ class NH2STModule(nn.Module):
             out["z_path"], out["z_gene"] = zp, zg
             if self.use_neighbor_branch:
                 h_nodes = h_all[node_map]  # (B, V, N)
-                g_nodes = self.gene_encoder(y)  # (B, V, N)
                 hp_n, nodes_p = self.hgnn_path(h_nodes)
                 hg_n, nodes_g = self.hgnn_gene(g_nodes)
                 if tokens:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,6 +33,7 @@ class CrossAttentionBlock(nn.Module):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"n_heads={n_heads} must divide the latent size {dim}.")
+        self.dim = dim
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
@@ -45,7 +47,14 @@ class CrossAttentionBlock(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Refine ``query`` by attending over ``context``."""
         kv = self.norm_kv(context)
-        attended, weights = self.attn(self.norm_q(query), kv, kv, need_weights=return_weights)
+        if context.shape[1] == 1 and not return_weights and (self.attn.dropout == 0 or not self.training):
+            # softmax over a single key is exactly 1: skip the query/key projections (same result)
+            w_v = self.attn.in_proj_weight[2 * self.dim :]
+            b_v = self.attn.in_proj_bias[2 * self.dim :]
+            attended = self.attn.out_proj(F.linear(kv, w_v, b_v))
+            weights = None
+        else:
+            attended, weights = self.attn(self.norm_q(query), kv, kv, need_weights=return_weights)
         x = query + attended
         x = x + self.ff(self.norm_ff(x))
         return (x, weights) if return_weights else x

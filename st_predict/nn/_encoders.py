@@ -156,6 +156,9 @@ class PathologyHead(nn.Module):
             raise ValueError(f"pooling must be 'flatten' or 'avg', got {pooling!r}.")
         self.pooling = pooling
         in_features = in_channels * map_size * map_size if pooling == "flatten" else in_channels
+        # fixed standardisation of the pooled trunk features (see fit_input_scaling); saved with the model
+        self.register_buffer("input_shift", torch.zeros(in_features))
+        self.register_buffer("input_scale", torch.ones(in_features))
         self.proj = nn.Linear(in_features, latent_dim)
         if with_tokens:
             self.token_proj = nn.Linear(in_channels, latent_dim)
@@ -164,10 +167,23 @@ class PathologyHead(nn.Module):
         else:
             self.token_proj = None
 
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Pooled trunk features ``(B, C*h*w)`` (flatten) or ``(B, C)`` (avg), before standardisation."""
+        return fmap.flatten(1) if self.pooling == "flatten" else fmap.mean((2, 3))
+
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         """Latent vector ``(B, N)``."""
-        pooled = fmap.flatten(1) if self.pooling == "flatten" else fmap.mean((2, 3))
-        return self.proj(pooled)
+        return self.proj((self.pool(fmap) - self.input_shift) * self.input_scale)
+
+    @torch.no_grad()
+    def fit_input_scaling(self, fmaps: torch.Tensor, eps: float = 1e-3) -> None:
+        """Standardise each pooled feature to zero mean and unit variance over the given (training)
+        feature maps: ``x -> (x - mean) / (std + eps)``. Trunk features of a frozen (and above all a
+        randomly initialised) ResNet have very unequal scales and large constant offsets; a fixed
+        standardisation lets the projection learn from all of them."""
+        pooled = self.pool(fmaps.to(self.input_shift.device, torch.float32))
+        self.input_shift.copy_(pooled.mean(0))
+        self.input_scale.copy_(1.0 / (pooled.std(0) + eps))
 
     def tokens(self, fmap: torch.Tensor) -> torch.Tensor:
         """Spatial tokens ``(B, h*w, N)``."""

@@ -13,7 +13,7 @@ def compute_fmaps(
     module,
     read_patches: Callable[[np.ndarray], torch.Tensor],
     n_spots: int,
-    batch_size: int = 64,
+    batch_size: int = 16,
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "Embedding patches",

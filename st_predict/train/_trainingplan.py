@@ -47,9 +47,11 @@ class NH2STTrainingPlan(pl.LightningModule):
     def _step(self, batch, prefix: str):
         terms = self.module.loss(batch)
         bs = batch["node_map"].shape[0]
-        for name, value in terms.items():
-            self.log(f"{prefix}_{name}", value.detach(), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True,
-                     prog_bar=name == "loss")
+        # epoch means; under DDP the validation means are averaged over processes
+        self.log_dict(
+            {f"{prefix}_{name}": value.detach() for name, value in terms.items()},
+            on_step=False, on_epoch=True, batch_size=bs, sync_dist=prefix == "validation",
+        )
         return terms["loss"]
 
     def training_step(self, batch, batch_idx):  # noqa: D102
@@ -60,6 +62,7 @@ class NH2STTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):  # noqa: D102
         params = [p for p in self.module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step_size, gamma=self.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
