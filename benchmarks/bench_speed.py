@@ -5,8 +5,9 @@ Measures, in one run (so numbers compare as ratios):
      and the trunk forward alone on the same patches;
   2. frozen-path training: 20 epochs on all ~900 spots after embedding (batch 8, K = 8);
   3. prediction from images (spots/s) on one section;
-  4. end-to-end (finetune) training speed at 224 px: a few batches, patches/s forward+backward,
-     extrapolated to one epoch of 723 spots (the authors' code: 660 s here);
+  4. end-to-end (finetune) training speed at 224 px: a few batches (8 targets + their 8 neighbours),
+     patches/s through forward+backward, extrapolated to one epoch of 723 spots (the authors' code:
+     660 s here), with and without gradient through the neighbours' patches;
   5. peak RSS.
 
 Usage:  python benchmarks/bench_speed.py [--data ../shared/data/her2st] [--out benchmarks/results/speed.json]
@@ -87,31 +88,32 @@ def main() -> None:
     model.get_predicted_expression(sec)
     res["predict_spots_per_s"] = round(sec.n_obs / (time.perf_counter() - t), 1)
 
-    # 4. end to end at 224 px
-    ft = NH2ST(adata, weights="random", trunk="finetune")
+    # 4. end to end at 224 px, with (paper) and without gradient through the neighbours' patches
     from st_predict.train import NH2STCollate, NH2STTrainingPlan
 
-    data = ft._data
-    collate = NH2STCollate(data.targets, data.neighbors, read_patches=data.reader.read, augment=True)
-    plan = NH2STTrainingPlan(ft.module)
-    opt = plan.configure_optimizers()["optimizer"]
-    ft.module.train()
-    rng = np.random.default_rng(0)
-    n_patches, t_total = 0, 0.0
-    for i in range(args.finetune_batches + 1):
-        batch = collate(rng.choice(n, 8, replace=False).tolist())
-        t = time.perf_counter()
-        loss = ft.module.loss(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:  # first batch is warm-up
-            t_total += time.perf_counter() - t
-            n_patches += batch["patches"].shape[0]
-    per_batch = t_total / args.finetune_batches
-    res["finetune_patches_per_s_fwd_bwd"] = round(n_patches / t_total, 2)
-    res["finetune_unique_patches_per_batch"] = round(n_patches / args.finetune_batches, 1)
-    res["finetune_epoch_723_spots_seconds_est"] = round(per_batch * 723 / 8, 0)
+    for grad in (True, False):
+        ft = NH2ST(adata, weights="random", trunk="finetune", neighbor_trunk_grad=grad)
+        data = ft._data
+        collate = NH2STCollate(data.targets, data.neighbors, read_patches=data.reader.read, augment=True)
+        opt = NH2STTrainingPlan(ft.module).configure_optimizers()["optimizer"]
+        ft.module.train()
+        rng = np.random.default_rng(0)
+        n_patches, t_total = 0, 0.0
+        for i in range(args.finetune_batches + 1):
+            batch = collate(rng.choice(n, 8, replace=False).tolist())
+            t = time.perf_counter()
+            loss = ft.module.loss(batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:  # the first batch is a warm-up
+                t_total += time.perf_counter() - t
+                n_patches += batch["patches"].shape[0]
+        tag = "finetune" if grad else "finetune_no_neighbor_grad"
+        res[f"{tag}_patches_per_s"] = round(n_patches / t_total, 2)
+        res[f"{tag}_unique_patches_per_batch"] = round(n_patches / args.finetune_batches, 1)
+        res[f"{tag}_epoch_723_spots_seconds_est"] = round(t_total / args.finetune_batches * 723 / 8, 0)
+        del ft, data, collate, opt
     res["peak_rss_gib"] = round(peak_rss_gib(), 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))

@@ -40,7 +40,7 @@ def main() -> None:
 
     import st_predict
     from st_predict import NH2ST
-    from st_predict.data import read_her2st
+    from st_predict.data import read_her2st, select_sections
     from st_predict.metrics import evaluate
     from st_predict.pp import normalize_expression
 
@@ -51,8 +51,8 @@ def main() -> None:
         scvi.settings.seed = args.seed
         torch.manual_seed(args.seed)
         t = time.perf_counter()
-        train = adata[adata.obs["section"] != fold].copy()
-        test = adata[adata.obs["section"] == fold].copy()
+        train = select_sections(adata, [s for s in adata.obs["section"].cat.categories if s != fold])
+        test = select_sections(adata, [fold])
         NH2ST.setup_anndata(train, library_key="section", patch_size=224)
         model = NH2ST(train, trunk="frozen", image_size=args.image_size, weights=args.weights,
                       **json.loads(args.model_kwargs))

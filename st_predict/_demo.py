@@ -46,6 +46,7 @@ def run_demo(
     import torch
 
     from st_predict import NH2ST
+    from st_predict.data import select_sections
     from st_predict.metrics import evaluate
     from st_predict.pl import predicted_vs_measured
     from st_predict.pp import normalize_expression
@@ -58,8 +59,8 @@ def run_demo(
     test_section = test_section or sections[0]
     if test_section not in sections:
         raise ValueError(f"test_section={test_section!r} is not one of the sections {sections}.")
-    train = adata[adata.obs["section"] != test_section].copy()
-    test = adata[adata.obs["section"] == test_section].copy()
+    train = select_sections(adata, [s for s in sections if s != test_section])  # images shared, not copied
+    test = select_sections(adata, [test_section])
     patch = 224 if kind == "her2st" else 32
     image_size = image_size or patch
     print(f"Training on {train.n_obs} spots of {len(sections) - 1} sections; held-out section {test_section} "

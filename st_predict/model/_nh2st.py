@@ -126,6 +126,9 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
     library_size
         Normalisation of count targets: library size over ``"all_genes"`` (scanpy's
         ``normalize_total``) or over the ``"selected_genes"`` (authors' code).
+    neighbor_trunk_grad
+        ``trunk="finetune"`` only: ``False`` encodes the neighbours' patches without gradient (only
+        the target patches train the trunk), about 3x faster on CPU; ``True`` is the paper.
 
     Notes
     -----
@@ -176,6 +179,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         dropout: float = 0.0,
         n_gene_tokens: int = 16,
         library_size: Literal["all_genes", "selected_genes"] = "all_genes",
+        neighbor_trunk_grad: bool = True,
     ):
         super().__init__(adata, registry)
         if library_size not in ("all_genes", "selected_genes"):
@@ -198,7 +202,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             n_hgnn_layers=n_hgnn_layers, graph=graph, hypergraph_norm=hypergraph_norm, contrastive=contrastive,
             symmetric_nce=symmetric_nce, temperature=temperature, lambda_query=lambda_query,
             lambda_neighbor=lambda_neighbor, translator_hidden=translator_hidden, activation=activation,
-            dropout=dropout, n_gene_tokens=n_gene_tokens,
+            dropout=dropout, n_gene_tokens=n_gene_tokens, neighbor_trunk_grad=neighbor_trunk_grad,
         )
         self.weights_source_ = "from saved model" if _LOADING.get() else load_trunk_weights(self.module.trunk, weights)
         self._data: _TrainingData | None = None
@@ -429,7 +433,6 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         trainer_kwargs.setdefault("enable_progress_bar", progress)
-        trainer_kwargs.setdefault("log_every_n_steps", 1)
         return super().train(
             max_epochs=max_epochs, accelerator=accelerator, devices=devices, datamodule=datamodule,
             plan_kwargs=plan, **trainer_kwargs,

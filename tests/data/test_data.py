@@ -181,3 +181,19 @@ def test_spatialdata_scaled_image(tmp_path):
     np.testing.assert_allclose(adata.obsm["spatial"], synthetic_tissue(n_sections=1, n_rows=6, n_cols=6, n_genes=20).obsm["spatial"])
     with pytest.raises(KeyError, match="no table 'cells'"):
         from_spatialdata(scaled, table_key="cells")
+
+
+def test_select_sections_shares_images(tissue):
+    from st_predict.data import select_sections
+
+    before = {k: v.copy() for k, v in tissue.obsm.items()}
+    sub = select_sections(tissue, ["S2", "S0"])
+    assert sub.n_obs == 200 and set(sub.obs["section"]) == {"S0", "S2"}
+    assert list(sub.obs["section"].cat.categories) == ["S0", "S2"]
+    assert set(sub.uns["spatial"]) == {"S2", "S0"}
+    assert sub.uns["spatial"]["S0"]["images"]["hires"] is tissue.uns["spatial"]["S0"]["images"]["hires"]
+    np.testing.assert_array_equal(sub.X, tissue[tissue.obs["section"] != "S1"].X)
+    sub.obsm["spatial"][:] = -1  # a copy: the source is untouched
+    np.testing.assert_array_equal(tissue.obsm["spatial"], before["spatial"])
+    with pytest.raises(KeyError, match=r"Sections \['S7'\] are not in"):
+        select_sections(tissue, ["S7"])

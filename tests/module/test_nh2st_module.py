@@ -442,3 +442,29 @@ def test_random_dihedral_preserves_uint8_patches():
     for i in range(16):
         assert torch.equal(out[i].flatten().sort().values, x[i].flatten().sort().values)
     assert math.isclose(out.float().sum().item(), x.float().sum().item())
+
+
+def test_neighbor_trunk_grad_false_backpropagates_only_target_patches():
+    torch.manual_seed(0)
+    module = NH2STModule(12, latent_dim=32, image_size=64, n_heads=4, n_neighbors=4, hyperedge_degree=3,
+                         trunk="finetune", neighbor_trunk_grad=False)
+    module.train()
+    patches = torch.randint(0, 255, (10, 3, 64, 64), dtype=torch.uint8)
+    node_map = torch.tensor([[0, 2, 3, 4, 5], [1, 5, 6, 7, 8], [9, 0, 1, 2, 3]])
+    batch = {"patches": patches, "node_map": node_map, "expression": torch.rand(3, 5, 12)}
+    calls = []
+    original = module.trunk_features
+
+    def spy(p):
+        calls.append((p.shape[0], torch.is_grad_enabled()))
+        return original(p)
+
+    module.trunk_features = spy
+    loss = module.loss(batch)["loss"]
+    assert sorted(calls) == [(3, True), (7, False)]  # targets 0, 1, 9 with gradient; 7 neighbours without
+    loss.backward()
+    assert module.trunk[0].weight.grad is not None and module.trunk[0].weight.grad.abs().sum() > 0
+    module.eval()
+    calls.clear()
+    module.predict_expression({"patches": patches})
+    assert calls == [(10, False)]

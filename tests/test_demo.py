@@ -1,0 +1,27 @@
+"""The demo command runs end to end on the synthetic tissue (offline) and fails cleanly on bad input."""
+
+import json
+
+import pytest
+
+from st_predict.__main__ import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
+
+
+def test_demo_on_synthetic_tissue(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--no-fetch", "--epochs", "3", "--weights", "random", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == "synthetic" and metrics["test_section"] == "S0"
+    assert metrics["nh2st"]["n_genes"] == 100 and metrics["nh2st"]["n_spots"] == 144
+    assert metrics["nh2st"]["mse"] < metrics["per_gene_mean"]["mse"]
+    assert (out / "predicted_vs_measured.png").stat().st_size > 10_000
+    assert "Held-out section S0" in capsys.readouterr().out
+
+
+def test_demo_bad_section(tmp_path, capsys):
+    code = main(["demo", "--no-fetch", "--epochs", "1", "--weights", "random", "--test-section", "Z9",
+                 "--out", str(tmp_path)])
+    assert code == 2
+    assert "test_section='Z9' is not one of the sections" in capsys.readouterr().err
