@@ -1,4 +1,4 @@
-"""NH2ST on the real HER2ST sections: train on four, predict the held-out fifth (frozen trunk, CPU).
+"""NH2ST on the real HER2ST sections: train on four, predict the held-out fifth (CPU).
 
 Genes are chosen on the training sections only; nothing is tuned on the held-out section. Reports per
 held-out section the per-gene PCC (mean over genes, NaN genes counted), MSE and MAE on the
@@ -7,6 +7,8 @@ log1p(counts per 10k) scale, next to the per-gene-mean predictor, with wall time
 Usage:
   python benchmarks/her2st_holdout.py                      # hold out C2
   python benchmarks/her2st_holdout.py --folds C2 C3 C4 C5 C6
+  python benchmarks/her2st_holdout.py --trunk finetune --image-size 64 \
+      --model-kwargs '{"neighbor_trunk_grad": false}'      # end to end at 64 px
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", default=["C2"])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--trunk", default="frozen", choices=["frozen", "finetune"])
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/her2st_holdout.json")
@@ -54,10 +57,11 @@ def main() -> None:
         train = select_sections(adata, [s for s in adata.obs["section"].cat.categories if s != fold])
         test = select_sections(adata, [fold])
         NH2ST.setup_anndata(train, library_key="section", patch_size=224)
-        model = NH2ST(train, trunk="frozen", image_size=args.image_size, weights=args.weights,
+        model = NH2ST(train, trunk=args.trunk, image_size=args.image_size, weights=args.weights,
                       **json.loads(args.model_kwargs))
         t_embed = time.perf_counter()
-        model._cached_fmaps(torch.device("cpu"), progress=False)
+        if args.trunk == "frozen":
+            model._cached_fmaps(torch.device("cpu"), progress=False)
         t_embed = time.perf_counter() - t_embed
         t_fit = time.perf_counter()
         model.train(max_epochs=args.epochs, batch_size=8, progress=False)

@@ -13,9 +13,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 # Heavy parts (scvi-tools, scanpy, squidpy) load on first use, so that ``st_predict.module`` and
 # ``st_predict.train`` import with torch + Lightning alone (e.g. on a bare GPU image).
 _LAZY = {"NH2ST": ("st_predict.model", "NH2ST")}
-_SUBMODULES = ("data", "metrics", "model", "module", "nn", "pl", "pp", "train")
+_SUBMODULES = ("benchmark", "data", "metrics", "model", "module", "nn", "pl", "pp", "train")
 
-__all__ = ["NH2ST", "data", "metrics", "model", "module", "nn", "pl", "pp", "train", "__version__"]
+__all__ = ["NH2ST", "benchmark", "data", "metrics", "model", "module", "nn", "pl", "pp", "train", "__version__"]
 
 
 def __getattr__(name: str):

@@ -438,15 +438,21 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             plan_kwargs=plan, **trainer_kwargs,
         )
 
-    def _cached_fmaps(self, device: torch.device, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-        """Trunk feature maps of every training spot, computed on first use (frozen trunk only)."""
+    def _cached_fmaps(
+        self, device: torch.device, batch_size: int = 16, progress: bool = True, fmaps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Trunk feature maps of every training spot, computed on first use (frozen trunk only), or
+        ``fmaps`` when given (precomputed by this model's trunk, e.g. shared between folds)."""
         data = self._training_data()
         if data.fmaps is None:
             self.module.to(device)
-            fmaps = compute_fmaps(
-                self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
-                progress=progress, desc="Embedding patches (frozen trunk)",
-            )
+            if fmaps is None:
+                fmaps = compute_fmaps(
+                    self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
+                    progress=progress, desc="Embedding patches (frozen trunk)",
+                )
+            elif fmaps.shape[0] != len(data.targets):
+                raise ValueError(f"fmaps has {fmaps.shape[0]} rows for {len(data.targets)} spots.")
             head = self.module.path_head
             if head.pooling == "avg" and head.token_proj is None:
                 fmaps = fmaps.mean((2, 3), keepdim=True)  # all the avg head needs: 49x less memory

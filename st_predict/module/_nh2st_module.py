@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from st_predict.nn import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CrossAttentionBlock,
     GeneTokenizer,
     NeighbourhoodEncoder,
@@ -33,6 +31,7 @@ from st_predict.nn import (
     TwoLayerMLP,
     build_resnet18_trunk,
     info_nce,
+    prepare_patches,
 )
 
 
@@ -160,9 +159,7 @@ class NH2STModule(nn.Module):
         tokens = attention_mode == "tokens" and attention != "none"
 
         # channels-last convolutions run ~1.5x faster on CPU (and on tensor cores)
-        self.trunk = build_resnet18_trunk().to(memory_format=torch.channels_last)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.trunk = build_resnet18_trunk()
         if trunk == "frozen":
             self.trunk.requires_grad_(False)
             self.trunk.eval()  # fixed BatchNorm statistics from the start, not only after .train()/.eval()
@@ -219,10 +216,7 @@ class NH2STModule(nn.Module):
                 f"Patches are {tuple(patches.shape[-2:])} px but the trunk was built for "
                 f"{self.image_size} px (image_size)."
             )
-        x = patches.float()
-        if patches.dtype == torch.uint8:
-            x = x / 255.0
-        x = ((x - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
+        x = prepare_patches(patches)
         if self.trunk_mode == "frozen":
             with torch.no_grad():
                 return self.trunk(x)

@@ -9,6 +9,7 @@ from ._encoders import (
     TwoLayerMLP,
     build_resnet18_trunk,
     load_trunk_weights,
+    prepare_patches,
 )
 from ._hypergraph import DenseGraphConv, HypergraphConv, NeighbourhoodEncoder, knn_adjacency, knn_hyperedges
 from ._losses import info_nce
@@ -28,4 +29,5 @@ __all__ = [
     "knn_adjacency",
     "knn_hyperedges",
     "load_trunk_weights",
+    "prepare_patches",
 ]

@@ -31,7 +31,18 @@ def build_resnet18_trunk() -> nn.Sequential:
     from torchvision.models import resnet18
 
     net = resnet18(weights=None)
-    return nn.Sequential(*list(net.children())[:-2])
+    return nn.Sequential(*list(net.children())[:-2]).to(memory_format=torch.channels_last)
+
+
+def prepare_patches(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) RGB patches ``(B, 3, S, S)`` -> ImageNet-normalised float32 in
+    channels-last memory format (the trunk's convolutions run ~1.5x faster so on CPU)."""
+    x = patches.float()
+    if patches.dtype == torch.uint8:
+        x = x / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,16 @@
+"""Honest leave-one-section-out benchmarking of NH2ST next to baselines."""
+
+from ._methods import BLEEPRetrieval, Fold, MeanBaseline, NH2STMethod, RidgeProbe, STNetRegressor
+from ._runner import default_methods, run_benchmark, to_markdown
+
+__all__ = [
+    "BLEEPRetrieval",
+    "Fold",
+    "MeanBaseline",
+    "NH2STMethod",
+    "RidgeProbe",
+    "STNetRegressor",
+    "default_methods",
+    "run_benchmark",
+    "to_markdown",
+]

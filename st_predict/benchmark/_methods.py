@@ -1,0 +1,182 @@
+"""Methods compared by the benchmark runner, all on the same genes, folds and trunk features.
+
+Every method is a class with ``fit(fold)`` and ``predict(fold) -> (n_test, n_genes)`` where ``fold``
+is a :class:`Fold`; nothing in ``fit`` may look at the test spots' expression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from anndata import AnnData
+
+from st_predict.nn import info_nce
+
+
+@dataclass
+class Fold:
+    """One leave-one-section-out fold."""
+
+    test_section: str
+    train: AnnData
+    test: AnnData
+    genes: list[str]
+    y_train: np.ndarray  # normalised expression of the training spots
+    groups: np.ndarray  # training spots' sections (for model selection inside the training set)
+    feats_train: np.ndarray  # pooled frozen-trunk features (n_train, 512)
+    feats_test: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray):
+    mu, sd = train.mean(0), train.std(0) + 1e-6
+    return [(x - mu) / sd for x in (train, *others)]
+
+
+class MeanBaseline:
+    """Per-gene mean of the training spots."""
+
+    def fit(self, fold: Fold) -> None:  # noqa: D102
+        self.mean_ = fold.y_train.mean(0)
+
+    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+        return np.tile(self.mean_, (fold.test.n_obs, 1))
+
+
+class RidgeProbe:
+    """Ridge regression on PCA-reduced frozen trunk embeddings (the HEST-Benchmark probe). The penalty
+    is chosen by leave-one-section-out cross-validation within the training sections."""
+
+    def __init__(self, n_components: int = 256, alphas=(1.0, 10.0, 100.0, 1000.0, 10000.0)):
+        self.n_components, self.alphas = n_components, alphas
+
+    def fit(self, fold: Fold) -> None:  # noqa: D102
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import Ridge
+
+        x, = _standardise(fold.feats_train)
+        self.pca_ = PCA(min(self.n_components, x.shape[0] - 1, x.shape[1]), random_state=0).fit(x)
+        z = self.pca_.transform(x)
+        groups = np.asarray(fold.groups)
+        scores = []
+        for alpha in self.alphas:
+            err = 0.0
+            for g in np.unique(groups):
+                tr, va = groups != g, groups == g
+                if tr.sum() == 0:
+                    continue
+                pred = Ridge(alpha=alpha).fit(z[tr], fold.y_train[tr]).predict(z[va])
+                err += ((pred - fold.y_train[va]) ** 2).sum()
+            scores.append(err)
+        self.alpha_ = self.alphas[int(np.argmin(scores))]
+        self.ridge_ = Ridge(alpha=self.alpha_).fit(z, fold.y_train)
+        self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
+
+    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+        z = self.pca_.transform((fold.feats_test - self.mu_) / self.sd_)
+        return self.ridge_.predict(z)
+
+
+class STNetRegressor:
+    """ST-Net style: the same (frozen) trunk and a linear head trained with MSE (Adam)."""
+
+    def __init__(self, epochs: int = 20, batch_size: int = 8, lr: float = 1e-4, seed: int = 0):
+        self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
+
+    def fit(self, fold: Fold) -> None:  # noqa: D102
+        torch.manual_seed(self.seed)
+        x, = _standardise(fold.feats_train)
+        self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
+        x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(fold.y_train)
+        self.head_ = torch.nn.Linear(x.shape[1], y.shape[1])
+        with torch.no_grad():
+            self.head_.bias.copy_(y.mean(0))
+        opt = torch.optim.Adam(self.head_.parameters(), lr=self.lr)
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for s in range(0, len(x), self.batch_size):
+                idx = perm[s : s + self.batch_size]
+                loss = F.mse_loss(self.head_(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    @torch.no_grad()
+    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+        x = torch.as_tensor((fold.feats_test - self.mu_) / self.sd_, dtype=torch.float32)
+        return self.head_(x).numpy()
+
+
+class BLEEPRetrieval:
+    """BLEEP style: image and expression projected into a shared space with a symmetric InfoNCE on the
+    training spots; a test spot's prediction is the similarity-weighted mean expression of the ``k``
+    training spots whose expression embeddings are closest to its image embedding."""
+
+    def __init__(self, dim: int = 256, epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
+                 temperature: float = 0.1, k: int = 50, seed: int = 0):
+        self.dim, self.epochs, self.batch_size, self.lr = dim, epochs, batch_size, lr
+        self.temperature, self.k, self.seed = temperature, k, seed
+
+    def fit(self, fold: Fold) -> None:  # noqa: D102
+        torch.manual_seed(self.seed)
+        self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
+        x = torch.as_tensor((fold.feats_train - self.mu_) / self.sd_, dtype=torch.float32)
+        y = torch.as_tensor(fold.y_train)
+        self.img_ = torch.nn.Sequential(torch.nn.Linear(x.shape[1], self.dim), torch.nn.GELU(), torch.nn.Linear(self.dim, self.dim))
+        self.gene_ = torch.nn.Sequential(torch.nn.Linear(y.shape[1], self.dim), torch.nn.GELU(), torch.nn.Linear(self.dim, self.dim))
+        opt = torch.optim.Adam([*self.img_.parameters(), *self.gene_.parameters()], lr=self.lr)
+        gen = torch.Generator().manual_seed(self.seed)
+        bs = min(self.batch_size, len(x))
+        for _ in range(self.epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for s in range(0, len(x) - bs + 1, bs):
+                idx = perm[s : s + bs]
+                loss = info_nce(self.img_(x[idx]), self.gene_(y[idx]), self.temperature, symmetric=True)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            self.bank_ = F.normalize(self.gene_(y), dim=-1)
+        self.y_ = y
+
+    @torch.no_grad()
+    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+        q = F.normalize(self.img_(torch.as_tensor((fold.feats_test - self.mu_) / self.sd_, dtype=torch.float32)), dim=-1)
+        sim = q @ self.bank_.T
+        k = min(self.k, sim.shape[1])
+        top, idx = sim.topk(k, dim=1)
+        w = torch.softmax(top / self.temperature, dim=1)
+        return (w.unsqueeze(-1) * self.y_[idx]).sum(1).numpy()
+
+
+class NH2STMethod:
+    """NH2ST (or an ablation: any :class:`~st_predict.NH2ST` keyword) with a frozen trunk, trained
+    through the public model API on the fold's training sections, sharing the runner's trunk."""
+
+    def __init__(self, epochs: int = 20, batch_size: int = 8, seed: int = 0, **model_kwargs):
+        self.epochs, self.batch_size, self.seed, self.model_kwargs = epochs, batch_size, seed, model_kwargs
+
+    def fit(self, fold: Fold) -> None:  # noqa: D102
+        import scvi
+
+        from st_predict import NH2ST
+
+        scvi.settings.seed = self.seed
+        torch.manual_seed(self.seed)
+        setup = fold.extra["setup"]
+        train = fold.train.copy() if fold.train.is_view else fold.train
+        NH2ST.setup_anndata(train, **setup)
+        kwargs = {"weights": "random", "image_size": fold.extra["image_size"], **self.model_kwargs, "genes": fold.genes}
+        self.model_ = NH2ST(train, trunk="frozen", **kwargs)
+        # the runner's trunk (its weights and its cached feature maps of these spots)
+        self.model_.module.trunk.load_state_dict(fold.extra["trunk_state"])
+        self.model_._cached_fmaps(torch.device("cpu"), fmaps=fold.extra["fmaps_train"])
+        self.model_.weights_source_ = fold.extra["weights_source"]
+        self.model_.train(max_epochs=self.epochs, batch_size=self.batch_size, progress=False)
+
+    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+        return self.model_.get_predicted_expression(fold.test).to_numpy()

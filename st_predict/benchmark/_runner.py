@@ -1,0 +1,178 @@
+"""Leave-one-section-out benchmark: every method on the same folds, genes and trunk features."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from st_predict._constants import SECTION_KEY
+from st_predict.benchmark._methods import (
+    BLEEPRetrieval,
+    Fold,
+    MeanBaseline,
+    NH2STMethod,
+    RidgeProbe,
+    STNetRegressor,
+)
+from st_predict.data import select_sections
+from st_predict.metrics import evaluate
+from st_predict.nn import build_resnet18_trunk, load_trunk_weights, prepare_patches
+from st_predict.pp import make_patch_reader, normalize_expression, select_genes, spot_libraries
+
+logger = logging.getLogger(__name__)
+
+
+def default_methods(epochs: int = 20, seed: int = 0) -> dict[str, Callable[[], object]]:
+    """The baselines, NH2ST and the paper's ablations, as ``name -> factory``."""
+    nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, **kw))  # noqa: E731
+    return {
+        "per-gene mean": MeanBaseline,
+        "ridge (PCA-256)": RidgeProbe,
+        "ST-Net-style": lambda: STNetRegressor(epochs=epochs, seed=seed),
+        "BLEEP-style": lambda: BLEEPRetrieval(epochs=epochs, seed=seed),
+        "NH2ST": nh(),
+        "NH2ST query branch only": nh(use_neighbor_branch=False),
+        "NH2ST no contrastive loss": nh(contrastive=False),
+        "NH2ST self-attention": nh(attention="self"),
+        "NH2ST graph instead of hypergraph": nh(graph="graph"),
+        "NH2ST tokens cross-attention": nh(attention_mode="tokens"),
+        "NH2ST symmetric InfoNCE": nh(symmetric_nce=True),
+        "NH2ST K=4": nh(n_neighbors=4),
+        "NH2ST K=16": nh(n_neighbors=16),
+        "NH2ST L=1": nh(n_hgnn_layers=1),
+        "NH2ST L=3": nh(n_hgnn_layers=3),
+    }
+
+
+@torch.inference_mode()
+def _trunk_fmaps(adata, setup, image_size, weights, batch_size=16):
+    trunk = build_resnet18_trunk().eval()
+    source = load_trunk_weights(trunk, weights)
+    reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
+                               setup["patch_size"], image_size)
+    out = None
+    for s in range(0, adata.n_obs, batch_size):
+        idx = np.arange(s, min(s + batch_size, adata.n_obs))
+        fm = trunk(prepare_patches(reader.read(idx))).float()
+        if out is None:
+            out = torch.empty((adata.n_obs, *fm.shape[1:]))
+        out[idx] = fm
+    return out, trunk.state_dict(), source
+
+
+def run_benchmark(
+    adata: AnnData,
+    methods: Mapping[str, Callable[[], object]] | None = None,
+    section_key: str = SECTION_KEY,
+    folds: Sequence[str] | None = None,
+    n_genes: int = 250,
+    image_key: str = "hires",
+    spatial_key: str = "spatial",
+    patch_size: float = 224,
+    image_size: int = 224,
+    weights: str | None = "imagenet",
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """Leave-one-section-out evaluation of several methods on one AnnData.
+
+    For each held-out section: genes are chosen on the training sections only
+    (:func:`~st_predict.pp.select_genes`); every method is fitted on the training sections (any model
+    selection happens inside them) and predicts the held-out one from its patches; per-gene PCC (mean
+    over genes, NaN genes counted), MSE and MAE on ``log1p`` counts per 10k. All methods share one
+    frozen ResNet18 trunk (``weights``) and its features, computed once.
+
+    Returns a dict with per-fold rows, a summary (mean ± std over folds) and run metadata; with
+    ``out_dir`` also writes ``results.json`` and ``results.md``.
+    """
+    import scvi
+    import sklearn
+
+    import st_predict
+
+    t_start = time.perf_counter()
+    methods = dict(methods) if methods is not None else default_methods(seed=seed)
+    sections = [str(s) for s in pd.unique(adata.obs[section_key].astype(str))]
+    folds = list(folds) if folds is not None else sections
+    setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, "patch_size": patch_size}
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    fmaps, trunk_state, weights_source = _trunk_fmaps(adata, setup, image_size, weights)
+    seconds_features = time.perf_counter() - t
+    pooled = fmaps.mean((2, 3)).numpy()
+    libs = spot_libraries(adata, section_key)
+    rows = []
+    for test_section in folds:
+        train_sections = [s for s in sections if s != test_section]
+        train_mask = libs != test_section
+        train, test = select_sections(adata, train_sections, section_key), select_sections(adata, [test_section], section_key)
+        genes = select_genes(train.X, train.var_names, train.obs[section_key].astype(str).to_numpy(), n_top=n_genes)
+        gidx_tr, gidx_te = train.var_names.get_indexer(genes), test.var_names.get_indexer(genes)
+        fold = Fold(
+            test_section=test_section, train=train, test=test, genes=genes,
+            y_train=normalize_expression(train.X, gidx_tr), groups=train.obs[section_key].astype(str).to_numpy(),
+            feats_train=pooled[train_mask], feats_test=pooled[~train_mask],
+            extra={"setup": setup, "image_size": image_size, "trunk_state": trunk_state,
+                   "fmaps_train": fmaps[torch.from_numpy(train_mask)], "weights_source": weights_source},
+        )
+        y_test = normalize_expression(test.X, gidx_te)
+        for name, factory in methods.items():
+            t = time.perf_counter()
+            method = factory()
+            method.fit(fold)
+            pred = np.asarray(method.predict(fold))
+            m = evaluate(pred, y_test)
+            rows.append({"method": name, "held_out": test_section, **m, "seconds": round(time.perf_counter() - t, 2)})
+            logger.info("%s on %s: PCC %.3f MSE %.4f", name, test_section, m["pcc"], m["mse"])
+    df = pd.DataFrame(rows)
+    summary = (
+        df.groupby("method", sort=False)
+        .agg(pcc_mean=("pcc", "mean"), pcc_std=("pcc", lambda x: x.std(ddof=0)), mse=("mse", "mean"),
+             mae=("mae", "mean"), n_nan_genes=("n_nan_genes", "sum"), seconds=("seconds", "sum"))
+        .reset_index()
+    )
+    result = {
+        "protocol": "leave-one-section-out; genes (top-n by mean log1p CP10k, detected in every training section) "
+        "and any model selection from the training sections only; per-gene PCC within the held-out section, "
+        "mean over genes (NaN genes excluded from the mean and counted); MSE/MAE over spots x genes",
+        "folds": folds, "n_genes": n_genes, "seed": seed, "weights": weights_source,
+        "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads",
+        "versions": {"st_predict": st_predict.__version__, "torch": torch.__version__, "scvi-tools": scvi.__version__,
+                     "scikit-learn": sklearn.__version__},
+        "seconds_features": round(seconds_features, 1),
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+        "rows": rows,
+        "summary": summary.to_dict(orient="records"),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        (out / "results.md").write_text(to_markdown(result))
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    """The summary table of :func:`run_benchmark` as Markdown."""
+    lines = [
+        f"Leave-one-section-out over {len(result['folds'])} sections ({', '.join(result['folds'])}), "
+        f"{result['n_genes']} genes, trunk weights: {result['weights']}.",
+        "",
+        "| method | PCC (mean ± std over folds) | MSE | MAE | NaN genes | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]:
+        lines.append(
+            f"| {r['method']} | {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['mse']:.4f} | {r['mae']:.4f} | "
+            f"{r['n_nan_genes']} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
