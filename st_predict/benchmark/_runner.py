@@ -132,7 +132,7 @@ def run_benchmark(
             pred = np.asarray(method.predict(fold))
             m = evaluate(pred, y_test)
             rows.append({"method": name, "held_out": test_section, **m, "seconds": round(time.perf_counter() - t, 2)})
-            logger.info("%s on %s: PCC %.3f MSE %.4f", name, test_section, m["pcc"], m["mse"])
+            logger.info("%s on %s: PCC %.3f MSE %.4f (%.1f s)", name, test_section, m["pcc"], m["mse"], rows[-1]["seconds"])
     df = pd.DataFrame(rows)
     summary = (
         df.groupby("method", sort=False)
