@@ -40,6 +40,8 @@ class NH2STTrainingPlan(pl.LightningModule):
         self.lr_gamma = lr_gamma
         self.n_obs_training = None
         self.n_obs_validation = None
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._names: list[str] = []
 
     def forward(self, batch):  # noqa: D102
         return self.module(batch)
@@ -47,12 +49,29 @@ class NH2STTrainingPlan(pl.LightningModule):
     def _step(self, batch, prefix: str):
         terms = self.module.loss(batch)
         bs = batch["node_map"].shape[0]
-        # epoch means; under DDP the validation means are averaged over processes
-        self.log_dict(
-            {f"{prefix}_{name}": value.detach() for name, value in terms.items()},
-            on_step=False, on_epoch=True, batch_size=bs, sync_dist=prefix == "validation",
-        )
+        # accumulate batch-weighted sums here and log epoch means once per epoch (cheaper than
+        # logging every step); under DDP the epoch means are averaged over processes
+        stacked = torch.stack([v.detach() for v in terms.values()]) * bs
+        total, n = self._sums.get(prefix, (0.0, 0))
+        self._sums[prefix] = (total + stacked, n + bs)
+        self._names = list(terms)
         return terms["loss"]
+
+    def _log_epoch(self, prefix: str) -> None:
+        if prefix not in self._sums:
+            return
+        sums, n = self._sums.pop(prefix)
+        means = sums / n
+        self.log_dict(
+            {f"{prefix}_{name}": means[i] for i, name in enumerate(self._names)},
+            on_step=False, on_epoch=True, sync_dist=True, batch_size=n,
+        )
+
+    def on_train_epoch_end(self) -> None:  # noqa: D102
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._log_epoch("validation")
 
     def training_step(self, batch, batch_idx):  # noqa: D102
         return self._step(batch, "train")
