@@ -42,11 +42,10 @@ _LOADING = contextvars.ContextVar("st_predict_loading", default=False)
 class _TrainingData:
     """What training needs from the registered AnnData, computed once per model."""
 
-    def __init__(self, targets: torch.Tensor, neighbors: torch.Tensor | None, reader, libraries: np.ndarray):
+    def __init__(self, targets: torch.Tensor, neighbors: torch.Tensor | None, reader):
         self.targets = targets
         self.neighbors = neighbors
         self.reader = reader
-        self.libraries = libraries
         self.fmaps: torch.Tensor | None = None
 
 
@@ -324,7 +323,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             adata, setup["spatial_key"], setup["image_key"], setup["library_key"], setup["patch_size"],
             self.module.image_size,
         )
-        self._data = _TrainingData(torch.from_numpy(targets), neighbors, reader, libraries)
+        self._data = _TrainingData(torch.from_numpy(targets), neighbors, reader)
         return self._data
 
     def _reader_for(self, adata: AnnData):
