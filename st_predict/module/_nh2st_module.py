@@ -253,11 +253,13 @@ class NH2STModule(nn.Module):
     def _attend(self, block, hp, hg, ctx_p, ctx_g):
         if block is None:
             return hp, hg
-        if self.attention == "cross":
-            zp, zg = block(hp.unsqueeze(1), ctx_g), block(hg.unsqueeze(1), ctx_p)
-        else:  # self-attention ablation
-            zp, zg = block(hp.unsqueeze(1), ctx_p), block(hg.unsqueeze(1), ctx_g)
-        return zp.squeeze(1), zg.squeeze(1)
+        if self.attention == "self":  # ablation: each modality attends to itself
+            ctx_p, ctx_g = ctx_g, ctx_p
+        if ctx_p.shape == ctx_g.shape:
+            # both directions through the same block in one call (one pass over its weights)
+            z = block(torch.cat([hp, hg]).unsqueeze(1), torch.cat([ctx_g, ctx_p])).squeeze(1)
+            return z[: hp.shape[0]], z[hp.shape[0] :]
+        return block(hp.unsqueeze(1), ctx_g).squeeze(1), block(hg.unsqueeze(1), ctx_p).squeeze(1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training forward pass: predictions, all latents, and every loss term."""

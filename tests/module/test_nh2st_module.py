@@ -186,7 +186,7 @@ def test_every_ablation_runs_forward_and_backward(data, name):
         assert out["nce_neighbor"].item() == 0.0
         assert module.hgnn_path is None and module.attn_neighbor is None
     if contrastive and attention != "none":
-        _assert_grad(module.attn_query.attn.in_proj_weight, "attn_query")
+        _assert_grad(module.attn_query.v_proj.weight, "attn_query")
     if attention == "none" and contrastive:
         assert module.attn_query is None and module.attn_neighbor is None
         torch.testing.assert_close(out["z_path"], out["h_path"])  # no refinement at all

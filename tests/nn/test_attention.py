@@ -18,9 +18,36 @@ def _block(seed: int = 0) -> CrossAttentionBlock:
         for norm in (block.norm_q, block.norm_kv, block.norm_ff):
             norm.weight.normal_(1.0, 0.2)
             norm.bias.normal_(0.0, 0.2)
-        block.attn.in_proj_bias.normal_(0.0, 0.2)
-        block.attn.out_proj.bias.normal_(0.0, 0.2)
+        for lin in (block.q_proj, block.k_proj, block.v_proj, block.out_proj):
+            lin.bias.normal_(0.0, 0.2)
     return block
+
+
+def _torch_mha(block: CrossAttentionBlock) -> torch.nn.MultiheadAttention:
+    """torch's own MultiheadAttention carrying the block's projection weights."""
+    mha = torch.nn.MultiheadAttention(DIM, HEADS, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([block.q_proj.weight, block.k_proj.weight, block.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([block.q_proj.bias, block.k_proj.bias, block.v_proj.bias]))
+        mha.out_proj.weight.copy_(block.out_proj.weight)
+        mha.out_proj.bias.copy_(block.out_proj.bias)
+    return mha
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(1, 1), (1, 5), (3, 5), (4, 1)])
+def test_attention_matches_torch_multihead_attention(lq, lk):
+    block = _block(5)
+    mha = _torch_mha(block)
+    q, c = torch.randn(3, lq, DIM), torch.randn(3, lk, DIM)
+    qn, kv = block.norm_q(q), block.norm_kv(c)
+    ref, ref_w = mha(qn, kv, kv, need_weights=True)  # weights averaged over heads
+    out, _ = block.attend(qn, kv)
+    torch.testing.assert_close(out, ref)
+    out_w, w = block.attend(qn, kv, return_weights=True)
+    torch.testing.assert_close(out_w, ref)
+    torch.testing.assert_close(w, ref_w)
+    x = q + ref
+    torch.testing.assert_close(block(q, c), x + block.ff(block.norm_ff(x)))
 
 
 @pytest.mark.parametrize(("lq", "lk"), [(1, 1), (1, 5), (3, 5), (4, 1)])
@@ -41,10 +68,8 @@ def test_single_context_token_has_unit_weights_and_ignores_query_key_interaction
     torch.testing.assert_close(w, torch.ones(3, 2, 1))
     # with one key the attention output is the projected value of the context alone:
     # x = q + W_o (W_v LN_kv(c) + b_v) + b_o, then x + FF(LN_ff(x))
-    _, _, w_v = block.attn.in_proj_weight.chunk(3)
-    _, _, b_v = block.attn.in_proj_bias.chunk(3)
-    value = F.linear(block.norm_kv(c), w_v, b_v)
-    attended = block.attn.out_proj(value)  # (3, 1, D), broadcast over the queries
+    value = F.linear(block.norm_kv(c), block.v_proj.weight, block.v_proj.bias)
+    attended = F.linear(value, block.out_proj.weight, block.out_proj.bias)  # (3, 1, D), broadcast
     x = q + attended
     expected = x + block.ff(block.norm_ff(x))
     torch.testing.assert_close(out, expected)
@@ -58,7 +83,7 @@ def test_single_context_token_has_unit_weights_and_ignores_query_key_interaction
 
 def _attended_part(block: CrossAttentionBlock, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     kv = block.norm_kv(c)
-    return block.attn(block.norm_q(q), kv, kv, need_weights=False)[0]
+    return _torch_mha(block)(block.norm_q(q), kv, kv, need_weights=False)[0]
 
 
 def test_several_context_tokens_weights_are_a_distribution():
@@ -88,6 +113,23 @@ def test_gradients_reach_query_and_context():
     assert q.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
     for name, p in block.named_parameters():
         assert p.grad is not None, name
+
+
+def test_single_context_token_leaves_query_and_key_projections_without_gradient():
+    block = _block(6).train()
+    block(torch.randn(4, 1, DIM), torch.randn(4, 1, DIM)).pow(2).sum().backward()
+    assert block.q_proj.weight.grad is None and block.k_proj.weight.grad is None
+    assert block.v_proj.weight.grad.abs().sum() > 0 and block.out_proj.weight.grad.abs().sum() > 0
+
+
+def test_attention_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(DIM, n_heads=HEADS, dropout=0.5)
+    q, c = torch.randn(2, 3, DIM), torch.randn(2, 1, DIM)
+    block.train()
+    assert not torch.allclose(block(q, c), block(q, c))  # dropped weights differ between calls
+    block.eval()
+    torch.testing.assert_close(block(q, c), block(q, c))
 
 
 def test_heads_must_divide_dim():
