@@ -28,3 +28,45 @@ def test_evaluate_counts_nan_genes_and_computes_errors():
     assert m["mse"] == pytest.approx((diff**2).mean()) and m["mae"] == pytest.approx(np.abs(diff).mean())
     with pytest.raises(ValueError, match="differ in shape"):
         evaluate(pred[:, :2], truth)
+
+
+def test_top_k_pcc_is_the_mean_of_the_k_best_genes_by_scipy():
+    from st_predict.metrics import top_k_pcc
+
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=(30, 8))
+    noise = np.linspace(0.1, 3.0, 8)  # gene j gets noisier with j
+    pred = truth + rng.normal(size=(30, 8)) * noise
+    truth[:, 5] = 1.0  # NaN gene: never among the best
+    ref = np.array([stats.pearsonr(pred[:, j], truth[:, j]).statistic for j in range(8) if j != 5])
+    best3 = np.sort(ref)[::-1][:3].mean()
+    assert top_k_pcc(pred, truth, k=3) == pytest.approx(best3)
+    assert top_k_pcc(pred, truth, k=50) == pytest.approx(ref.mean())  # fewer genes than k: all valid ones
+    m = evaluate(pred, truth, top_k=3)
+    assert m["pcc_top50"] == pytest.approx(best3) and m["pcc_top50"] > m["pcc"]
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_pcc(pred, truth, k=0)
+
+
+def test_pooled_pcc_concatenates_sections_on_shared_genes_and_can_exceed_per_section_pcc():
+    from st_predict.metrics import pooled_pcc
+
+    rng = np.random.default_rng(2)
+    # two sections whose levels differ a lot; within each section the prediction is pure noise
+    t1 = pd.DataFrame(rng.normal(0, 1, (50, 3)), columns=["a", "b", "c"])
+    t2 = pd.DataFrame(rng.normal(5, 1, (40, 3)), columns=["a", "b", "c"])
+    p1 = pd.DataFrame(rng.normal(0, 1, (50, 4)), columns=["a", "b", "c", "x"])
+    p2 = pd.DataFrame(rng.normal(5, 1, (40, 3)), columns=["c", "b", "a"])  # other column order
+    pooled = pooled_pcc([p1, p2], [t1, t2])
+    ref = np.mean([
+        stats.pearsonr(np.r_[p1[g], p2[g]], np.r_[t1[g], t2[g]]).statistic for g in ("a", "b", "c")
+    ])
+    assert pooled == pytest.approx(ref)
+    per_section = np.mean([evaluate(p1[["a", "b", "c"]], t1)["pcc"], evaluate(p2[["a", "b", "c"]], t2)["pcc"]])
+    assert pooled > 0.8 and abs(per_section) < 0.3  # the between-section shift alone makes pooled PCC high
+    with pytest.raises(ValueError, match="one truth per prediction"):
+        pooled_pcc([p1], [t1, t2])
+    with pytest.raises(ValueError, match="No gene is shared"):
+        pooled_pcc([p1[["x"]]], [t1])
+    with pytest.raises(ValueError, match="Section 1"):
+        pooled_pcc([p1, p2.iloc[:10]], [t1, t2])
