@@ -24,7 +24,7 @@ from st_predict.benchmark._methods import (
     STNetRegressor,
 )
 from st_predict.data import select_sections
-from st_predict.metrics import evaluate
+from st_predict.metrics import evaluate, pooled_pcc
 from st_predict.nn import build_resnet18_trunk, load_trunk_weights, prepare_patches
 from st_predict.pp import make_patch_reader, normalize_expression, select_genes, spot_libraries
 
@@ -73,6 +73,7 @@ def run_benchmark(
     adata: AnnData,
     methods: Mapping[str, Callable[[], object]] | None = None,
     section_key: str = SECTION_KEY,
+    group_key: str | None = None,
     folds: Sequence[str] | None = None,
     n_genes: int = 250,
     image_key: str = "hires",
@@ -85,11 +86,44 @@ def run_benchmark(
 ) -> dict:
     """Leave-one-section-out evaluation of several methods on one AnnData.
 
-    For each held-out section: genes are chosen on the training sections only
+    For each held-out section (or, with ``group_key``, each held-out group of sections, e.g. a
+    patient): genes are chosen on the training sections only
     (:func:`~st_predict.pp.select_genes`); every method is fitted on the training sections (any model
     selection happens inside them) and predicts the held-out one from its patches; per-gene PCC (mean
     over genes, NaN genes counted), MSE and MAE on ``log1p`` counts per 10k. All methods share one
     frozen ResNet18 trunk (``weights``) and its features, computed once.
+
+    Next to the honest numbers each row carries the **optimistic** variants that papers report,
+    labelled as such: ``pcc_top50`` (the 50 best genes of the held-out section, chosen after seeing
+    the results) and, in the summary, ``pcc_pooled`` (PCC over the held-out spots of all folds
+    concatenated, on the genes every fold predicts).
+
+    Parameters
+    ----------
+    adata
+        Raw counts, one library per section, images and coordinates as for
+        :meth:`~st_predict.NH2ST.setup_anndata`.
+    methods
+        ``name -> factory`` of methods with ``fit(fold)`` / ``predict(fold)`` (default:
+        :func:`default_methods`).
+    section_key
+        ``obs`` column of sections (libraries).
+    group_key
+        ``obs`` column to hold out by (e.g. patient); default: ``section_key``.
+    folds
+        Values of the hold-out column to run (default: all of them).
+    n_genes
+        Genes per fold, chosen on its training sections.
+    image_key, spatial_key, patch_size
+        As in :meth:`~st_predict.NH2ST.setup_anndata`.
+    image_size
+        Side of the patches fed to the trunk.
+    weights
+        Trunk weights (``"imagenet"``, a file, or ``"random"``).
+    seed
+        Seed of every method.
+    out_dir
+        Where to write ``results.json`` and ``results.md``.
 
     Returns a dict with per-fold rows, a summary (mean ± std over folds) and run metadata; with
     ``out_dir`` also writes ``results.json`` and ``results.md``.
@@ -101,24 +135,43 @@ def run_benchmark(
 
     t_start = time.perf_counter()
     methods = dict(methods) if methods is not None else default_methods(seed=seed)
-    sections = [str(s) for s in pd.unique(adata.obs[section_key].astype(str))]
-    folds = list(folds) if folds is not None else sections
+    for key in {section_key, group_key or section_key}:
+        if key not in adata.obs:
+            raise KeyError(f"adata.obs[{key!r}] is missing (the column of sections / hold-out groups).")
+    group_key = group_key or section_key
+    groups_all = adata.obs[group_key].astype(str).to_numpy()
+    sections_all = adata.obs[section_key].astype(str).to_numpy()
+    groups = [str(g) for g in pd.unique(groups_all)]
+    if len(groups) < 2:
+        raise ValueError(f"adata.obs[{group_key!r}] has {len(groups)} value(s); hold-out needs at least 2.")
+    per_section = pd.crosstab(sections_all, groups_all).gt(0).sum(axis=1)
+    if (per_section > 1).any():
+        raise ValueError(
+            f"Sections {list(per_section.index[per_section > 1])} span several values of adata.obs[{group_key!r}]; "
+            "each section must belong to one hold-out group."
+        )
+    folds = list(folds) if folds is not None else groups
+    unknown = [f for f in folds if f not in groups]
+    if unknown:
+        raise ValueError(f"Folds {unknown} are not values of adata.obs[{group_key!r}] ({groups}).")
     setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, "patch_size": patch_size}
     torch.manual_seed(seed)
     t = time.perf_counter()
     fmaps, trunk_state, weights_source = _trunk_fmaps(adata, setup, image_size, weights)
     seconds_features = time.perf_counter() - t
     pooled = fmaps.mean((2, 3)).numpy()
-    libs = spot_libraries(adata, section_key)
-    rows = []
-    for test_section in folds:
-        train_sections = [s for s in sections if s != test_section]
-        train_mask = libs != test_section
-        train, test = select_sections(adata, train_sections, section_key), select_sections(adata, [test_section], section_key)
+    spot_libraries(adata, section_key)  # checks the section column
+    rows, held_out = [], {name: ([], []) for name in methods}
+    for test_group in folds:
+        train_mask = groups_all != test_group
+        train_sections = [str(s) for s in pd.unique(sections_all[train_mask])]
+        test_sections = [str(s) for s in pd.unique(sections_all[~train_mask])]
+        train = select_sections(adata, train_sections, section_key)
+        test = select_sections(adata, test_sections, section_key)
         genes = select_genes(train.X, train.var_names, train.obs[section_key].astype(str).to_numpy(), n_top=n_genes)
         gidx_tr, gidx_te = train.var_names.get_indexer(genes), test.var_names.get_indexer(genes)
         fold = Fold(
-            test_section=test_section, train=train, test=test, genes=genes,
+            test_section=test_group, train=train, test=test, genes=genes,
             y_train=normalize_expression(train.X, gidx_tr), groups=train.obs[section_key].astype(str).to_numpy(),
             feats_train=pooled[train_mask], feats_test=pooled[~train_mask],
             extra={"setup": setup, "image_size": image_size, "trunk_state": trunk_state,
@@ -131,20 +184,27 @@ def run_benchmark(
             method.fit(fold)
             pred = np.asarray(method.predict(fold))
             m = evaluate(pred, y_test)
-            rows.append({"method": name, "held_out": test_section, **m, "seconds": round(time.perf_counter() - t, 2)})
-            logger.info("%s on %s: PCC %.3f MSE %.4f (%.1f s)", name, test_section, m["pcc"], m["mse"], rows[-1]["seconds"])
+            rows.append({"method": name, "held_out": test_group, **m, "seconds": round(time.perf_counter() - t, 2)})
+            held_out[name][0].append(pd.DataFrame(pred, columns=genes))
+            held_out[name][1].append(pd.DataFrame(np.asarray(y_test), columns=genes))
+            logger.info("%s on %s: PCC %.3f MSE %.4f (%.1f s)", name, test_group, m["pcc"], m["mse"], rows[-1]["seconds"])
     df = pd.DataFrame(rows)
     summary = (
         df.groupby("method", sort=False)
         .agg(pcc_mean=("pcc", "mean"), pcc_std=("pcc", lambda x: x.std(ddof=0)), mse=("mse", "mean"),
-             mae=("mae", "mean"), n_nan_genes=("n_nan_genes", "sum"), seconds=("seconds", "sum"))
+             mae=("mae", "mean"), n_nan_genes=("n_nan_genes", "sum"), seconds=("seconds", "sum"),
+             pcc_top50=("pcc_top50", "mean"))
         .reset_index()
     )
+    summary["pcc_pooled"] = [pooled_pcc(*held_out[name]) for name in summary["method"]]
     result = {
         "protocol": "leave-one-section-out; genes (top-n by mean log1p CP10k, detected in every training section) "
         "and any model selection from the training sections only; per-gene PCC within the held-out section, "
         "mean over genes (NaN genes excluded from the mean and counted); MSE/MAE over spots x genes",
-        "folds": folds, "n_genes": n_genes, "seed": seed, "weights": weights_source,
+        "optimistic_metrics": "Optimistic variants, labelled. pcc_top50: mean PCC of the 50 best genes of the held-out section (chosen after "
+        "seeing the results); pcc_pooled: per-gene PCC over the held-out spots of all folds concatenated, on the "
+        "genes every fold predicts. Both inflate performance; reported only for comparison with papers.",
+        "hold_out_key": group_key, "folds": folds, "n_genes": n_genes, "seed": seed, "weights": weights_source,
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads",
         "versions": {"st_predict": st_predict.__version__, "torch": torch.__version__, "scvi-tools": scvi.__version__,
                      "scikit-learn": sklearn.__version__},
@@ -167,12 +227,19 @@ def to_markdown(result: dict) -> str:
         f"Leave-one-section-out over {len(result['folds'])} sections ({', '.join(result['folds'])}), "
         f"{result['n_genes']} genes, trunk weights: {result['weights']}.",
         "",
-        "| method | PCC (mean ± std over folds) | MSE | MAE | NaN genes | seconds |",
-        "|---|---|---|---|---|---|",
+        "| method | PCC (mean ± std over folds) | MSE | MAE | NaN genes | seconds | "
+        "top-50 PCC (optimistic) | pooled PCC (optimistic) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["summary"]:
         lines.append(
             f"| {r['method']} | {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['mse']:.4f} | {r['mae']:.4f} | "
-            f"{r['n_nan_genes']} | {r['seconds']:.1f} |"
+            f"{r['n_nan_genes']} | {r['seconds']:.1f} | {r['pcc_top50']:.3f} | {r['pcc_pooled']:.3f} |"
         )
+    lines += [
+        "",
+        "PCC: per-gene Pearson correlation within the held-out section, mean over genes, then mean ± std over "
+        "folds (the honest number). The two optimistic columns are what papers often report instead: the 50 best "
+        "genes chosen after seeing the results, and PCC over all held-out spots pooled across sections.",
+    ]
     return "\n".join(lines) + "\n"

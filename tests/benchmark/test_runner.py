@@ -67,3 +67,48 @@ def test_default_methods_cover_the_paper_ablations():
                    "NH2ST query branch only", "NH2ST no contrastive loss", "NH2ST self-attention",
                    "NH2ST graph instead of hypergraph", "NH2ST K=4", "NH2ST L=1"):
         assert needed in names
+
+
+def test_optimistic_metrics_are_reported_and_labelled(tissue, tmp_path):
+    res = run_benchmark(tissue, {"ridge": lambda: RidgeProbe(n_components=16)}, folds=["S0", "S1"], n_genes=30,
+                        patch_size=32, image_size=32, weights="random", out_dir=tmp_path)
+    (row,) = res["summary"]
+    per_fold = [r for r in res["rows"]]
+    assert row["pcc_top50"] == pytest.approx(np.mean([r["pcc_top50"] for r in per_fold]))
+    assert row["pcc_top50"] >= row["pcc_mean"]  # the best genes of each section: never below the mean
+    assert -1 <= row["pcc_pooled"] <= 1
+    assert "optimistic" in res["optimistic_metrics"].lower()
+    md = (tmp_path / "results.md").read_text()
+    assert "top-50 PCC (optimistic)" in md and "pooled PCC (optimistic)" in md
+
+
+def test_hold_out_by_patient_groups_sections(tissue, monkeypatch):
+    adata = tissue.copy()
+    adata.obs["patient"] = adata.obs["section"].map({"S0": "P0", "S1": "P0", "S2": "P1"}).astype(str)
+    seen = []
+    original = MeanBaseline.fit
+
+    def spy(self, fold):
+        seen.append((fold.test_section, set(fold.train.obs["section"]), set(fold.test.obs["section"])))
+        return original(self, fold)
+
+    monkeypatch.setattr(MeanBaseline, "fit", spy)
+    res = run_benchmark(adata, {"mean": MeanBaseline}, group_key="patient", n_genes=20, patch_size=32,
+                        image_size=32, weights="random")
+    assert seen == [("P0", {"S2"}, {"S0", "S1"}), ("P1", {"S0", "S1"}, {"S2"})]
+    assert res["hold_out_key"] == "patient" and res["folds"] == ["P0", "P1"]
+
+
+def test_runner_bad_input_names_the_key_or_fold(tissue):
+    kw = {"n_genes": 20, "patch_size": 32, "image_size": 32, "weights": "random"}
+    with pytest.raises(KeyError, match="'patient'"):
+        run_benchmark(tissue, {"mean": MeanBaseline}, group_key="patient", **kw)
+    with pytest.raises(ValueError, match="S9"):
+        run_benchmark(tissue, {"mean": MeanBaseline}, folds=["S9"], **kw)
+    adata = tissue.copy()
+    adata.obs["patient"] = np.where(np.arange(adata.n_obs) % 2, "P0", "P1")
+    with pytest.raises(ValueError, match="span several values"):
+        run_benchmark(adata, {"mean": MeanBaseline}, group_key="patient", **kw)
+    one = tissue[tissue.obs["section"] == "S0"].copy()
+    with pytest.raises(ValueError, match="at least 2"):
+        run_benchmark(one, {"mean": MeanBaseline}, **kw)
