@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # real HER2ST-format sections, when a copy sits next to the project (as in this team's checkout)
 DATA ?= $(wildcard ../shared/data/her2st)
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,9 @@ demo: install
 test: install
 	MPLBACKEND=agg $(BIN)/python -m pytest
 
+# HTML documentation in docs/_build/html (warnings are errors; no network needed)
+docs: install
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache docs/_build docs/generated docs/tutorials
