@@ -1,8 +1,20 @@
-"""Data: readers, the SpatialData front end and the synthetic tissue generator."""
+"""Data: readers (HER2ST, 10x Visium, HEST-1k), the SpatialData front end and the synthetic tissue generator."""
 
 from ._her2st import fetch_her2st, read_her2st
-from ._sections import select_sections
+from ._hest import read_hest
+from ._sections import concat_sections, select_sections
 from ._spatialdata import from_spatialdata
 from ._synthetic import synthetic_spatialdata, synthetic_tissue
+from ._visium import read_visium
 
-__all__ = ["fetch_her2st", "from_spatialdata", "read_her2st", "select_sections", "synthetic_spatialdata", "synthetic_tissue"]
+__all__ = [
+    "concat_sections",
+    "fetch_her2st",
+    "from_spatialdata",
+    "read_her2st",
+    "read_hest",
+    "read_visium",
+    "select_sections",
+    "synthetic_spatialdata",
+    "synthetic_tissue",
+]

@@ -64,7 +64,7 @@ def fetch_her2st(path: str | os.PathLike | None = None, timeout: float = 30.0) -
                 _BASE + remote, known_hash=f"md5:{md5}", fname=Path(local).name, path=path / Path(local).parent,
                 downloader=downloader,
             )
-        except Exception as err:  # noqa: BLE001 - turn any network failure into one actionable message
+        except Exception as err:
             raise RuntimeError(
                 f"Could not fetch {local} ({type(err).__name__}: {err}). Download the HER2ST files of "
                 f"github.com/almaan/her2st (commit {HER2ST_COMMIT[:7]}: data/ST-cnts/C?.tsv.gz, "

@@ -1,10 +1,12 @@
-"""Select sections of a multi-section AnnData without copying the images."""
+"""Select or concatenate sections of multi-section AnnDatas without copying the images."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import anndata as ad
+import numpy as np
+import pandas as pd
 
 from st_predict._constants import SECTION_KEY
 
@@ -35,4 +37,54 @@ def select_sections(adata: ad.AnnData, sections: Sequence[str], section_key: str
         out.obs[section_key] = out.obs[section_key].cat.remove_unused_categories()
     spatial = adata.uns.get("spatial", {})
     out.uns["spatial"] = {lib: spatial[lib] for lib in sections if lib in spatial}
+    return out
+
+
+def concat_sections(adatas: Sequence[ad.AnnData], section_key: str = SECTION_KEY) -> ad.AnnData:
+    """Concatenate AnnDatas of different sections (e.g. from st_predict's readers) into one, keeping
+    every section's ``uns["spatial"]`` entry; image arrays are shared, not copied.
+
+    Genes are those present in every AnnData (``join="inner"``); ``var`` columns that agree are kept.
+    When spot names repeat across the AnnDatas (Visium barcodes do), every spot is renamed
+    ``"<name>_<section>"``.
+
+    Parameters
+    ----------
+    adatas
+        AnnDatas with ``obs[section_key]`` and their sections in ``uns["spatial"]``.
+    section_key
+        The obs column naming each spot's section.
+
+    Returns
+    -------
+    AnnData
+        All spots, with ``obs[section_key]`` categorical (sections in the order given).
+    """
+    adatas = list(adatas)
+    if not adatas:
+        raise ValueError("No AnnData to concatenate.")
+    uns, sections = {}, []
+    for i, a in enumerate(adatas):
+        if section_key not in a.obs:
+            raise KeyError(f"section_key={section_key!r} is not a column of adata.obs of AnnData {i}.")
+        for lib, entry in a.uns.get("spatial", {}).items():
+            if lib in uns:
+                raise ValueError(f"Section {lib!r} is in uns['spatial'] of more than one AnnData.")
+            uns[lib] = entry
+        sections += [s for s in pd.unique(a.obs[section_key].astype(str)) if s not in sections]
+    names = [a.obs_names.astype(str) for a in adatas]
+    if not pd.Index(np.concatenate(names)).is_unique:
+        names = [n + "_" + a.obs[section_key].astype(str).to_numpy() for n, a in zip(names, adatas, strict=True)]
+        dup = pd.Index(np.concatenate(names))
+        if not dup.is_unique:
+            raise ValueError(f"Spot names repeat within a section, e.g. {list(dup[dup.duplicated()][:3])}.")
+    parts = []  # shallow AnnDatas under the new names, without uns (concat would deep-copy the images)
+    for a, n in zip(adatas, names, strict=True):
+        obs = a.obs.copy()
+        obs.index = n
+        obsm = {k: v.set_axis(n) if isinstance(v, pd.DataFrame) else v for k, v in a.obsm.items()}
+        parts.append(ad.AnnData(X=a.X, obs=obs, var=a.var, obsm=obsm, layers=dict(a.layers)))
+    out = ad.concat(parts, join="inner", merge="same")
+    out.obs[section_key] = pd.Categorical(out.obs[section_key].astype(str), categories=sections)
+    out.uns["spatial"] = uns
     return out

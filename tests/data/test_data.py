@@ -12,7 +12,13 @@ from helpers import SMALL, her2st_path, setup
 from PIL import Image
 
 from st_predict import NH2ST
-from st_predict.data import fetch_her2st, from_spatialdata, read_her2st, synthetic_spatialdata, synthetic_tissue
+from st_predict.data import (
+    fetch_her2st,
+    from_spatialdata,
+    read_her2st,
+    synthetic_spatialdata,
+    synthetic_tissue,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
