@@ -105,7 +105,7 @@ class PatchReader:
         out = torch.empty((len(indices), 3, self.out_size, self.out_size), dtype=torch.uint8)
         for i, idx in enumerate(indices):
             y0, x0, y1, x1 = self.boxes[idx]
-            crop = _to_uint8_rgb(np.asarray(self.images[self.libraries[idx]][y0:y1, x0:x1]))
+            crop = _to_uint8_rgb(_materialise(self.images[self.libraries[idx]][y0:y1, x0:x1]))
             t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
             if t.shape[-1] != self.out_size or t.shape[-2] != self.out_size:
                 t = F.interpolate(
@@ -114,6 +114,15 @@ class PatchReader:
                 )[0].round().clamp(0, 255).to(torch.uint8)
             out[i] = t
         return out
+
+
+def _materialise(region) -> np.ndarray:
+    """A crop as numpy. Lazy (dask) crops are computed in the calling thread: dask's thread pool
+    deadlocks in forked DataLoader workers once the parent has used it, and one small crop gains
+    nothing from threads."""
+    if hasattr(region, "compute"):
+        return np.asarray(region.compute(scheduler="synchronous"))
+    return np.asarray(region)
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -122,3 +122,21 @@ def test_reader_reads_only_patch_pixels():
     out = reader.read([0, 1])
     assert out.shape == (2, 3, 32, 32) and out.dtype == torch.uint8
     assert img.reads == [(64, 64, 3), (64, 64, 3)]
+
+
+def test_patch_reader_computes_lazy_crops_without_dask_threads(monkeypatch):
+    """dask's thread pool deadlocks in forked DataLoader workers: crops must not use it."""
+    import dask.array as da
+
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("dask's threaded scheduler was used")
+
+    monkeypatch.setattr(da.Array, "__dask_scheduler__", staticmethod(no_threads))
+    with pytest.raises(AssertionError, match="threaded"):  # the patch is live
+        np.asarray(da.ones(3))
+    lazy = da.from_array(img, chunks=(16, 16, 3))
+    reader = PatchReader({"A": lazy}, {"A": 1.0}, np.array([[20.0, 30.0]]), ["A"], 16, 16)
+    eager = PatchReader({"A": img}, {"A": 1.0}, np.array([[20.0, 30.0]]), ["A"], 16, 16)
+    torch.testing.assert_close(reader.read([0]), eager.read([0]))
