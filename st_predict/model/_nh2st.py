@@ -326,10 +326,12 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self._data = _TrainingData(torch.from_numpy(targets), neighbors, reader)
         return self._data
 
-    def _reader_for(self, adata: AnnData):
-        setup = self._setup()
+    def _reader_for(self, adata: AnnData, keys: dict | None = None):
+        setup = {**self._setup(), **{k: v for k, v in (keys or {}).items() if v is not None}}
         library_key = setup["library_key"]
         if library_key is not None and library_key not in adata.obs:
+            if keys and keys.get("library_key"):
+                raise KeyError(f"adata.obs has no column {library_key!r} (library_key).")
             library_key = None  # single-section data without the column: spot_libraries checks uns
         return make_patch_reader(
             adata, setup["spatial_key"], setup["image_key"], library_key, setup["patch_size"], self.module.image_size
@@ -459,15 +461,18 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         return data.fmaps
 
     # -- inference -------------------------------------------------------------------------------
-    def _inference(self, adata, indices, batch_size, what: str, progress: bool = False) -> tuple[np.ndarray, pd.Index]:
+    def _inference(
+        self, adata, indices, batch_size, what: str, progress: bool = False, keys: dict | None = None
+    ) -> tuple[np.ndarray, pd.Index]:
         if adata is None:
             adata = self.adata if self.adata is not None else self._predict_adata
             if adata is None:
                 raise ValueError("This model was loaded without AnnData: pass adata=.")
         use_cache = (
             adata is self.adata and self._data is not None and self._data.fmaps is not None
+            and not any((keys or {}).values())
         )
-        reader = None if use_cache else self._reader_for(adata)
+        reader = None if use_cache else self._reader_for(adata, keys)
         n_obs = adata.n_obs
         indices = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= n_obs):
@@ -504,6 +509,9 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int = 16,
         return_numpy: bool = False,
         progress: bool = False,
+        library_key: str | None = None,
+        image_key: str | None = None,
+        spatial_key: str | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Predicted expression of the model's genes from each spot's H&E patch alone.
 
@@ -521,6 +529,11 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             Return an array instead of a DataFrame.
         progress
             Show a progress bar.
+        library_key, image_key, spatial_key
+            Where ``adata`` keeps its sections, image and spot positions when it differs from the
+            keys given to :meth:`setup_anndata` (e.g. train on ``"hires"`` images, predict from a
+            Visium ``"fullres"`` one); ``None``: as at setup. The patch size (full-resolution
+            pixels) is the one of the setup.
 
         Returns
         -------
@@ -528,7 +541,8 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         scale (``log1p`` counts per 10k for count data).
         """
         self._check_if_trained(warn=True)
-        arr, names = self._inference(adata, indices, batch_size, "expression", progress)
+        keys = {"library_key": library_key, "image_key": image_key, "spatial_key": spatial_key}
+        arr, names = self._inference(adata, indices, batch_size, "expression", progress, keys)
         if return_numpy:
             return arr
         return pd.DataFrame(arr, index=names, columns=pd.Index(self.genes_))
@@ -541,20 +555,30 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         return self._inference(adata, indices, batch_size, "latent")[0]
 
     def predict(
-        self, adata: AnnData | None = None, key_added: str = PREDICTED_KEY, batch_size: int = 16, progress: bool = False
+        self,
+        adata: AnnData | None = None,
+        key_added: str = PREDICTED_KEY,
+        batch_size: int = 16,
+        progress: bool = False,
+        library_key: str | None = None,
+        image_key: str | None = None,
+        spatial_key: str | None = None,
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
 
         This is the only change made to ``adata``. Works on AnnData with an image and spot positions
-        but no expression (``n_vars == 0``). Returns the DataFrame (see
-        :meth:`get_predicted_expression`).
+        but no expression (``n_vars == 0``). ``library_key``, ``image_key`` and ``spatial_key`` may be
+        given as in :meth:`get_predicted_expression`. Returns the DataFrame.
         """
         target = adata
         if target is None:
             target = self.adata if self.adata is not None else self._predict_adata
         if target is None:
             raise ValueError("This model was loaded without AnnData: pass adata=.")
-        df = self.get_predicted_expression(target, batch_size=batch_size, progress=progress)
+        df = self.get_predicted_expression(
+            target, batch_size=batch_size, progress=progress, library_key=library_key, image_key=image_key,
+            spatial_key=spatial_key,
+        )
         target.obsm[key_added] = df
         logger.info("Added predicted expression of %d genes to adata.obsm[%r].", df.shape[1], key_added)
         return df

@@ -1,0 +1,138 @@
+"""The ``st-predict`` command line: every subcommand end to end on synthetic data, and bad input."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from st_predict._cli import build_parser, main
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
+
+SMALL_TRAIN = ["--patch-size", "32", "--image-size", "32", "--weights", "random", "--n-genes", "30", "--epochs", "2",
+               "--model-kwargs", '{"latent_dim": 64, "n_heads": 4}', "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An .h5ad of three synthetic sections and a model trained on two of them by the CLI."""
+    from st_predict.data import synthetic_tissue
+
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "tissue.h5ad"
+    synthetic_tissue(n_sections=3, n_rows=10, n_cols=10, n_genes=60).write_h5ad(data)
+    code = main(["train", str(data), "--out", str(root / "model"), "--sections", "S0", "S1", *SMALL_TRAIN])
+    assert code == 0
+    return root, data
+
+
+def test_train_saves_model_history_and_curves(trained):
+    root, _ = trained
+    model_dir = root / "model"
+    assert (model_dir / "model.pt").is_file()
+    history = json.loads((model_dir / "history.json").read_text())
+    assert len(history["train_loss"]) == 2 and {"train_mse", "train_nce_query", "train_nce_neighbor"} <= set(history)
+    assert (model_dir / "training_curves.png").stat().st_size > 5_000
+
+
+def test_predict_writes_obsm_and_small_images_then_evaluate(trained, capsys):
+    from st_predict import NH2ST
+
+    root, data = trained
+    out = root / "pred.h5ad"
+    assert main(["predict", str(root / "model"), str(data), "--out", str(out), "--quiet"]) == 0
+    pred = ad.read_h5ad(out)
+    original = ad.read_h5ad(data)
+    assert pred.obsm["nh2st"].shape == (300, 30)
+    np.testing.assert_array_equal(pred.X.toarray() if hasattr(pred.X, "toarray") else pred.X,
+                                  original.X.toarray() if hasattr(original.X, "toarray") else original.X)
+    # the same numbers as the Python API
+    model = NH2ST.load(str(root / "model"))
+    np.testing.assert_allclose(pred.obsm["nh2st"].to_numpy(), model.get_predicted_expression(original).to_numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert set(pred.uns["spatial"]) == {"S0", "S1", "S2"}
+    assert "lowres" in pred.uns["spatial"]["S2"]["images"]
+    assert "tissue_lowres_scalef" in pred.uns["spatial"]["S2"]["scalefactors"]
+
+    assert main(["evaluate", str(out), "--out", str(root / "eval")]) == 0
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert [r["section"] for r in metrics["sections"]] == ["S0", "S1", "S2"]
+    assert all(r["n_genes"] == 30 and r["n_spots"] == 100 for r in metrics["sections"])
+    assert metrics["sections"][2]["pcc"] > 0.2  # held-out S2: the planted signal is learnable
+    assert (root / "eval" / "pcc_distribution_S2.png").is_file()
+    assert "| S2 |" in (root / "eval" / "metrics.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")  # anndata's notice when writing the zarr
+def test_predict_on_image_only_data_and_spatialdata(trained, tmp_path):
+    from st_predict.data import synthetic_spatialdata, synthetic_tissue
+
+    root, _ = trained
+    image_only = synthetic_tissue(n_sections=1, n_rows=6, n_cols=6, n_genes=60, seed=3)[:, :0].copy()
+    image_only.write_h5ad(tmp_path / "he_only.h5ad")
+    assert main(["predict", str(root / "model"), str(tmp_path / "he_only.h5ad"), "--out", str(tmp_path / "p.h5ad"),
+                 "--quiet"]) == 0
+    assert ad.read_h5ad(tmp_path / "p.h5ad").obsm["nh2st"].shape == (36, 30)
+
+    sdata = synthetic_spatialdata(n_sections=2, n_rows=5, n_cols=5, n_genes=60, seed=4)
+    sdata.write(tmp_path / "s.zarr")
+    assert main(["predict", str(root / "model"), str(tmp_path / "s.zarr"), "--out", str(tmp_path / "s.h5ad"),
+                 "--quiet"]) == 0
+    res = ad.read_h5ad(tmp_path / "s.h5ad")
+    assert res.obsm["nh2st"].shape == (50, 30) and np.isfinite(res.obsm["nh2st"].to_numpy()).all()
+
+
+def test_benchmark_command_writes_tables(trained, tmp_path, capsys):
+    _, data = trained
+    assert main(["benchmark", "--list-methods"]) == 0
+    assert "ridge (PCA-256)" in capsys.readouterr().out
+    code = main(["benchmark", str(data), "--methods", "per-gene mean", "ridge (PCA-256)", "--folds", "S0", "S1",
+                 "--n-genes", "20", "--patch-size", "32", "--image-size", "32", "--weights", "random",
+                 "--out", str(tmp_path / "bench")])
+    assert code == 0
+    res = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert [r["method"] for r in res["summary"]] == ["per-gene mean", "ridge (PCA-256)"]
+    assert res["folds"] == ["S0", "S1"]
+    assert "| ridge (PCA-256) |" in (tmp_path / "bench" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "{tmp}/missing.h5ad", "--out", "{tmp}/m"], "does not exist"),
+        (["train", "{data}", "--out", "{tmp}/m", "--genes", "NOT_A_GENE", *SMALL_TRAIN], "NOT_A_GENE"),
+        (["train", "{data}", "--out", "{tmp}/m", "--sections", "S9", *SMALL_TRAIN], "S9"),
+        (["predict", "{tmp}/no_model", "{data}", "--out", "{tmp}/p.h5ad"], "no saved model"),
+        (["predict", "{model}", "{data}", "--out", "{tmp}/p.csv"], "must end in .h5ad"),
+        (["evaluate", "{data}", "--out", "{tmp}/e"], "no predictions 'nh2st'"),
+        (["evaluate", "{tmp}/nothing.h5ad", "--out", "{tmp}/e"], "is not a file"),
+        (["benchmark", "{data}", "--methods", "magic", "--out", "{tmp}/b"], "unknown methods ['magic']"),
+        (["benchmark", "{data}", "--folds", "S7", "--out", "{tmp}/b", "--weights", "random"], "S7"),
+        (["demo", "--no-fetch", "--epochs", "1", "--weights", "random", "--test-section", "Z9", "--out", "{tmp}/d"],
+         "test_section='Z9'"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_exit_code_2(trained, tmp_path, capsys, argv, message):
+    root, data = trained
+    subs = {"{tmp}": str(tmp_path), "{data}": str(data), "{model}": str(root / "model")}
+    for old, new in subs.items():
+        argv = [a.replace(old, new) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"st-predict {argv[0]}: error:") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"train", "predict", "evaluate", "benchmark", "demo"}
+    for name, p in sub.choices.items():
+        assert p.description, name
+        for action in p._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest}"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["train", "--help"])
+    assert exit_info.value.code == 0
