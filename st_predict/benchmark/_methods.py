@@ -39,10 +39,10 @@ def _standardise(train: np.ndarray, *others: np.ndarray):
 class MeanBaseline:
     """Per-gene mean of the training spots."""
 
-    def fit(self, fold: Fold) -> None:  # noqa: D102
+    def fit(self, fold: Fold) -> None:
         self.mean_ = fold.y_train.mean(0)
 
-    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+    def predict(self, fold: Fold) -> np.ndarray:
         return np.tile(self.mean_, (fold.test.n_obs, 1))
 
 
@@ -53,7 +53,7 @@ class RidgeProbe:
     def __init__(self, n_components: int = 256, alphas=(1.0, 10.0, 100.0, 1000.0, 10000.0)):
         self.n_components, self.alphas = n_components, alphas
 
-    def fit(self, fold: Fold) -> None:  # noqa: D102
+    def fit(self, fold: Fold) -> None:
         from sklearn.decomposition import PCA
         from sklearn.linear_model import Ridge
 
@@ -75,7 +75,7 @@ class RidgeProbe:
         self.ridge_ = Ridge(alpha=self.alpha_).fit(z, fold.y_train)
         self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
 
-    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+    def predict(self, fold: Fold) -> np.ndarray:
         z = self.pca_.transform((fold.feats_test - self.mu_) / self.sd_)
         return self.ridge_.predict(z)
 
@@ -86,7 +86,7 @@ class STNetRegressor:
     def __init__(self, epochs: int = 20, batch_size: int = 8, lr: float = 1e-4, seed: int = 0):
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
 
-    def fit(self, fold: Fold) -> None:  # noqa: D102
+    def fit(self, fold: Fold) -> None:
         torch.manual_seed(self.seed)
         x, = _standardise(fold.feats_train)
         self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
@@ -106,7 +106,7 @@ class STNetRegressor:
                 opt.step()
 
     @torch.no_grad()
-    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+    def predict(self, fold: Fold) -> np.ndarray:
         x = torch.as_tensor((fold.feats_test - self.mu_) / self.sd_, dtype=torch.float32)
         return self.head_(x).numpy()
 
@@ -121,7 +121,7 @@ class BLEEPRetrieval:
         self.dim, self.epochs, self.batch_size, self.lr = dim, epochs, batch_size, lr
         self.temperature, self.k, self.seed = temperature, k, seed
 
-    def fit(self, fold: Fold) -> None:  # noqa: D102
+    def fit(self, fold: Fold) -> None:
         torch.manual_seed(self.seed)
         self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
         x = torch.as_tensor((fold.feats_train - self.mu_) / self.sd_, dtype=torch.float32)
@@ -144,7 +144,7 @@ class BLEEPRetrieval:
         self.y_ = y
 
     @torch.no_grad()
-    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+    def predict(self, fold: Fold) -> np.ndarray:
         q = F.normalize(self.img_(torch.as_tensor((fold.feats_test - self.mu_) / self.sd_, dtype=torch.float32)), dim=-1)
         sim = q @ self.bank_.T
         k = min(self.k, sim.shape[1])
@@ -160,7 +160,7 @@ class NH2STMethod:
     def __init__(self, epochs: int = 20, batch_size: int = 8, seed: int = 0, **model_kwargs):
         self.epochs, self.batch_size, self.seed, self.model_kwargs = epochs, batch_size, seed, model_kwargs
 
-    def fit(self, fold: Fold) -> None:  # noqa: D102
+    def fit(self, fold: Fold) -> None:
         import scvi
 
         from st_predict import NH2ST
@@ -178,5 +178,5 @@ class NH2STMethod:
         self.model_.weights_source_ = fold.extra["weights_source"]
         self.model_.train(max_epochs=self.epochs, batch_size=self.batch_size, progress=False)
 
-    def predict(self, fold: Fold) -> np.ndarray:  # noqa: D102
+    def predict(self, fold: Fold) -> np.ndarray:
         return self.model_.get_predicted_expression(fold.test).to_numpy()

@@ -192,7 +192,7 @@ class NH2STModule(nn.Module):
         """Device of the module's parameters."""
         return next(self.parameters()).device
 
-    def on_load(self, model, **kwargs) -> None:  # noqa: D102 - called by scvi-tools' load
+    def on_load(self, model, **kwargs) -> None:
         return None
 
     def train(self, mode: bool = True) -> NH2STModule:

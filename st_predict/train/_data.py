@@ -95,13 +95,13 @@ class NH2STDataModule(pl.LightningDataModule):
         self.n_train = len(self.train_idx)
         self.n_val = len(self.val_idx)
 
-    def train_dataloader(self) -> DataLoader:  # noqa: D102
+    def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.train_idx.tolist(), batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last,
             collate_fn=self.collate, num_workers=self.num_workers,
         )
 
-    def val_dataloader(self) -> DataLoader | list:  # noqa: D102
+    def val_dataloader(self) -> DataLoader | list:
         if self.n_val == 0:
             return []
         return DataLoader(

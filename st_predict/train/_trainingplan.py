@@ -43,7 +43,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._names: list[str] = []
 
-    def forward(self, batch):  # noqa: D102
+    def forward(self, batch):
         return self.module(batch)
 
     def _step(self, batch, prefix: str):
@@ -67,19 +67,19 @@ class NH2STTrainingPlan(pl.LightningModule):
             on_step=False, on_epoch=True, sync_dist=True, batch_size=n,
         )
 
-    def on_train_epoch_end(self) -> None:  # noqa: D102
+    def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
-    def on_validation_epoch_end(self) -> None:  # noqa: D102
+    def on_validation_epoch_end(self) -> None:
         self._log_epoch("validation")
 
-    def training_step(self, batch, batch_idx):  # noqa: D102
+    def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx):  # noqa: D102
+    def validation_step(self, batch, batch_idx):
         self._step(batch, "validation")
 
-    def configure_optimizers(self):  # noqa: D102
+    def configure_optimizers(self):
         params = [p for p in self.module.parameters() if p.requires_grad]
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
         optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)

@@ -73,7 +73,7 @@ def test_optimistic_metrics_are_reported_and_labelled(tissue, tmp_path):
     res = run_benchmark(tissue, {"ridge": lambda: RidgeProbe(n_components=16)}, folds=["S0", "S1"], n_genes=30,
                         patch_size=32, image_size=32, weights="random", out_dir=tmp_path)
     (row,) = res["summary"]
-    per_fold = [r for r in res["rows"]]
+    per_fold = res["rows"]
     assert row["pcc_top50"] == pytest.approx(np.mean([r["pcc_top50"] for r in per_fold]))
     assert row["pcc_top50"] >= row["pcc_mean"]  # the best genes of each section: never below the mean
     assert -1 <= row["pcc_pooled"] <= 1
