@@ -179,4 +179,11 @@ class NH2STMethod:
         self.model_.train(max_epochs=self.epochs, batch_size=self.batch_size, progress=False)
 
     def predict(self, fold: Fold) -> np.ndarray:
-        return self.model_.get_predicted_expression(fold.test).to_numpy()
+        fmaps = fold.extra.get("fmaps_test")
+        if fmaps is None:
+            return self.model_.get_predicted_expression(fold.test).to_numpy()
+        # the same frozen trunk already embedded the held-out spots: skip the second forward pass
+        module = self.model_.module.eval()
+        with torch.inference_mode():
+            out = [module.predict_expression({"fmaps": fmaps[s : s + 256]}) for s in range(0, len(fmaps), 256)]
+        return torch.cat(out).numpy()

@@ -46,6 +46,7 @@ def default_methods(epochs: int = 20, seed: int = 0) -> dict[str, Callable[[], o
         "NH2ST graph instead of hypergraph": nh(graph="graph"),
         "NH2ST tokens cross-attention": nh(attention_mode="tokens"),
         "NH2ST symmetric InfoNCE": nh(symmetric_nce=True),
+        "NH2ST flatten pooling": nh(pooling="flatten"),
         "NH2ST K=4": nh(n_neighbors=4),
         "NH2ST K=16": nh(n_neighbors=16),
         "NH2ST L=1": nh(n_hgnn_layers=1),
@@ -175,7 +176,8 @@ def run_benchmark(
             y_train=normalize_expression(train.X, gidx_tr), groups=train.obs[section_key].astype(str).to_numpy(),
             feats_train=pooled[train_mask], feats_test=pooled[~train_mask],
             extra={"setup": setup, "image_size": image_size, "trunk_state": trunk_state,
-                   "fmaps_train": fmaps[torch.from_numpy(train_mask)], "weights_source": weights_source},
+                   "fmaps_train": fmaps[torch.from_numpy(train_mask)],
+                   "fmaps_test": fmaps[torch.from_numpy(~train_mask)], "weights_source": weights_source},
         )
         y_test = normalize_expression(test.X, gidx_te)
         for name, factory in methods.items():

@@ -112,3 +112,21 @@ def test_runner_bad_input_names_the_key_or_fold(tissue):
     one = tissue[tissue.obs["section"] == "S0"].copy()
     with pytest.raises(ValueError, match="at least 2"):
         run_benchmark(one, {"mean": MeanBaseline}, **kw)
+
+
+def test_nh2st_method_predicts_from_shared_features_as_from_images(tissue, monkeypatch):
+    """The runner hands NH2STMethod the held-out spots' trunk features; they must give the same
+    predictions as cropping and embedding the held-out patches again."""
+    preds = {}
+    original = NH2STMethod.predict
+
+    def spy(self, fold):
+        fast = original(self, fold)
+        preds["fast"], preds["images"] = fast, self.model_.get_predicted_expression(fold.test).to_numpy()
+        return fast
+
+    monkeypatch.setattr(NH2STMethod, "predict", spy)
+    run_benchmark(tissue, {"nh2st": lambda: NH2STMethod(epochs=1, latent_dim=64, n_heads=4)}, folds=["S1"],
+                  n_genes=20, patch_size=32, image_size=32, weights="random")
+    assert preds["fast"].shape == (100, 20)
+    np.testing.assert_allclose(preds["fast"], preds["images"], rtol=1e-4, atol=1e-5)
