@@ -6,7 +6,7 @@ Usage:
   python benchmarks/her2st_table.py --methods "per-gene mean" "ridge (PCA-256)" NH2ST
 Writes benchmarks/results/her2st_loso/results.{json,md}.
 
-With ``--jobs N`` the methods are dealt round-robin to N processes of one torch thread each (each
+With ``--jobs N`` the methods are dealt (longest first, to the least loaded) to N processes of one torch thread each (each
 computes the shared trunk features itself) and the results are merged: on this 2-core machine two
 single-threaded processes get ~1.8x the throughput of one two-threaded process, because the models
 are small and their steps are dominated by memory-bound matrix products. Numbers do not depend on
@@ -45,11 +45,27 @@ def _run(args) -> dict:
     return run_benchmark(adata, methods, folds=args.folds, weights=args.weights, seed=args.seed, out_dir=args.out)
 
 
+def _cost(name: str) -> float:
+    """Relative wall time of a method (NH2ST = 1) on the frozen-trunk HER2ST folds."""
+    if not name.startswith("NH2ST"):
+        return 0.1
+    for key, cost in (("tokens", 3.7), ("flatten", 3.7), ("K=16", 1.7), ("query branch only", 0.4),
+                      ("no contrastive", 0.15)):
+        if key in name:
+            return cost
+    return 1.0
+
+
 def _parallel(args) -> dict:
     from st_predict.benchmark import default_methods, to_markdown
 
     names = args.methods or list(default_methods(epochs=args.epochs, seed=args.seed))
-    groups = [names[i :: args.jobs] for i in range(args.jobs)]
+    # longest first onto the least loaded worker, with rough relative costs measured on this CPU
+    groups, load = [[] for _ in range(args.jobs)], [0.0] * args.jobs
+    for name in sorted(names, key=_cost, reverse=True):
+        i = load.index(min(load))
+        groups[i].append(name)
+        load[i] += _cost(name)
     groups = [g for g in groups if g]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

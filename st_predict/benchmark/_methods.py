@@ -157,8 +157,10 @@ class NH2STMethod:
     """NH2ST (or an ablation: any :class:`~st_predict.NH2ST` keyword) with a frozen trunk, trained
     through the public model API on the fold's training sections, sharing the runner's trunk."""
 
-    def __init__(self, epochs: int = 20, batch_size: int = 8, seed: int = 0, **model_kwargs):
+    def __init__(self, epochs: int = 20, batch_size: int = 8, seed: int = 0, train_kwargs: dict | None = None,
+                 **model_kwargs):
         self.epochs, self.batch_size, self.seed, self.model_kwargs = epochs, batch_size, seed, model_kwargs
+        self.train_kwargs = dict(train_kwargs or {})
 
     def fit(self, fold: Fold) -> None:
         import scvi
@@ -176,7 +178,7 @@ class NH2STMethod:
         self.model_.module.trunk.load_state_dict(fold.extra["trunk_state"])
         self.model_._cached_fmaps(torch.device("cpu"), fmaps=fold.extra["fmaps_train"])
         self.model_.weights_source_ = fold.extra["weights_source"]
-        self.model_.train(max_epochs=self.epochs, batch_size=self.batch_size, progress=False)
+        self.model_.train(max_epochs=self.epochs, batch_size=self.batch_size, progress=False, **self.train_kwargs)
 
     def predict(self, fold: Fold) -> np.ndarray:
         fmaps = fold.extra.get("fmaps_test")
