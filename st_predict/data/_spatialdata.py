@@ -47,7 +47,8 @@ def from_spatialdata(
     ``uns["spatial"][region]["images"][uns_image_key]`` as a **lazy dask array** (never loaded whole;
     patches read only the chunks they cover) with ``tissue_<uns_image_key>_scalef`` taken from the
     image's transformation (a scale without rotation or shear). ``obs["region"]`` (the table's
-    ``region_key``) names each spot's region: pass it as ``library_key``.
+    ``region_key``) names each spot's region: pass it as ``library_key``. For circles the spot
+    diameter goes to ``scalefactors["spot_diameter_fullres"]`` (what squidpy's plots use).
 
     The SpatialData object is not modified; expression matrices are shared with its table, not copied.
 
@@ -133,9 +134,14 @@ def from_spatialdata(
         if len(absent):
             raise KeyError(f"{len(absent)} table rows of region {region!r} have no shape, e.g. {list(absent[:3])}.")
         coords[sel] = pos.loc[ids.to_numpy()].to_numpy()
+        scalefactors = {f"tissue_{uns_image_key}_scalef": float(inv[0, 0])}
+        if "radius" in getattr(shapes, "columns", []):
+            # circles (Visium spots): their diameter in the coordinate system, as squidpy's plots expect
+            scale = float(np.sqrt(abs(np.linalg.det(a_pts[:2, :2]))))
+            scalefactors["spot_diameter_fullres"] = float(2 * np.median(shapes["radius"]) * scale)
         uns[region] = {
             "images": {uns_image_key: _image_array(image)},
-            "scalefactors": {f"tissue_{uns_image_key}_scalef": float(inv[0, 0])},
+            "scalefactors": scalefactors,
             "metadata": {"spatialdata_image": img_name, "coordinate_system": cs},
         }
     out = ad.AnnData(X=table.X, obs=table.obs.copy(), var=table.var.copy(), layers=dict(table.layers))

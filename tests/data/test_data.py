@@ -184,7 +184,11 @@ def test_spatialdata_scaled_image(tmp_path):
     scaled = SpatialData(images={"S0_half": half}, shapes=dict(sdata.shapes), tables=dict(sdata.tables))
     adata = from_spatialdata(scaled)
     assert adata.uns["spatial"]["S0"]["scalefactors"]["tissue_hires_scalef"] == pytest.approx(0.5)
-    np.testing.assert_allclose(adata.obsm["spatial"], synthetic_tissue(n_sections=1, n_rows=6, n_cols=6, n_genes=20).obsm["spatial"])
+    plain = synthetic_tissue(n_sections=1, n_rows=6, n_cols=6, n_genes=20)
+    np.testing.assert_allclose(adata.obsm["spatial"], plain.obsm["spatial"])
+    # the circles' diameter, for squidpy's spot size
+    assert adata.uns["spatial"]["S0"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(
+        plain.uns["spatial"]["S0"]["scalefactors"]["spot_diameter_fullres"])
     with pytest.raises(KeyError, match="no table 'cells'"):
         from_spatialdata(scaled, table_key="cells")
 
