@@ -4,8 +4,9 @@ Inside the training sections of the C2 fold (C3-C6), train on C3-C5 and validate
 even loaded), with the same frozen trunk features as the table. Compares, on that validation section:
 ridge, the ST-Net-style head and NH2ST at the paper's optimisation settings (Adam lr 1e-4, 20 epochs)
 and with a larger learning rate or more epochs, and NH2ST reduced to its translator path trained with
-MSE alone (no contrastive loss, no neighbour branch). If a larger learning rate or more epochs help
-on the validation section, NH2ST is under-trained at the paper's settings on this little data.
+MSE alone (no contrastive loss, no neighbour branch), and with more regularisation (fewer epochs,
+dropout, weight decay). If a larger learning rate or more epochs help on the validation section,
+NH2ST is under-trained at the paper's settings on this little data; if they hurt, it over-fits.
 
 Usage:  python benchmarks/her2st_diagnose.py [--data ../shared/data/her2st]
 Writes benchmarks/results/her2st_diagnose/results.{json,md}.
@@ -46,6 +47,9 @@ def main() -> None:
         "NH2ST (lr 1e-4, 20 ep)": lambda: NH2STMethod(epochs=20),
         "NH2ST (lr 1e-3, 20 ep)": lambda: NH2STMethod(epochs=20, train_kwargs={"lr": 1e-3}),
         "NH2ST (lr 1e-4, 60 ep)": lambda: NH2STMethod(epochs=60),
+        "NH2ST (lr 1e-4, 10 ep)": lambda: NH2STMethod(epochs=10),
+        "NH2ST dropout 0.2": lambda: NH2STMethod(epochs=20, dropout=0.2),
+        "NH2ST weight decay 1e-2": lambda: NH2STMethod(epochs=20, train_kwargs={"weight_decay": 1e-2}),
         "NH2ST translator path only, MSE (lr 1e-4, 20 ep)": lambda: NH2STMethod(
             epochs=20, contrastive=False, use_neighbor_branch=False),
     }

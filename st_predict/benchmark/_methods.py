@@ -153,16 +153,79 @@ class BLEEPRetrieval:
         return (w.unsqueeze(-1) * self.y_[idx]).sum(1).numpy()
 
 
+_TRAIN_ARGS = {"lr", "weight_decay", "lr_step_size", "lr_gamma", "augment"}
+
+
+def _inner_fold(fold: Fold, val_section: str) -> Fold:
+    """The fold's training sections split into training and one validation section."""
+    from st_predict.data import select_sections
+
+    key = fold.extra["setup"]["library_key"]
+    val = fold.groups == val_section
+    keep = [s for s in dict.fromkeys(fold.groups.tolist()) if s != val_section]
+    mask = torch.from_numpy(val)
+    return Fold(
+        test_section=val_section, train=select_sections(fold.train, keep, key),
+        test=select_sections(fold.train, [val_section], key), genes=fold.genes, y_train=fold.y_train[~val],
+        groups=fold.groups[~val], feats_train=fold.feats_train[~val], feats_test=fold.feats_train[val],
+        extra={**fold.extra, "fmaps_train": fold.extra["fmaps_train"][~mask], "fmaps_test": fold.extra["fmaps_train"][mask]},
+    )
+
+
 class NH2STMethod:
     """NH2ST (or an ablation: any :class:`~st_predict.NH2ST` keyword) with a frozen trunk, trained
-    through the public model API on the fold's training sections, sharing the runner's trunk."""
+    through the public model API on the fold's training sections, sharing the runner's trunk.
+
+    ``select={"weight_decay": [0.0, 1e-2]}`` chooses one setting (a model keyword, a
+    :meth:`~st_predict.NH2ST.train` argument such as ``lr``/``weight_decay``, or ``epochs``) by the
+    mean per-gene PCC on the last training section after training on the others, then refits on all
+    training sections: model selection that never sees the held-out section. The choice is kept in
+    ``selected_``.
+    """
 
     def __init__(self, epochs: int = 20, batch_size: int = 8, seed: int = 0, train_kwargs: dict | None = None,
-                 **model_kwargs):
+                 select: dict | None = None, **model_kwargs):
         self.epochs, self.batch_size, self.seed, self.model_kwargs = epochs, batch_size, seed, model_kwargs
         self.train_kwargs = dict(train_kwargs or {})
+        if select is not None and len(select) != 1:
+            raise ValueError(f"select takes one setting to choose, got {list(select)}.")
+        self.select = select
+
+    def _with(self, name: str, value) -> NH2STMethod:
+        epochs, train_kwargs, model_kwargs = self.epochs, dict(self.train_kwargs), dict(self.model_kwargs)
+        if name == "epochs":
+            epochs = value
+        elif name in _TRAIN_ARGS:
+            train_kwargs[name] = value
+        else:
+            model_kwargs[name] = value
+        return NH2STMethod(epochs, self.batch_size, self.seed, train_kwargs, **model_kwargs)
 
     def fit(self, fold: Fold) -> None:
+        if self.select:
+            from st_predict.metrics import evaluate
+
+            ((name, values),) = self.select.items()
+            sections = list(dict.fromkeys(fold.groups.tolist()))
+            if len(sections) < 2:
+                raise ValueError("Selecting a setting needs at least two training sections.")
+            inner = _inner_fold(fold, sections[-1])
+            y_val = fold.y_train[fold.groups == sections[-1]]
+            scores = {}
+            for value in values:
+                candidate = self._with(name, value)
+                candidate.fit(inner)
+                scores[value] = evaluate(candidate.predict(inner), y_val)["pcc"]
+            best = max(values, key=lambda v: np.nan_to_num(scores[v], nan=-np.inf))
+            self.selected_ = {"setting": name, "value": best, "validation_section": sections[-1],
+                              "validation_pcc": scores}
+            final = self._with(name, best)
+            final.fit(fold)
+            self.model_ = final.model_
+            return
+        self._fit(fold)
+
+    def _fit(self, fold: Fold) -> None:
         import scvi
 
         from st_predict import NH2ST

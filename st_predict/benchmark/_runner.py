@@ -47,6 +47,7 @@ def default_methods(epochs: int = 20, seed: int = 0) -> dict[str, Callable[[], o
         "NH2ST tokens cross-attention": nh(attention_mode="tokens"),
         "NH2ST symmetric InfoNCE": nh(symmetric_nce=True),
         "NH2ST flatten pooling": nh(pooling="flatten"),
+        "NH2ST weight decay selected on a training section": nh(select={"weight_decay": [0.0, 1e-2]}),
         "NH2ST K=4": nh(n_neighbors=4),
         "NH2ST K=16": nh(n_neighbors=16),
         "NH2ST L=1": nh(n_hgnn_layers=1),

@@ -130,3 +130,27 @@ def test_nh2st_method_predicts_from_shared_features_as_from_images(tissue, monke
                   n_genes=20, patch_size=32, image_size=32, weights="random")
     assert preds["fast"].shape == (100, 20)
     np.testing.assert_allclose(preds["fast"], preds["images"], rtol=1e-4, atol=1e-5)
+
+
+def test_nh2st_selection_uses_only_training_sections(tissue, monkeypatch):
+    seen = []
+    original = NH2STMethod._fit
+
+    def spy(self, fold):
+        seen.append((set(fold.train.obs["section"]), set(fold.test.obs["section"]), self.train_kwargs.get("weight_decay")))
+        return original(self, fold)
+
+    monkeypatch.setattr(NH2STMethod, "_fit", spy)
+    made = []
+    factory = lambda: made.append(NH2STMethod(epochs=1, latent_dim=64, n_heads=4,  # noqa: E731
+                                              select={"weight_decay": [0.0, 0.1]})) or made[-1]
+    run_benchmark(tissue, {"nh2st": factory}, folds=["S2"], n_genes=20, patch_size=32, image_size=32, weights="random")
+    # two candidates trained on S0 and validated on S1, then the refit on S0 + S1; S2 never seen
+    assert seen[:2] == [({"S0"}, {"S1"}, 0.0), ({"S0"}, {"S1"}, 0.1)]
+    assert seen[2][:2] == ({"S0", "S1"}, {"S2"})
+    sel = made[0].selected_
+    assert sel["validation_section"] == "S1" and sel["value"] in (0.0, 0.1)
+    assert seen[2][2] == sel["value"]
+    assert sel["value"] == max(sel["validation_pcc"], key=sel["validation_pcc"].get)
+    with pytest.raises(ValueError, match="one setting"):
+        NH2STMethod(select={"lr": [1e-3], "epochs": [5]})
