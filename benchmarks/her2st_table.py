@@ -97,6 +97,23 @@ def _parallel(args) -> dict:
     return merged
 
 
+def _merge(old: dict, new: dict) -> dict:
+    """``old`` with the rows and summary entries of ``new``'s methods replaced (or appended)."""
+    if old["folds"] != new["folds"] or old["n_genes"] != new["n_genes"] or old["weights"] != new["weights"]:
+        raise SystemExit("--update: folds, genes or weights differ from the existing results; rerun them all")
+    names = {r["method"] for r in new["summary"]}
+    merged = dict(old)
+    order = [r["method"] for r in old["summary"]] + [m for m in names if m not in {r["method"] for r in old["summary"]}]
+    rows = [r for r in old["rows"] if r["method"] not in names] + new["rows"]
+    merged["rows"] = sorted(rows, key=lambda r: (old["folds"].index(r["held_out"]), order.index(r["method"])))
+    summary = {r["method"]: r for r in old["summary"]}
+    summary.update({r["method"]: r for r in new["summary"]})
+    merged["summary"] = [summary[m] for m in order]
+    merged.setdefault("updates", []).append({"methods": sorted(names), "versions": new["versions"],
+                                             "seconds_total": new["seconds_total"]})
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="../shared/data/her2st")
@@ -108,6 +125,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each when > 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/results/her2st_loso")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only --methods and replace their rows in an existing OUT/results.json "
+                        "(methods are independent: same folds, genes, trunk features and seeds)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -115,7 +135,20 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from st_predict.benchmark import to_markdown
 
-    result = _parallel(args) if args.jobs > 1 else _run(args)
+    if args.update:
+        if not args.methods:
+            raise SystemExit("--update needs --methods")
+        old = json.loads(Path(args.out, "results.json").read_text())
+        final_out = args.out
+        with tempfile.TemporaryDirectory() as tmp:
+            args.out = tmp
+            new = _parallel(args) if args.jobs > 1 else _run(args)
+        args.out = final_out
+        result = _merge(old, new)
+        Path(final_out, "results.json").write_text(json.dumps(result, indent=2))
+        Path(final_out, "results.md").write_text(to_markdown(result))
+    else:
+        result = _parallel(args) if args.jobs > 1 else _run(args)
     print(to_markdown(result))
     print(f"{result['seconds_total']} s in all")
 

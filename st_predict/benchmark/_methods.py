@@ -31,8 +31,17 @@ class Fold:
     extra: dict = field(default_factory=dict)
 
 
+#: added to each feature's standard deviation (as NH2ST's own input scaling): features that are
+#: (nearly) constant on the training spots must not be blown up on the test spots
+_SD_EPS = 1e-3
+
+
+def _scaling(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return train.mean(0), train.std(0) + _SD_EPS
+
+
 def _standardise(train: np.ndarray, *others: np.ndarray):
-    mu, sd = train.mean(0), train.std(0) + 1e-6
+    mu, sd = _scaling(train)
     return [(x - mu) / sd for x in (train, *others)]
 
 
@@ -73,7 +82,7 @@ class RidgeProbe:
             scores.append(err)
         self.alpha_ = self.alphas[int(np.argmin(scores))]
         self.ridge_ = Ridge(alpha=self.alpha_).fit(z, fold.y_train)
-        self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
+        self.mu_, self.sd_ = _scaling(fold.feats_train)
 
     def predict(self, fold: Fold) -> np.ndarray:
         z = self.pca_.transform((fold.feats_test - self.mu_) / self.sd_)
@@ -89,7 +98,7 @@ class STNetRegressor:
     def fit(self, fold: Fold) -> None:
         torch.manual_seed(self.seed)
         x, = _standardise(fold.feats_train)
-        self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
+        self.mu_, self.sd_ = _scaling(fold.feats_train)
         x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(fold.y_train)
         self.head_ = torch.nn.Linear(x.shape[1], y.shape[1])
         with torch.no_grad():
@@ -123,7 +132,7 @@ class BLEEPRetrieval:
 
     def fit(self, fold: Fold) -> None:
         torch.manual_seed(self.seed)
-        self.mu_, self.sd_ = fold.feats_train.mean(0), fold.feats_train.std(0) + 1e-6
+        self.mu_, self.sd_ = _scaling(fold.feats_train)
         x = torch.as_tensor((fold.feats_train - self.mu_) / self.sd_, dtype=torch.float32)
         y = torch.as_tensor(fold.y_train)
         self.img_ = torch.nn.Sequential(torch.nn.Linear(x.shape[1], self.dim), torch.nn.GELU(), torch.nn.Linear(self.dim, self.dim))

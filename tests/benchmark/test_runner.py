@@ -35,7 +35,7 @@ def test_two_fold_run_writes_tables_and_ranks_sensibly(tissue, tmp_path):
     assert set(summary) == set(methods)
     assert np.isnan(summary["per-gene mean"]["pcc_mean"])  # a constant predictor has no PCC
     assert summary["per-gene mean"]["n_nan_genes"] == 80
-    for name in ("ridge (PCA-256)", "NH2ST"):
+    for name in ("ridge (PCA-256)", "NH2ST", "ST-Net-style", "BLEEP-style"):
         assert summary[name]["pcc_mean"] > 0.3, (name, summary[name])
         assert summary[name]["mse"] < summary["per-gene mean"]["mse"]
     saved = json.loads((tmp_path / "results.json").read_text())
