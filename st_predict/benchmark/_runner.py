@@ -188,6 +188,8 @@ def run_benchmark(
             pred = np.asarray(method.predict(fold))
             m = evaluate(pred, y_test)
             rows.append({"method": name, "held_out": test_group, **m, "seconds": round(time.perf_counter() - t, 2)})
+            if getattr(method, "selected_", None) is not None:  # a setting chosen inside the training sections
+                rows[-1]["selected"] = method.selected_
             held_out[name][0].append(pd.DataFrame(pred, columns=genes))
             held_out[name][1].append(pd.DataFrame(np.asarray(y_test), columns=genes))
             logger.info("%s on %s: PCC %.3f MSE %.4f (%.1f s)", name, test_group, m["pcc"], m["mse"], rows[-1]["seconds"])

@@ -146,7 +146,9 @@ def test_nh2st_selection_uses_only_training_sections(tissue, monkeypatch):
     made = []
     factory = lambda: made.append(NH2STMethod(epochs=1, latent_dim=64, n_heads=4,  # noqa: E731
                                               select={"weight_decay": [0.0, 0.1]})) or made[-1]
-    run_benchmark(tissue, {"nh2st": factory}, folds=["S2"], n_genes=20, patch_size=32, image_size=32, weights="random")
+    res = run_benchmark(tissue, {"nh2st": factory}, folds=["S2"], n_genes=20, patch_size=32, image_size=32,
+                        weights="random")
+    assert res["rows"][0]["selected"] == made[0].selected_  # recorded in the results
     # two candidates trained on S0 and validated on S1, then the refit on S0 + S1; S2 never seen
     assert seen[:2] == [({"S0"}, {"S1"}, 0.0), ({"S0"}, {"S1"}, 0.1)]
     assert seen[2][:2] == ({"S0", "S1"}, {"S2"})
