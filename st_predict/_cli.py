@@ -96,8 +96,12 @@ def _image_key(adata, library_key, wanted: str | None, found: str | None) -> str
     images = entry.get("images", {})
     if not images:
         raise _BadInput(f"uns['spatial'][{next(iter(spatial))!r}] has no images")
-    # the highest-resolution image (largest side), e.g. 'fullres' or 'hires'
-    return max(images, key=lambda k: max(np.shape(images[k])[:2]))
+    return _largest(images)  # the highest-resolution image, e.g. 'fullres' or 'hires'
+
+
+def _largest(images: dict, keys=None) -> str:
+    """The key (among ``keys``, default all) of the image with the longest side."""
+    return max(keys or images, key=lambda k: max(np.shape(images[k])[:2]))
 
 
 def _out_of_core_images_to_lowres(adata, max_side: int = 2000) -> None:
@@ -111,8 +115,7 @@ def _out_of_core_images_to_lowres(adata, max_side: int = 2000) -> None:
         images, sf = entry.get("images", {}), dict(entry.get("scalefactors", {}))
         if images:
             # the largest in-memory image, else the largest lazy one (a whole-slide image is read once)
-            in_memory = [k for k in images if isinstance(images[k], np.ndarray)] or list(images)
-            key = max(in_memory, key=lambda k: max(np.shape(images[k])[:2]))
+            key = _largest(images, [k for k in images if isinstance(images[k], np.ndarray)])
             small, factor = _lowres(images[key], max_side)
             new_sf = {k: v for k, v in sf.items() if not k.startswith("tissue_")}
             new_sf["tissue_lowres_scalef"] = float(sf.get(f"tissue_{key}_scalef", 1.0)) * factor

@@ -46,9 +46,13 @@ def top_k_pcc(pred, truth, k: int = 50) -> float:
     use :func:`evaluate`'s ``pcc`` for an honest number."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    r = pcc_per_gene(pred, truth)
-    r = np.sort(r[~np.isnan(r)])[::-1]
-    return float(r[:k].mean()) if len(r) else float("nan")
+    return _mean_of_best(pcc_per_gene(pred, truth), k)
+
+
+def _mean_of_best(r: np.ndarray, k: int | None = None) -> float:
+    """Mean of the ``k`` largest non-NaN values of ``r`` (all of them for ``k=None``); NaN if none."""
+    valid = np.sort(r[~np.isnan(r)])[::-1]
+    return float(valid[:k].mean()) if len(valid) else float("nan")
 
 
 def pooled_pcc(preds: Sequence[pd.DataFrame], truths: Sequence[pd.DataFrame]) -> float:
@@ -78,8 +82,7 @@ def pooled_pcc(preds: Sequence[pd.DataFrame], truths: Sequence[pd.DataFrame]) ->
             raise ValueError(f"Section {i}: {p.shape[0]} predicted spots but {t.shape[0]} measured spots.")
     p = np.concatenate([_as_array(df[genes]) for df in preds])
     t = np.concatenate([_as_array(df[genes]) for df in truths])
-    r = pcc_per_gene(p, t)
-    return float(np.nanmean(r)) if (~np.isnan(r)).any() else float("nan")
+    return _mean_of_best(pcc_per_gene(p, t))
 
 
 def evaluate(pred, truth, top_k: int = 50) -> dict[str, float]:
@@ -93,13 +96,12 @@ def evaluate(pred, truth, top_k: int = 50) -> dict[str, float]:
     p, t = _as_array(pred), _as_array(truth)
     r = pcc_per_gene(p, t)
     n_nan = int(np.isnan(r).sum())
-    valid = np.sort(r[~np.isnan(r)])[::-1]
     return {
-        "pcc": float(valid.mean()) if len(valid) else float("nan"),
+        "pcc": _mean_of_best(r),
         "mse": float(((p - t) ** 2).mean()),
         "mae": float(np.abs(p - t).mean()),
         "n_nan_genes": n_nan,
         "n_genes": int(p.shape[1]),
         "n_spots": int(p.shape[0]),
-        "pcc_top50": float(valid[:top_k].mean()) if len(valid) else float("nan"),
+        "pcc_top50": _mean_of_best(r, top_k),
     }
