@@ -1,16 +1,19 @@
-"""Speed and memory of st_predict on this machine (CPU), on the real HER2ST sections.
+"""Speed and memory of NH2ST training on this machine (CPU), on the real HER2ST sections.
 
-Measures, in one run (so numbers compare as ratios):
-  1. patch embedding throughput at 224 px (crop from the full-resolution image + ResNet18 forward),
-     and the trunk forward alone on the same patches;
-  2. frozen-path training: 20 epochs on all ~900 spots after embedding (batch 8, K = 8);
-  3. prediction from images (spots/s) on one section;
-  4. end-to-end (finetune) training speed at 224 px: a few batches (8 targets + their 8 neighbours),
-     patches/s through forward+backward, extrapolated to one epoch of 723 spots (the authors' code:
-     660 s here), with and without gradient through the neighbours' patches;
-  5. peak RSS.
+Every measurement trains on the 723 spots of C3-C6 (the authors' yardstick: C2 held out) and runs in
+its own subprocess, so each peak RSS is that run's own; all of them run in one go, one after the other,
+so the numbers compare as ratios:
+
+  cnn64       the small CNN baseline (benchmark.SmallCNN) at 64 px: seconds per epoch
+  nh2st64     NH2ST, default recipe (end to end at 64 px, cached neighbours): seconds per epoch
+  nh2st224    NH2ST at 224 px (``image_size=224``, default recipe otherwise): one full epoch
+  paper224    NH2ST at 224 px with the paper's full-gradient neighbour branch (every node's patch through
+              the trunk with gradient, ``neighbor_trunk_grad=True``), fp32 as the paper: a few batches,
+              extrapolated to an epoch
+  predict64   prediction throughput of the default model (spots/s, with and without test-time augmentation)
 
 Usage:  python benchmarks/bench_speed.py [--data ../shared/data/her2st] [--out benchmarks/results/speed.json]
+        python benchmarks/bench_speed.py --part nh2st224        # one part, printed as JSON
 """
 
 from __future__ import annotations
@@ -19,102 +22,161 @@ import argparse
 import json
 import platform
 import resource
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
+
+SECTIONS = ["C3", "C4", "C5", "C6"]
+PARTS = ("cnn64", "nh2st64", "nh2st224", "paper224", "predict64")
 
 
-def peak_rss_gib() -> float:
+def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _timer():
+    import lightning.pytorch as pl
+
+    class Timer(pl.Callback):
+        """Wall time of every training epoch and batch."""
+
+        def __init__(self):
+            self.epochs, self.batches, self.patches = [], [], []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._epoch = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.epochs.append(time.perf_counter() - self._epoch)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._batch = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.batches.append(time.perf_counter() - self._batch)
+            self.patches.append(int(batch["patches"].shape[0]))
+
+    return Timer()
+
+
+def _train_data(data: str):
+    from st_predict import NH2ST
+    from st_predict.data import read_her2st
+
+    adata = read_her2st(data, sections=SECTIONS)
+    NH2ST.setup_anndata(adata, library_key="section", patch_size=224)
+    return adata
+
+
+def _part(name: str, data: str) -> dict:
+    import scvi
+    import torch
+
+    from st_predict import NH2ST
+
+    scvi.settings.seed = 0
+    res: dict = {}
+    t = time.perf_counter()
+    adata = _train_data(data)
+    res["read_seconds"] = round(time.perf_counter() - t, 1)
+    res["n_spots"] = int(adata.n_obs)
+    if name == "cnn64":
+        from st_predict.benchmark import Fold, SmallCNN
+        from st_predict.pp import normalize_expression, select_genes
+
+        libs = adata.obs["section"].astype(str).to_numpy()
+        genes = select_genes(adata.X, adata.var_names, libs)
+        y = normalize_expression(adata.X, adata.var_names.get_indexer(genes))
+        setup = {"library_key": "section", "image_key": "hires", "spatial_key": "spatial", "patch_size": 224}
+        fold = Fold("none", adata, adata, genes, y, libs, np.zeros((adata.n_obs, 1)), np.zeros((adata.n_obs, 1)),
+                    {"setup": setup})
+        epochs = 5
+        t = time.perf_counter()
+        SmallCNN(epochs=epochs).fit(fold)
+        res["seconds_per_epoch"] = round((time.perf_counter() - t) / epochs, 2)
+        res["note"] = "includes cropping the patches once (also counted once for NH2ST below)"
+    elif name in ("nh2st64", "nh2st224", "paper224"):
+        kwargs = {"image_size": 224} if name != "nh2st64" else {}
+        train = {}
+        if name == "paper224":
+            kwargs.update(neighbor_trunk_grad=True)
+            train.update(precision="32-true", limit_train_batches=6)
+        model = NH2ST(adata, weights="random", **kwargs)
+        timer = _timer()
+        epochs = 3 if name == "nh2st64" else 1
+        t = time.perf_counter()
+        model.train(max_epochs=epochs, progress=False, callbacks=[timer], **train)
+        res["seconds_train_call"] = round(time.perf_counter() - t, 1)
+        res["precision"] = model.train_settings_["precision"]
+        res["batch_size"] = model.train_settings_["batch_size"]
+        if name == "paper224":
+            b = np.array(timer.batches[1:])  # the first batch warms up
+            p = np.array(timer.patches[1:])
+            per_batch = float(b.mean())
+            n_batches = res["n_spots"] // res["batch_size"]
+            res["patches_per_s_fwd_bwd"] = round(float(p.sum() / b.sum()), 1)
+            res["patches_per_batch"] = round(float(p.mean()), 1)
+            res["seconds_per_epoch_estimated"] = round(per_batch * n_batches, 0)
+        else:
+            res["seconds_per_epoch"] = round(float(np.median(timer.epochs)), 2)
+            res["epochs_seconds"] = [round(e, 2) for e in timer.epochs]
+            res["target_patches_per_s_fwd_bwd"] = round(res["n_spots"] // res["batch_size"] * res["batch_size"]
+                                                        / res["seconds_per_epoch"], 1)
+        res["setup_seconds"] = round(res["seconds_train_call"] - sum(timer.epochs), 1)
+    elif name == "predict64":
+        model = NH2ST(adata, weights="random")
+        model.train(max_epochs=1, progress=False)
+        for tta in (False, True):
+            t = time.perf_counter()
+            model.get_predicted_expression(adata, tta=tta)
+            res[f"spots_per_s_tta_{tta}".lower()] = round(adata.n_obs / (time.perf_counter() - t), 1)
+    else:
+        raise SystemExit(f"unknown part {name!r}; choose from {PARTS}")
+    res["peak_rss_gib"] = round(_peak_rss_gib(), 2)
+    res["torch_threads"] = torch.get_num_threads()
+    return res
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="../shared/data/her2st")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
-    parser.add_argument("--finetune-batches", type=int, default=4)
+    parser.add_argument("--part", default=None, choices=PARTS, help="run one part here and print its JSON")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    import scvi
+    if args.part:
+        import logging
 
+        logging.disable(logging.WARNING)
+        print("RESULT " + json.dumps(_part(args.part, args.data)))
+        return
     import st_predict
-    from st_predict import NH2ST
-    from st_predict.data import read_her2st
+    import torch
 
-    scvi.settings.seed = 0
     res: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
         "st_predict": st_predict.__version__,
+        "spots": f"HER2ST {'+'.join(SECTIONS)}",
+        "note": "each part in its own process, one after the other; nothing else running",
     }
-    t = time.perf_counter()
-    adata = read_her2st(args.data)
-    res["read_seconds"] = round(time.perf_counter() - t, 2)
-    res["n_spots"] = int(adata.n_obs)
-    NH2ST.setup_anndata(adata, library_key="section", patch_size=224)
-    model = NH2ST(adata, weights="random", trunk="frozen")
-    reader = model._data.reader
-
-    # 1. embedding throughput
-    n = adata.n_obs
-    t = time.perf_counter()
-    patches = reader.read(np.arange(n))
-    t_read = time.perf_counter() - t
-    module = model.module.eval()
-    with torch.inference_mode():
+    for part in args.parts:
         t = time.perf_counter()
-        for s in range(0, n, 16):
-            module.trunk_features(patches[s : s + 16])
-        t_fwd = time.perf_counter() - t
-    res["crop_patches_per_s"] = round(n / t_read, 1)
-    res["trunk_forward_patches_per_s"] = round(n / t_fwd, 1)
-    del patches
-    t = time.perf_counter()
-    model._cached_fmaps(torch.device("cpu"), progress=False)  # crop + trunk forward of every spot
-    t_embed = time.perf_counter() - t
-    res["embedding_patches_per_s"] = round(n / t_embed, 1)
-
-    # 2. frozen training, 20 epochs
-    t = time.perf_counter()
-    model.train(max_epochs=20, batch_size=8, progress=False)
-    res["frozen_train_20_epochs_seconds"] = round(time.perf_counter() - t, 1)
-
-    # 3. prediction from images (no cache)
-    sec = adata[adata.obs["section"] == "C2"].copy()
-    t = time.perf_counter()
-    model.get_predicted_expression(sec)
-    res["predict_spots_per_s"] = round(sec.n_obs / (time.perf_counter() - t), 1)
-
-    # 4. end to end at 224 px, with (paper) and without gradient through the neighbours' patches
-    from st_predict.train import NH2STCollate, NH2STTrainingPlan
-
-    for grad in (True, False):
-        ft = NH2ST(adata, weights="random", trunk="finetune", neighbor_trunk_grad=grad)
-        data = ft._data
-        collate = NH2STCollate(data.targets, data.neighbors, read_patches=data.reader.read, augment=True)
-        opt = NH2STTrainingPlan(ft.module).configure_optimizers()["optimizer"]
-        ft.module.train()
-        rng = np.random.default_rng(0)
-        n_patches, t_total = 0, 0.0
-        for i in range(args.finetune_batches + 1):
-            batch = collate(rng.choice(n, 8, replace=False).tolist())
-            t = time.perf_counter()
-            loss = ft.module.loss(batch)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i:  # the first batch is a warm-up
-                t_total += time.perf_counter() - t
-                n_patches += batch["patches"].shape[0]
-        tag = "finetune" if grad else "finetune_no_neighbor_grad"
-        res[f"{tag}_patches_per_s"] = round(n_patches / t_total, 2)
-        res[f"{tag}_unique_patches_per_batch"] = round(n_patches / args.finetune_batches, 1)
-        res[f"{tag}_epoch_723_spots_seconds_est"] = round(t_total / args.finetune_batches * 723 / 8, 0)
-        del ft, data, collate, opt
-    res["peak_rss_gib"] = round(peak_rss_gib(), 2)
+        proc = subprocess.run([sys.executable, __file__, "--part", part, "--data", args.data],
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"part {part} failed:\n{proc.stderr[-3000:]}")
+        res[part] = json.loads(lines[-1][len("RESULT "):])
+        res[part]["wall_seconds"] = round(time.perf_counter() - t, 1)
+        print(part, json.dumps(res[part]), flush=True)
+    if "cnn64" in res and "nh2st64" in res:
+        res["nh2st64_epoch_over_cnn64_epoch"] = round(res["nh2st64"]["seconds_per_epoch"] / res["cnn64"]["seconds_per_epoch"], 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -1,10 +1,16 @@
-"""The HER2ST leave-one-section-out table: baselines, NH2ST and its ablations (frozen trunk, CPU).
+"""The HER2ST leave-one-section-out table: baselines, NH2ST and its ablations (CPU).
 
 Usage:
   python benchmarks/her2st_table.py                    # every method of default_methods(), 2 processes
   python benchmarks/her2st_table.py --jobs 1           # one process (2 torch threads)
   python benchmarks/her2st_table.py --methods "per-gene mean" "ridge (PCA-256)" NH2ST
 Writes benchmarks/results/her2st_loso/results.{json,md}.
+
+Inner splits (how the default recipe was chosen): ``--sections C3 C4 C5 C6`` reads only those sections
+(C2, a test section of the table, is never loaded) and holds each of them out in turn; the
+``recipe: ...`` methods each change one setting of NH2ST's default recipe:
+  python benchmarks/her2st_table.py --sections C3 C4 C5 C6 --methods NH2ST "recipe: ..." \
+      --out benchmarks/results/her2st_inner
 
 With ``--jobs N`` the methods are dealt (longest first, to the least loaded) to N processes of one torch thread each (each
 computes the shared trunk features itself) and the results are merged: on this 2-core machine two
@@ -32,34 +38,68 @@ def _run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from st_predict.benchmark import default_methods, run_benchmark
+    from st_predict.benchmark import run_benchmark
     from st_predict.data import read_her2st
 
-    methods = default_methods(epochs=args.epochs, seed=args.seed)
+    methods = all_methods(epochs=args.epochs, seed=args.seed)
     if args.methods:
         unknown = [m for m in args.methods if m not in methods]
         if unknown:
             raise SystemExit(f"unknown methods {unknown}; choose from {list(methods)}")
         methods = {m: methods[m] for m in args.methods}
-    adata = read_her2st(args.data)
+    else:
+        methods = {m: f for m, f in methods.items() if not m.startswith("recipe:")}
+    adata = read_her2st(args.data, sections=args.sections)
     return run_benchmark(adata, methods, folds=args.folds, weights=args.weights, seed=args.seed, out_dir=args.out)
 
 
+def all_methods(epochs=None, seed=0) -> dict:
+    """The table's methods and the recipe candidates (each changes one setting of the default)."""
+    from st_predict.benchmark import NH2STMethod, default_methods
+
+    def nh(train=None, **kw):
+        return lambda: NH2STMethod(epochs=epochs, seed=seed, train_kwargs=train, **kw)
+
+    from st_predict.benchmark import SmallCNN
+
+    candidates = {
+        "recipe: raw log1p targets": nh(standardize_targets=False),
+        "recipe: dihedral only (no stain jitter)": nh({"augment": "dihedral"}),
+        "recipe: no augmentation": nh({"augment": "none"}),
+        "recipe: paper optimiser (Adam 1e-4, StepLR, batch 8)": nh(
+            {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "step", "batch_size": 8}),
+        "recipe: best epoch on a held-out training section": nh({"validation": "section", "best_epoch": True}),
+        "recipe: no test-time augmentation": nh(tta=False),
+        "recipe: float32 training": nh({"precision": "32-true"}),
+        "recipe: 96 px": nh(image_size=96),
+        "recipe: paper temperature 0.05": nh(temperature=0.05),
+        "recipe: no gene dropout": nh(gene_dropout=0.0),
+        "recipe: 40 epochs": nh({"max_epochs": 40}),
+        "recipe: mixed-section batches": nh({"batches": "mixed"}),
+        "recipe: no per-section standardisation": nh({"center_sections": False}),
+        "recipe: 320 px patches (235 um)": nh(setup={"patch_size": 320}),
+        "recipe: ST-Net-style end to end, 320 px patches": nh(setup={"patch_size": 320}, contrastive=False,
+                                                               use_neighbor_branch=False, translator_hidden=0),
+        "recipe: small CNN, 320 px patches": lambda: SmallCNN(seed=seed, patch_size=320),
+    }
+    return {**default_methods(epochs=epochs, seed=seed), **candidates}
+
+
 def _cost(name: str) -> float:
-    """Relative wall time of a method (NH2ST = 1) on the frozen-trunk HER2ST folds."""
-    if not name.startswith("NH2ST"):
-        return 0.1
-    for key, cost in (("tokens", 3.7), ("flatten", 3.7), ("K=16", 1.7), ("query branch only", 0.4),
-                      ("no contrastive", 0.15)):
+    """Relative wall time of a method (NH2ST = 1) on the HER2ST folds, measured on this CPU."""
+    if name.startswith(("per-gene", "ridge", "BLEEP", "ST-Net-style (frozen")):
+        return 0.05
+    for key, cost in (("96 px", 2.0), ("40 epochs", 2.0), ("batch 8", 1.3), ("float32", 1.5),
+                      ("small CNN", 0.4), ("frozen", 0.5)):
         if key in name:
             return cost
     return 1.0
 
 
 def _parallel(args) -> dict:
-    from st_predict.benchmark import default_methods, to_markdown
+    from st_predict.benchmark import to_markdown
 
-    names = args.methods or list(default_methods(epochs=args.epochs, seed=args.seed))
+    names = args.methods or [m for m in all_methods(epochs=args.epochs, seed=args.seed) if not m.startswith("recipe:")]
     # longest first onto the least loaded worker, with rough relative costs measured on this CPU
     groups, load = [[] for _ in range(args.jobs)], [0.0] * args.jobs
     for name in sorted(names, key=_cost, reverse=True):
@@ -76,6 +116,8 @@ def _parallel(args) -> dict:
                    "--out", f"{tmp}/part{i}", "--methods", *group]
             if args.folds:
                 cmd += ["--folds", *args.folds]
+            if args.sections:
+                cmd += ["--sections", *args.sections]
             procs.append(subprocess.Popen(cmd))
         codes = [p.wait() for p in procs]
         if any(codes):
@@ -119,7 +161,9 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/her2st")
     parser.add_argument("--methods", nargs="+", default=None, help="names from default_methods() (default: all)")
     parser.add_argument("--folds", nargs="+", default=None)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--sections", nargs="+", default=None,
+                        help="read only these sections (inner splits: a test section of the table is never loaded)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the NH2ST rows (default: the recipe's)")
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each when > 1)")

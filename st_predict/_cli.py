@@ -146,16 +146,23 @@ def _cmd_train(args) -> int:
     scvi.settings.seed = args.seed
     torch.manual_seed(args.seed)
     NH2ST.setup_anndata(adata, layer=args.layer, library_key=library_key, image_key=image_key,
-                        patch_size=args.patch_size, is_count_data=not args.normalized)
+                        patch_size=args.patch_size, patch_size_um=args.patch_size_um, is_count_data=not args.normalized)
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if args.genes:
         kwargs["genes"] = _read_genes(args.genes)
     else:
         kwargs["n_genes"] = args.n_genes
-    model = NH2ST(adata, trunk=args.trunk, image_size=args.image_size, weights=args.weights, **kwargs)
+    for key in ("trunk", "image_size"):  # None: the recipe's
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    model = NH2ST(adata, recipe=args.recipe, weights=args.weights, **kwargs)
     print(model.summary_string)
+    validation = args.validation
+    if validation is not None and len(validation) == 1 and validation[0] in ("section", "random"):
+        validation = validation[0]
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
-                devices=args.devices, train_size=args.train_size, lr=args.lr, progress=not args.quiet)
+                devices=args.devices, validation=validation, train_size=args.train_size, lr=args.lr,
+                best_epoch=True if validation is not None else None, progress=not args.quiet)
     model.save(str(out), overwrite=True)
     history = {k: v.iloc[:, 0].astype(float).tolist() for k, v in (model.history or {}).items()
                if k.startswith(("train_", "validation_"))}
@@ -347,14 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-genes", type=int, default=250, help="predict the N most expressed genes (present in every section)")
     p.add_argument("--genes", default=None, help="comma-separated genes, or a file with one gene per line (overrides --n-genes)")
     p.add_argument("--patch-size", type=float, default=224, help="patch side in full-resolution pixels")
-    p.add_argument("--image-size", type=int, default=224, help="trunk input side in pixels (multiple of 32)")
-    p.add_argument("--trunk", choices=["frozen", "finetune"], default="frozen",
+    p.add_argument("--patch-size-um", type=float, default=None,
+                   help="patch side in micrometres instead (needs each section's pixel size)")
+    p.add_argument("--recipe", choices=["default", "paper"], default="default",
+                   help="named settings of the network and its training; the options below override them")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="trunk input side in pixels, multiple of 32 (recipe: 64; 224 is paper scale, a GPU job)")
+    p.add_argument("--trunk", choices=["frozen", "finetune"], default=None,
                    help="frozen: trunk features computed once and cached (fast on CPU); finetune: end to end")
     p.add_argument("--weights", default="imagenet", help="trunk weights: imagenet, random, or a ResNet18 weights file")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=8, help="target spots per batch (>= 2 for the contrastive losses)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--train-size", type=float, default=1.0, help="fraction of spots to train on; the rest validates")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (recipe: 20)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="target spots per batch, >= 2 for the contrastive losses (recipe: 32)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (recipe: 1e-3, one-cycle)")
+    p.add_argument("--validation", nargs="+", default=None,
+                   help="'section' (hold out the last training section), section names, or 'random' (one "
+                   "section only; leaky); keeps the epoch with the best validation PCC")
+    p.add_argument("--train-size", type=float, default=1.0, help="with --validation random: fraction of spots to train on")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     p.add_argument("--devices", default="auto", help="Lightning devices: auto, a count, or a list")
     p.add_argument("--model-kwargs", default=None, help='more NH2ST hyperparameters as JSON, e.g. \'{"n_neighbors": 4}\'')
@@ -403,22 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", default=None, help="held-out sections/groups to run (default: all)")
     p.add_argument("--n-genes", type=int, default=250, help="genes per fold, chosen on its training sections")
     p.add_argument("--patch-size", type=float, default=224, help="patch side in full-resolution pixels")
-    p.add_argument("--image-size", type=int, default=224, help="trunk input side in pixels")
+    p.add_argument("--image-size", type=int, default=224, help="input side in pixels of the shared frozen trunk "
+                   "(frozen-feature baselines)")
     p.add_argument("--weights", default="imagenet", help="trunk weights: imagenet, random, or a file")
-    p.add_argument("--epochs", type=int, default=20, help="epochs of the trained methods")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the NH2ST rows (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every method")
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("demo", formatter_class=fmt,
                        help="train on all sections but one, predict the held-out one, print metrics, save a figure",
-                       description="Train NH2ST (frozen ResNet18 trunk) on HER2ST-format sections, or on the built-in "
+                       description="Train NH2ST (default recipe) on HER2ST-format sections, or on the built-in "
                        "synthetic tissue when no data is given and the HER2ST files cannot be fetched; predict the "
                        "held-out section; print PCC/MSE/MAE; write metrics.json and predicted_vs_measured.png.")
     p.add_argument("--data", default=None, help="folder in the HER2ST layout (counts/, spots/, images/)")
     p.add_argument("--out", default="demo_output", help="output folder")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's, 20)")
     p.add_argument("--test-section", default=None, help="held-out section (default: the first)")
-    p.add_argument("--image-size", type=int, default=None, help="trunk input size in px (default: 224 for HER2ST)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="trunk input size in px (default: the recipe's, 64; 32 for the synthetic tissue)")
     p.add_argument("--weights", default="imagenet", help="'imagenet', 'random' or a ResNet18 weights file")
     p.add_argument("--no-fetch", action="store_true", help="do not try to download HER2ST")
     p.add_argument("--seed", type=int, default=0, help="random seed")

@@ -33,15 +33,16 @@ def _load_data(data: str | None, fetch: bool):
 def run_demo(
     data: str | None = None,
     out: str = "demo_output",
-    epochs: int = 20,
+    epochs: int | None = None,
     test_section: str | None = None,
     image_size: int | None = None,
     weights: str | None = "imagenet",
     fetch: bool = True,
     seed: int = 0,
 ) -> dict:
-    """Train on every section but ``test_section`` (frozen trunk), predict it, print and save metrics
-    (``metrics.json``) and a figure of predicted vs measured expression (``predicted_vs_measured.png``)."""
+    """Train NH2ST with its default recipe (``epochs``/``image_size``: ``None`` = the recipe's) on every
+    section but ``test_section``, predict it, print and save metrics (``metrics.json``) and a figure of
+    predicted vs measured expression (``predicted_vs_measured.png``)."""
     import scvi
     import torch
 
@@ -62,15 +63,16 @@ def run_demo(
     train = select_sections(adata, [s for s in sections if s != test_section])  # images shared, not copied
     test = select_sections(adata, [test_section])
     patch = 224 if kind == "her2st" else 32
-    image_size = image_size or patch
-    print(f"Training on {train.n_obs} spots of {len(sections) - 1} sections; held-out section {test_section} "
-          f"({test.n_obs} spots). Patches {patch} px -> {image_size} px, frozen ResNet18 trunk.")
+    kwargs = {} if kind == "her2st" else {"n_genes": 100, "image_size": 32}
+    if image_size is not None:
+        kwargs["image_size"] = image_size
     NH2ST.setup_anndata(train, library_key="section", patch_size=patch)
-    model = NH2ST(train, trunk="frozen", image_size=image_size, weights=weights,
-                  **({} if kind == "her2st" else {"n_genes": 100}))
+    model = NH2ST(train, weights=weights, **kwargs)
+    print(f"Training on {train.n_obs} spots of {len(sections) - 1} sections; held-out section {test_section} "
+          f"({test.n_obs} spots). Patches {patch} px -> {model.module.image_size} px, ResNet18 trained end to end.")
     print(model.summary_string)
     t_fit = time.perf_counter()
-    model.train(max_epochs=epochs, batch_size=8)
+    model.train(max_epochs=epochs)
     t_fit = time.perf_counter() - t_fit
     pred = model.predict(test, key_added="nh2st", progress=True)
     genes = model.genes_

@@ -1,6 +1,6 @@
 """Honest leave-one-section-out benchmarking of NH2ST next to baselines."""
 
-from ._methods import BLEEPRetrieval, Fold, MeanBaseline, NH2STMethod, RidgeProbe, STNetRegressor
+from ._methods import BLEEPRetrieval, Fold, MeanBaseline, NH2STMethod, RidgeProbe, SmallCNN, STNetRegressor
 from ._runner import default_methods, run_benchmark, to_markdown
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "NH2STMethod",
     "RidgeProbe",
     "STNetRegressor",
+    "SmallCNN",
     "default_methods",
     "run_benchmark",
     "to_markdown",

@@ -162,7 +162,95 @@ class BLEEPRetrieval:
         return (w.unsqueeze(-1) * self.y_[idx]).sum(1).numpy()
 
 
-_TRAIN_ARGS = {"lr", "weight_decay", "lr_step_size", "lr_gamma", "augment"}
+def _fold_patches(adata: AnnData, setup: dict, out_size: int) -> torch.Tensor:
+    """uint8 patches ``(n, 3, out_size, out_size)`` of every spot of ``adata`` (patch size of the setup)."""
+    from st_predict.pp import make_patch_reader, patch_size_pixels, spot_libraries
+
+    libs = spot_libraries(adata, setup["library_key"])
+    size = patch_size_pixels(adata, libs, setup["patch_size"], setup.get("patch_size_um"))
+    reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"], size, out_size)
+    return reader.read(np.arange(adata.n_obs))
+
+
+class SmallCNN:
+    """A small CNN trained from scratch (the recipe of ``../shared/DESIGN.md`` section 6): 4 conv blocks
+    (32-64-128-256 channels; 3x3 conv, BatchNorm, ReLU, 2x2 max-pool), global average pool, dropout
+    0.2, a zero-initialised linear layer; patches resampled to 64 px and standardised per channel;
+    per-gene standardised targets; Adam (lr 1e-3, one-cycle with 10 %% warm-up, weight decay 1e-4),
+    batch 32, 20 epochs; a random 90-degree rotation per batch and a random horizontal flip per
+    patch; MSE."""
+
+    def __init__(self, image_size: int = 64, epochs: int = 20, batch_size: int = 32, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, seed: int = 0, patch_size: float | None = None):
+        self.image_size, self.epochs, self.batch_size = image_size, epochs, batch_size
+        self.patch_size = patch_size  # None: the runner's
+        self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
+
+    @staticmethod
+    def network(n_genes: int) -> torch.nn.Module:
+        from torch import nn
+
+        layers, c = [], 3
+        for out in (32, 64, 128, 256):
+            layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            c = out
+        head = nn.Linear(c, n_genes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), head)
+
+    def _setup(self, fold: Fold) -> dict:
+        setup = dict(fold.extra["setup"])
+        if self.patch_size is not None:
+            setup.update(patch_size=self.patch_size, patch_size_um=None)
+        return setup
+
+    def _input(self, patches: torch.Tensor) -> torch.Tensor:
+        return ((patches.float() / 255.0 - self.cmean_) / self.cstd_).contiguous(memory_format=torch.channels_last)
+
+    def fit(self, fold: Fold) -> None:
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        x = _fold_patches(fold.train, self._setup(fold), self.image_size)
+        y = torch.as_tensor(fold.y_train, dtype=torch.float32)
+        self.mu_, sd = y.mean(0), y.std(0)
+        self.sd_ = torch.where(sd > 1e-6, sd, torch.ones_like(sd))
+        z = (y - self.mu_) / self.sd_
+        xf = x.float() / 255.0
+        self.cmean_ = xf.mean((0, 2, 3)).view(1, 3, 1, 1)
+        self.cstd_ = xf.std((0, 2, 3)).view(1, 3, 1, 1) + 1e-6
+        del xf
+        self.net_ = self.network(y.shape[1]).to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        steps_per_epoch = len(x) // self.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(x)} training spots are fewer than one batch of {self.batch_size}.")
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.epochs * steps_per_epoch,
+                                                    pct_start=0.1)
+        self.net_.train()
+        for _ in range(self.epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for s in range(steps_per_epoch):
+                idx = perm[s * self.batch_size : (s + 1) * self.batch_size]
+                xb = torch.rot90(x[idx], int(torch.randint(0, 4, (), generator=gen)), (2, 3))
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb)
+                loss = F.mse_loss(self.net_(self._input(xb)), z[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+
+    @torch.no_grad()
+    def predict(self, fold: Fold) -> np.ndarray:
+        x = _fold_patches(fold.test, self._setup(fold), self.image_size)
+        self.net_.eval()
+        out = torch.cat([self.net_(self._input(x[s : s + 256])) for s in range(0, len(x), 256)])
+        return (out * self.sd_ + self.mu_).numpy()
+
+
+_TRAIN_ARGS = {"max_epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup", "lr_step_size",
+               "lr_gamma", "augment", "validation", "best_epoch", "precision", "batches", "center_sections"}
 
 
 def _inner_fold(fold: Fold, val_section: str) -> Fold:
@@ -182,33 +270,37 @@ def _inner_fold(fold: Fold, val_section: str) -> Fold:
 
 
 class NH2STMethod:
-    """NH2ST (or an ablation: any :class:`~st_predict.NH2ST` keyword) with a frozen trunk, trained
-    through the public model API on the fold's training sections, sharing the runner's trunk.
+    """NH2ST (or an ablation: any :class:`~st_predict.NH2ST` keyword, e.g. ``recipe="paper"``) trained
+    through the public model API on the fold's training sections.
 
-    ``select={"weight_decay": [0.0, 1e-2]}`` chooses one setting (a model keyword, a
-    :meth:`~st_predict.NH2ST.train` argument such as ``lr``/``weight_decay``, or ``epochs``) by the
-    mean per-gene PCC on the last training section after training on the others, then refits on all
-    training sections: model selection that never sees the held-out section. The choice is kept in
-    ``selected_``.
+    With ``trunk="frozen"`` it shares the runner's trunk: its weights (``weights=`` state dict) and its
+    feature maps of the fold's spots (``train(trunk_features=...)``,
+    ``get_predicted_expression(trunk_features=...)``).
+
+    ``train_kwargs`` go to :meth:`~st_predict.NH2ST.train` (``None`` values: the recipe's); ``setup``
+    overrides :meth:`~st_predict.NH2ST.setup_anndata` arguments of the runner (e.g. ``patch_size``).
+    ``select={"weight_decay": [0.0, 1e-2]}`` chooses one setting (a model keyword, a training setting,
+    or ``"max_epochs"``) by the mean per-gene PCC on the last training section after training on the
+    others, then refits on all training sections: model selection that never sees the held-out
+    section. The choice is kept in ``selected_``.
     """
 
-    def __init__(self, epochs: int = 20, batch_size: int = 8, seed: int = 0, train_kwargs: dict | None = None,
-                 select: dict | None = None, **model_kwargs):
-        self.epochs, self.batch_size, self.seed, self.model_kwargs = epochs, batch_size, seed, model_kwargs
-        self.train_kwargs = dict(train_kwargs or {})
+    def __init__(self, epochs: int | None = None, batch_size: int | None = None, seed: int = 0,
+                 train_kwargs: dict | None = None, select: dict | None = None, setup: dict | None = None,
+                 **model_kwargs):
+        self.seed, self.model_kwargs, self.setup = seed, model_kwargs, dict(setup or {})
+        self.train_kwargs = {"max_epochs": epochs, "batch_size": batch_size, **(train_kwargs or {})}
         if select is not None and len(select) != 1:
             raise ValueError(f"select takes one setting to choose, got {list(select)}.")
         self.select = select
 
     def _with(self, name: str, value) -> NH2STMethod:
-        epochs, train_kwargs, model_kwargs = self.epochs, dict(self.train_kwargs), dict(self.model_kwargs)
-        if name == "epochs":
-            epochs = value
-        elif name in _TRAIN_ARGS:
+        train_kwargs, model_kwargs = dict(self.train_kwargs), dict(self.model_kwargs)
+        if name in _TRAIN_ARGS:
             train_kwargs[name] = value
         else:
             model_kwargs[name] = value
-        return NH2STMethod(epochs, self.batch_size, self.seed, train_kwargs, **model_kwargs)
+        return NH2STMethod(seed=self.seed, train_kwargs=train_kwargs, setup=self.setup, **model_kwargs)
 
     def fit(self, fold: Fold) -> None:
         if self.select:
@@ -234,6 +326,10 @@ class NH2STMethod:
             return
         self._fit(fold)
 
+    @property
+    def frozen(self) -> bool:
+        return self.model_kwargs.get("trunk") == "frozen"
+
     def _fit(self, fold: Fold) -> None:
         import scvi
 
@@ -241,23 +337,23 @@ class NH2STMethod:
 
         scvi.settings.seed = self.seed
         torch.manual_seed(self.seed)
-        setup = fold.extra["setup"]
+        setup = {**fold.extra["setup"], **self.setup}
+        if self.setup and self.frozen:
+            raise ValueError("A frozen NH2ST shares the runner's trunk features: its setup cannot differ.")
         train = fold.train.copy() if fold.train.is_view else fold.train
         NH2ST.setup_anndata(train, **setup)
-        kwargs = {"weights": "random", "image_size": fold.extra["image_size"], **self.model_kwargs, "genes": fold.genes}
-        self.model_ = NH2ST(train, trunk="frozen", **kwargs)
-        # the runner's trunk (its weights and its cached feature maps of these spots)
-        self.model_.module.trunk.load_state_dict(fold.extra["trunk_state"])
-        self.model_._cached_fmaps(torch.device("cpu"), fmaps=fold.extra["fmaps_train"])
-        self.model_.weights_source_ = fold.extra["weights_source"]
-        self.model_.train(max_epochs=self.epochs, batch_size=self.batch_size, progress=False, **self.train_kwargs)
+        kwargs = {"weights": "random", **self.model_kwargs, "genes": fold.genes}
+        features = None
+        if self.frozen:
+            # the runner's trunk: its weights and its cached feature maps of these spots
+            kwargs.update(weights=fold.extra["trunk_state"], image_size=fold.extra["image_size"])
+            features = fold.extra["fmaps_train"]
+        self.model_ = NH2ST(train, **kwargs)
+        self.model_.train(progress=False, trunk_features=features, **self.train_kwargs)
 
     def predict(self, fold: Fold) -> np.ndarray:
-        fmaps = fold.extra.get("fmaps_test")
-        if fmaps is None:
-            return self.model_.get_predicted_expression(fold.test).to_numpy()
-        # the same frozen trunk already embedded the held-out spots: skip the second forward pass
-        module = self.model_.module.eval()
-        with torch.inference_mode():
-            out = [module.predict_expression({"fmaps": fmaps[s : s + 256]}) for s in range(0, len(fmaps), 256)]
-        return torch.cat(out).numpy()
+        if self.frozen and fold.extra.get("fmaps_test") is not None:
+            # the same frozen trunk already embedded the held-out spots: skip the second forward pass
+            return self.model_.get_predicted_expression(fold.test, trunk_features=fold.extra["fmaps_test"],
+                                                        return_numpy=True)
+        return self.model_.get_predicted_expression(fold.test, return_numpy=True)

@@ -39,6 +39,7 @@ HER2ST_FILES = {
 }
 #: ST spots are 100 um wide on a 200 um grid.
 _SPOT_DIAMETER_OVER_SPACING = 0.5
+_SPOT_SPACING_UM = 200.0
 
 
 def fetch_her2st(path: str | os.PathLike | None = None, timeout: float = 30.0) -> Path:
@@ -120,7 +121,8 @@ def read_her2st(
     AnnData with raw counts (CSR) in ``X`` over the genes shared by all sections, ``obs["section"]``,
     ``obs["array_x"/"array_y"]``, ``obsm["spatial"]`` (full-resolution pixels) and
     ``uns["spatial"][section]`` with ``images["hires"]`` (the full-resolution image, so
-    ``tissue_hires_scalef = 1.0``) and ``spot_diameter_fullres``.
+    ``tissue_hires_scalef = 1.0``), ``spot_diameter_fullres`` and ``metadata["pixel_size_um"]``
+    (micrometres per pixel, from the 200 µm spot grid).
     """
     root = Path(path)
     if not (root / "counts").is_dir():
@@ -169,6 +171,8 @@ def read_her2st(
             "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": _SPOT_DIAMETER_OVER_SPACING * spacing},
             "metadata": {"source_image": None},
         }
+        if np.isfinite(spacing) and spacing > 0:
+            entry["metadata"]["pixel_size_um"] = _SPOT_SPACING_UM / spacing
         if load_images:
             img_path = _find_image(root, sec)
             entry["images"]["hires"] = _read_image(img_path)

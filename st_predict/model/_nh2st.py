@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -19,18 +20,30 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
 from st_predict._constants import PREDICTED_KEY, REGISTRY_KEYS
+from st_predict.model._docstrings import nh2st_dsp
 from st_predict.module import NH2STModule
 from st_predict.nn import load_trunk_weights
 from st_predict.pp import (
     check_expression,
     make_patch_reader,
     normalize_expression,
+    patch_size_pixels,
+    section_pixel_sizes,
     select_genes,
     spatial_knn,
     spot_coordinates,
     spot_libraries,
 )
-from st_predict.train import NH2STCollate, NH2STDataModule, NH2STTrainingPlan, compute_fmaps
+from st_predict.train import (
+    BestEpoch,
+    NH2STCollate,
+    NH2STDataModule,
+    NH2STTrainingPlan,
+    Recipe,
+    compute_fmaps,
+    get_recipe,
+    split_validation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +51,31 @@ logger = logging.getLogger(__name__)
 # so ``__init__`` must not fetch pretrained weights.
 _LOADING = contextvars.ContextVar("st_predict_loading", default=False)
 
+#: keywords of :class:`NH2STModule` that a user (or a recipe) may set; ``n_genes`` comes from the data
+MODULE_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(NH2STModule).parameters.items() if name != "n_genes"
+}
+MODULE_KEYWORDS = tuple(MODULE_DEFAULTS)
+#: :meth:`NH2ST.train` settings that a recipe provides (``None`` in the call: the recipe's value)
+TRAIN_KEYWORDS = (
+    "max_epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup", "lr_step_size",
+    "lr_gamma", "augment", "validation", "best_epoch", "precision", "batches", "center_sections",
+)
+
 
 class _TrainingData:
     """What training needs from the registered AnnData, computed once per model."""
 
-    def __init__(self, targets: torch.Tensor, neighbors: torch.Tensor | None, reader):
+    def __init__(self, targets: torch.Tensor, neighbors: torch.Tensor | None, reader, libraries: np.ndarray):
         self.targets = targets
         self.neighbors = neighbors
         self.reader = reader
-        self.fmaps: torch.Tensor | None = None
+        self.libraries = libraries
+        self.fmaps: torch.Tensor | None = None  # frozen trunk: cached maps (n, C, h, w) or (n, 8, C, h, w)
+        self.patches: torch.Tensor | None = None  # end to end: uint8 patches at the trunk's resolution
 
 
+@nh2st_dsp.dedent
 class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
     """NH2ST :cite:p:`Qu2025`: spatial gene expression from H&E patches, trained with a query branch
     and a hypergraph neighbour branch aligned by cross-attention and contrastive learning.
@@ -56,78 +83,41 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
     Only the translator path, ``translator(head(trunk(patch)))``, runs at inference, so
     :meth:`predict` works on slides with an H&E image and spot positions but no expression.
 
+    Every setting of the network and of its training comes from a named ``recipe``; any keyword
+    given here (or to :meth:`train`) overrides it. ``recipe="default"`` trains the ResNet18 end to end
+    on 64 px patches, which fits ~900 spots on a laptop CPU in minutes; ``image_size=224`` gives
+    the paper-scale network (a GPU job). ``recipe="paper"`` reproduces the paper's settings.
+
     Parameters
     ----------
     adata
         AnnData registered with :meth:`setup_anndata` (``None`` only when loading).
     registry
         Saved registry (used by :meth:`load`).
+    recipe
+        ``"default"`` or ``"paper"`` (see :data:`st_predict.train.RECIPES`), or a
+        :class:`~st_predict.train.Recipe`.
     n_genes
         Number of genes to predict: the most highly expressed genes detected in every section
         (ignored when ``genes`` is given).
     genes
         Explicit list of genes to predict (all must be in ``adata.var_names``).
-    latent_dim
-        Latent size ``N``.
-    trunk
-        ``"frozen"``: the ResNet18 trunk is fixed and its feature maps are computed once per spot
-        and cached (the fast path on CPU). ``"finetune"``: trained end to end (the paper; a GPU job
-        at 224 px).
     weights
         Trunk initialisation: ``"imagenet"`` (torchvision IMAGENET1K_V1 from the torch hub cache or
         the internet; falls back to random init with a loud warning), a path to a ResNet18 state dict
-        (e.g. a histology self-supervised checkpoint), or ``"random"``. Shown in the summary, saved.
-    image_size
-        Side of the patch fed to the trunk, in pixels (multiple of 32). Crops of
-        ``setup_anndata(patch_size=...)`` full-resolution pixels are resampled to it.
-    pooling
-        ``"avg"`` (global average of the trunk map, default) or ``"flatten"`` (the authors' code:
-        ``Linear(512*7*7 -> N)``, 3x slower to train on CPU and weaker on HER2ST with a frozen trunk,
-        see the changelog). Pooled features are standardised on the training spots before the
-        projection.
-    attention
-        ``"cross"`` (NH2ST), ``"self"`` or ``"none"`` (ablations).
-    attention_mode
-        ``"vector"`` (one vector per modality, as Eq. 1) or ``"tokens"`` (attend over trunk-map,
-        gene-group and hypergraph-node tokens).
-    n_heads
-        Attention heads.
-    share_attention
-        One attention block for both branches (authors' code).
-    use_neighbor_branch
-        ``False``: query branch only (ablation).
-    n_neighbors
-        ``K`` spatial neighbours per spot (same section only).
-    hyperedge_degree
-        Nodes per hyperedge.
-    n_hgnn_layers
-        ``L`` (hyper)graph convolution layers.
-    graph
-        ``"hypergraph"`` or ``"graph"`` (ablation).
-    hypergraph_norm
-        ``"rw"`` (torch_geometric) or ``"sym"`` (HGNN) normalisation.
-    contrastive
-        ``False`` drops both contrastive losses (ablation).
-    symmetric_nce
-        Symmetric InfoNCE instead of the paper's one-directional Eq. 2.
-    temperature
-        InfoNCE temperature.
-    lambda_query, lambda_neighbor
-        Loss weights of Eq. 5.
-    translator_hidden
-        Hidden width of the translator.
-    activation
-        Nonlinearity inside the ST encoder and translator (``"none"``: authors' code).
-    dropout
-        Dropout.
-    n_gene_tokens
-        Gene-group tokens for ``attention_mode="tokens"``.
+        (e.g. a histology self-supervised checkpoint), a state dict itself, or ``"random"``. Shown in
+        the summary, saved.
     library_size
         Normalisation of count targets: library size over ``"all_genes"`` (scanpy's
         ``normalize_total``) or over the ``"selected_genes"`` (authors' code).
-    neighbor_trunk_grad
-        ``trunk="finetune"`` only: ``False`` encodes the neighbours' patches without gradient (only
-        the target patches train the trunk), about 3x faster on CPU; ``True`` is the paper.
+    tta
+        Average predictions over the 8 flips/90-degree rotations of each patch (test-time
+        augmentation); ``None``: the recipe's choice. :meth:`get_predicted_expression` can override it.
+    **model_kwargs
+        Settings of the network (:class:`~st_predict.module.NH2STModule`), each defaulting to the
+        recipe's value:
+
+        %(nh2st_module.model_parameters)s
 
     Notes
     -----
@@ -139,8 +129,8 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
     --------
     >>> adata = st_predict.data.synthetic_tissue()
     >>> st_predict.NH2ST.setup_anndata(adata, library_key="section")
-    >>> model = st_predict.NH2ST(adata, weights="random")
-    >>> model.train(max_epochs=20)
+    >>> model = st_predict.NH2ST(adata)
+    >>> model.train()
     >>> model.predict(new_adata, key_added="nh2st")  # new_adata needs an image and obsm["spatial"] only
     """
 
@@ -151,38 +141,27 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self,
         adata: AnnData | None = None,
         registry: dict | None = None,
+        recipe: str | Recipe = "default",
         n_genes: int = 250,
         genes: Sequence[str] | None = None,
-        latent_dim: int = 512,
-        trunk: Literal["frozen", "finetune"] = "frozen",
-        weights: str | os.PathLike | None = "imagenet",
-        image_size: int = 224,
-        pooling: Literal["flatten", "avg"] = "avg",
-        attention: Literal["cross", "self", "none"] = "cross",
-        attention_mode: Literal["vector", "tokens"] = "vector",
-        n_heads: int = 8,
-        share_attention: bool = False,
-        use_neighbor_branch: bool = True,
-        n_neighbors: int = 8,
-        hyperedge_degree: int = 4,
-        n_hgnn_layers: int = 2,
-        graph: Literal["hypergraph", "graph"] = "hypergraph",
-        hypergraph_norm: Literal["rw", "sym"] = "rw",
-        contrastive: bool = True,
-        symmetric_nce: bool = False,
-        temperature: float = 0.05,
-        lambda_query: float = 1.0,
-        lambda_neighbor: float = 0.5,
-        translator_hidden: int = 256,
-        activation: Literal["relu", "gelu", "none"] = "relu",
-        dropout: float = 0.0,
-        n_gene_tokens: int = 16,
+        weights: str | os.PathLike | Mapping | None = "imagenet",
         library_size: Literal["all_genes", "selected_genes"] = "all_genes",
-        neighbor_trunk_grad: bool = True,
+        tta: bool | None = None,
+        **model_kwargs,
     ):
         super().__init__(adata, registry)
         if library_size not in ("all_genes", "selected_genes"):
             raise ValueError(f"library_size must be 'all_genes' or 'selected_genes', got {library_size!r}.")
+        unknown = sorted(set(model_kwargs) - set(MODULE_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"NH2ST got unknown keyword(s) {unknown}. Network settings are {list(MODULE_KEYWORDS)}; "
+                f"training settings ({', '.join(TRAIN_KEYWORDS)}) go to model.train()."
+            )
+        the_recipe = get_recipe(recipe)
+        # resolved once and saved as such: a loaded model rebuilds the same network even if the
+        # recipe's defaults change in a later release
+        model_kwargs = {**MODULE_DEFAULTS, **the_recipe.model, **model_kwargs}
         setup = self.registry_["setup_args"]
         if adata is not None:
             libraries = spot_libraries(adata, setup["library_key"])
@@ -193,44 +172,66 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         elif genes is None:
             raise ValueError("NH2ST without adata needs the gene list (genes=...).")
         genes = [str(g) for g in genes]
+        from st_predict.train import RECIPES
+
+        if RECIPES.get(the_recipe.name) == the_recipe:
+            recipe = the_recipe.name  # saved by name; a custom Recipe is saved as it is
+        tta = bool(the_recipe.train.get("tta", False)) if tta is None else bool(tta)
         self.genes_ = genes
-        self.module = self._module_cls(
-            n_genes=len(genes), latent_dim=latent_dim, image_size=image_size, trunk=trunk, pooling=pooling,
-            attention=attention, attention_mode=attention_mode, n_heads=n_heads, share_attention=share_attention,
-            use_neighbor_branch=use_neighbor_branch, n_neighbors=n_neighbors, hyperedge_degree=hyperedge_degree,
-            n_hgnn_layers=n_hgnn_layers, graph=graph, hypergraph_norm=hypergraph_norm, contrastive=contrastive,
-            symmetric_nce=symmetric_nce, temperature=temperature, lambda_query=lambda_query,
-            lambda_neighbor=lambda_neighbor, translator_hidden=translator_hidden, activation=activation,
-            dropout=dropout, n_gene_tokens=n_gene_tokens, neighbor_trunk_grad=neighbor_trunk_grad,
-        )
-        self.weights_source_ = "from saved model" if _LOADING.get() else load_trunk_weights(self.module.trunk, weights)
+        self.recipe_ = the_recipe
+        self.tta_ = tta
+        self.module = self._module_cls(n_genes=len(genes), **model_kwargs)
+        if _LOADING.get():
+            self.weights_source_ = "from saved model"
+        else:
+            self.weights_source_ = load_trunk_weights(self.module.trunk, weights)
+        if isinstance(weights, Mapping):
+            weights = "state dict"  # not saved twice: the trunk's weights are in the module
         self._data: _TrainingData | None = None
         self._predict_adata: AnnData | None = None
-        self.init_params_ = self._get_init_params(locals())  # ``genes`` holds the resolved list
+        self.validation_: dict | None = None
+        self.best_epoch_: int | None = None
+        self.train_settings_: dict | None = None
+        self.init_params_ = self._get_init_params(locals())  # ``genes`` and ``model_kwargs`` resolved
         if adata is not None:
             self._training_data()  # check neighbours, patches and targets now, not at train()
+            self.patch_size_um_, self.spot_pitch_um_ = self._physical_scale()
+        else:
+            self.patch_size_um_ = self.spot_pitch_um_ = None
+
+    @property
+    def module_kwargs(self) -> dict:
+        """The network's settings, resolved (recipe + overrides)."""
+        return dict(self.init_params_["kwargs"]["model_kwargs"])
 
     # -- summary ---------------------------------------------------------------------------------
     @property
     def summary_string(self) -> str:
         """One paragraph describing the model (shown by ``repr``)."""
-        p = self.init_params_["non_kwargs"]
+        p = self.module_kwargs
         branch = (
             f"neighbour branch K={p['n_neighbors']}, {p['graph']} degree {p['hyperedge_degree']}, L={p['n_hgnn_layers']}"
             if p["use_neighbor_branch"]
             else "query branch only"
         )
         nce = (
-            f"InfoNCE tau={p['temperature']}{' symmetric' if p['symmetric_nce'] else ''}, "
+            f"InfoNCE tau={p['temperature']}{' symmetric' if p['symmetric_nce'] else ''}"
+            f"{' (residual form: solvable without the image)' if p['cross_residual'] else ''}, "
             f"lambda=({p['lambda_query']}, {p['lambda_neighbor']})"
             if p["contrastive"]
             else "no contrastive loss"
         )
+        val = ""
+        if self.validation_ is not None:
+            v = self.validation_
+            where = f"section(s) {', '.join(v['sections'])}" if v["kind"] == "section" else "random spots (leaky)"
+            best = f", best epoch {self.best_epoch_}" if self.best_epoch_ else ""
+            val = f"\nValidation: {where}{best}."
         return (
-            f"NH2ST model: {len(self.genes_)} genes, latent {p['latent_dim']}, ResNet18 trunk {p['trunk']} "
-            f"at {p['image_size']} px ({p['pooling']} pooling), weights: {self.weights_source_}; "
-            f"{p['attention']}-attention ({p['attention_mode']}), {branch}; {nce}.\n"
-            f"Training status: {'Trained' if self.is_trained_ else 'Not Trained'}"
+            f"NH2ST model (recipe {self.recipe_.name!r}): {len(self.genes_)} genes, latent {p['latent_dim']}, "
+            f"ResNet18 trunk {p['trunk']} at {p['image_size']} px ({p['pooling']} pooling), weights: "
+            f"{self.weights_source_}; {p['attention']}-attention ({p['attention_mode']}), {branch}; {nce}."
+            f"{val}\nTraining status: {'Trained' if self.is_trained_ else 'Not Trained'}"
         )
 
     # -- setup -----------------------------------------------------------------------------------
@@ -244,6 +245,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         image_key: str = "hires",
         spatial_key: str = "spatial",
         patch_size: float = 224,
+        patch_size_um: float | None = None,
         is_count_data: bool = True,
         **kwargs,
     ):
@@ -268,7 +270,12 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         spatial_key
             ``adata.obsm`` key of spot centres in full-resolution pixels (x = column, y = row).
         patch_size
-            Patch side in full-resolution pixels, centred on each spot (224).
+            Patch side in full-resolution pixels, centred on each spot (224). Patches are resampled
+            to the network's ``image_size``.
+        patch_size_um
+            Patch side in micrometres instead, converted with each section's pixel size
+            (``adata.uns["spatial"][library]["metadata"]["pixel_size_um"]``, written by the readers),
+            so sections scanned at different resolutions give the same physical patch.
         is_count_data
             ``True``: raw counts, normalised by the model to ``log1p(counts / library size * 1e4)``.
             ``False``: already normalised values, used as they are.
@@ -286,7 +293,9 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         matrix = adata.layers[layer] if layer is not None else adata.X
         check_expression(matrix, f"adata.layers[{layer!r}]" if layer else "adata.X", is_count_data)
         spot_coordinates(adata, spatial_key)
-        make_patch_reader(adata, spatial_key, image_key, library_key, patch_size, out_size=32)  # validates
+        libraries = spot_libraries(adata, library_key)
+        size = patch_size_pixels(adata, libraries, patch_size, patch_size_um)
+        make_patch_reader(adata, spatial_key, image_key, library_key, size, out_size=32)  # validates
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=is_count_data),
             ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key),
@@ -298,6 +307,30 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
     # -- data ------------------------------------------------------------------------------------
     def _setup(self) -> dict:
         return self.registry_["setup_args"]
+
+    def _patch_size(self, adata: AnnData, libraries: np.ndarray) -> float | dict[str, float]:
+        setup = self._setup()
+        return patch_size_pixels(adata, libraries, setup["patch_size"], setup.get("patch_size_um"))
+
+    def _physical_scale(self) -> tuple[float | None, float | None]:
+        """Micrometre size of the training patches and median spot pitch (when the pixel size is known)."""
+        data = self._training_data()
+        sizes = section_pixel_sizes(self.adata, data.libraries)
+        if any(v is None for v in sizes.values()):
+            return None, None
+        setup = self._setup()
+        if setup.get("patch_size_um") is not None:
+            patch_um = float(setup["patch_size_um"])
+        else:
+            patch_um = float(np.median([setup["patch_size"] * v for v in sizes.values()]))
+        coords = spot_coordinates(self.adata, setup["spatial_key"])
+        mpp = np.array([sizes[lib] for lib in data.libraries])
+        if data.neighbors is not None and len(coords) > 1:
+            d = np.linalg.norm(coords[data.neighbors[:, 0].numpy()] - coords, axis=1) * mpp
+            pitch = float(np.median(d))
+        else:
+            pitch = None
+        return patch_um, pitch
 
     def _training_data(self) -> _TrainingData:
         if self._data is not None:
@@ -311,19 +344,17 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         if (gene_idx < 0).any():
             missing = [g for g, i in zip(self.genes_, gene_idx, strict=True) if i < 0]
             raise ValueError(f"{len(missing)} model genes are not in adata.var_names: {missing[:10]}")
-        targets = normalize_expression(
-            counts, gene_idx, setup["is_count_data"], self.init_params_["non_kwargs"]["library_size"]
-        )
+        targets = normalize_expression(counts, gene_idx, setup["is_count_data"], self.init_params_["non_kwargs"]["library_size"])
         libraries = spot_libraries(adata, setup["library_key"])
         neighbors = None
         if self.module.use_neighbor_branch:
             coords = spot_coordinates(adata, setup["spatial_key"])
             neighbors = torch.from_numpy(spatial_knn(coords, libraries, self.module.n_neighbors))
         reader = make_patch_reader(
-            adata, setup["spatial_key"], setup["image_key"], setup["library_key"], setup["patch_size"],
-            self.module.image_size,
+            adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
+            self._patch_size(adata, libraries), self.module.image_size,
         )
-        self._data = _TrainingData(torch.from_numpy(targets), neighbors, reader)
+        self._data = _TrainingData(torch.from_numpy(targets), neighbors, reader, libraries)
         return self._data
 
     def _reader_for(self, adata: AnnData, keys: dict | None = None):
@@ -333,57 +364,113 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             if keys and keys.get("library_key"):
                 raise KeyError(f"adata.obs has no column {library_key!r} (library_key).")
             library_key = None  # single-section data without the column: spot_libraries checks uns
-        return make_patch_reader(
-            adata, setup["spatial_key"], setup["image_key"], library_key, setup["patch_size"], self.module.image_size
-        )
+        size = self._patch_size(adata, spot_libraries(adata, library_key))
+        return make_patch_reader(adata, setup["spatial_key"], setup["image_key"], library_key, size, self.module.image_size)
+
+    def training_patches(self, progress: bool = False) -> torch.Tensor:
+        """uint8 patches ``(n_obs, 3, S, S)`` of every training spot at the network's resolution,
+        cropped once (and kept) for end-to-end training."""
+        data = self._training_data()
+        if data.patches is None:
+            n, chunk = len(data.targets), 256
+            starts = range(0, n, chunk)
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="Cropping patches", unit="batch")
+            data.patches = torch.cat([data.reader.read(np.arange(s, min(s + chunk, n))) for s in starts])
+        return data.patches
 
     # -- training --------------------------------------------------------------------------------
     def train(
         self,
-        max_epochs: int = 20,
-        batch_size: int = 8,
+        max_epochs: int | None = None,
+        batch_size: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
+        validation: str | Sequence[str] | None = None,
         train_size: float = 1.0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        lr_step_size: int = 50,
-        lr_gamma: float = 0.9,
-        augment: bool = True,
+        optimizer: Literal["adamw", "adam"] | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        schedule: Literal["onecycle", "step", "constant"] | None = None,
+        warmup: float | None = None,
+        lr_step_size: int | None = None,
+        lr_gamma: float | None = None,
+        augment: str | bool | None = None,
+        best_epoch: bool | None = None,
+        precision: str | None = None,
+        batches: Literal["section", "mixed"] | None = None,
+        center_sections: bool | None = None,
+        trunk_features: torch.Tensor | None = None,
         num_workers: int = 0,
-        embed_batch_size: int = 16,
+        embed_batch_size: int = 64,
         progress: bool = True,
         plan_kwargs: dict | None = None,
         **trainer_kwargs,
     ):
-        """Train NH2ST (Adam + StepLR, paper defaults) with PyTorch Lightning.
+        """Train NH2ST with PyTorch Lightning. Every setting left at ``None`` is the recipe's.
 
-        With ``trunk="frozen"`` the trunk's feature maps of every spot are computed first (once per
-        model, progress bar) and batches are read from that cache; with ``"finetune"`` patches are
-        cropped on the fly and the trunk trains end to end.
+        End to end (``trunk="finetune"``), each spot's patch is cropped once at the network's
+        resolution; with cached neighbours (``neighbor_trunk_grad=False``) the trunk maps of every
+        spot are computed once before training and each spot refreshes its own when it is a target.
+        With ``trunk="frozen"`` the trunk's maps (of the 8 flips/rotations when augmenting) are
+        computed once per model (progress bar) and batches are read from that cache.
 
         Parameters
         ----------
         max_epochs
-            Epochs (20).
+            Epochs.
         batch_size
-            Target spots per batch (8); each brings its ``K`` neighbours. Must be >= 2 for the
-            contrastive losses; the last incomplete batch of an epoch is dropped.
+            Target spots per batch; each brings its ``K`` neighbours. Must be >= 2 for the
+            contrastive losses; the last incomplete training batch of an epoch is dropped.
         accelerator, devices
             Lightning's ``"cpu"``, ``"gpu"``, ``"auto"``...; several GPUs with ``strategy="ddp"``.
+        validation
+            ``None``: train on every spot. ``"section"``: hold out the last training section (an
+            honest basis for choosing the epoch: its spots are not next to training spots); a section
+            name or a list of them: hold those out. ``"random"``: random spots (one section only;
+            leaky, and labelled so). The validation losses and ``validation_pcc`` are logged per epoch.
         train_size
-            Fraction of spots to train on; the rest (random spots) is the validation set whose
-            losses are logged every epoch. 1.0: no validation.
+            With ``validation="random"``: the fraction of spots to train on.
+        optimizer
+            ``"adamw"`` or ``"adam"``.
         lr, weight_decay
-            Adam.
+            Learning rate (peak of the one-cycle schedule) and weight decay.
+        schedule
+            ``"onecycle"`` (warm-up then cosine, per step), ``"step"`` (StepLR per epoch) or ``"constant"``.
+        warmup
+            Warm-up fraction of the one-cycle schedule.
         lr_step_size, lr_gamma
-            StepLR (per epoch).
+            The ``"step"`` schedule.
         augment
-            Random flips and 90-degree rotations of patches (for cached maps, of the feature maps).
+            ``"dihedral+stain"``, ``"dihedral"`` or ``"none"`` (``True``/``False``), see
+            :class:`~st_predict.train.NH2STCollate`. A frozen trunk augments by caching the trunk
+            maps of the 8 flips/rotations of each patch (stain jitter needs end-to-end training).
+        best_epoch
+            With a validation set: keep the weights of the epoch with the best ``validation_pcc``.
+        precision
+            Lightning's training precision, e.g. ``"32-true"`` or ``"bf16-mixed"``; ``"auto"``:
+            ``"bf16-mixed"`` where the hardware computes in bfloat16 (CPUs with AVX512-BF16 or AMX,
+            GPUs with bfloat16 support), else ``"32-true"``. Inference always runs in float32.
+        batches
+            ``"section"``: every training batch holds spots of one section
+            (:class:`~st_predict.train.SectionBatchSampler`), so the contrastive negatives come from the
+            same section and section-wide differences (stain, batch effects) cannot solve InfoNCE.
+            ``"mixed"``: batches of random spots (the paper).
+        center_sections
+            Train on targets standardised within each section (each section's own mean and standard
+            deviation per gene, mapped back onto the training spots' overall scale), so neither the
+            MSE nor the contrastive terms spend capacity on between-section offsets that per-section
+            correlation ignores and a new section does not share. Predictions stay on the data's scale.
+        trunk_features
+            ``trunk="frozen"`` only: precomputed trunk maps of every registered spot, made by this
+            model's trunk (:func:`~st_predict.train.compute_fmaps`, ``(n_obs, 512, h, w)`` or with 8
+            views ``(n_obs, 8, 512, h, w)``), e.g. shared between the folds of a benchmark.
         num_workers
             DataLoader workers.
         embed_batch_size
-            Patches per trunk call when filling the frozen cache.
+            Patches per trunk call when filling a cache.
         progress
             Progress bars for embedding and training.
         plan_kwargs
@@ -391,88 +478,173 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``), e.g. ``strategy="ddp"``.
         """
-        if self.module.contrastive and batch_size < 2:
+        given = {
+            "max_epochs": max_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+            "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup, "lr_step_size": lr_step_size,
+            "lr_gamma": lr_gamma, "augment": augment, "validation": validation, "best_epoch": best_epoch,
+            "precision": precision, "batches": batches, "center_sections": center_sections,
+        }
+        cfg = self.resolve_train_settings(**given)
+        if self.module.contrastive and cfg["batch_size"] < 2:
             raise ValueError(
-                f"batch_size={batch_size} is too small for a contrastive loss (needs >= 2 spots per batch: "
+                f"batch_size={cfg['batch_size']} is too small for a contrastive loss (needs >= 2 spots per batch: "
                 "one positive and at least one negative)."
             )
-        if not 0 < train_size <= 1:
-            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         data = self._training_data()
-        n_obs = len(data.targets)
-        rng = np.random.default_rng(settings.seed)
-        perm = rng.permutation(n_obs)
-        n_train = int(round(train_size * n_obs))
-        train_idx, val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
-        if len(train_idx) < batch_size:
+        train_idx, val_idx, self.validation_ = split_validation(data.libraries, cfg["validation"], train_size, settings.seed)
+        if len(train_idx) < cfg["batch_size"]:
             raise ValueError(
-                f"Only {len(train_idx)} training spots for batch_size={batch_size}: lower batch_size or train_size < 1."
+                f"Only {len(train_idx)} training spots for batch_size={cfg['batch_size']}: lower batch_size."
             )
         device = _device_for(accelerator)
-        if self.module.trunk_mode == "frozen":
-            fmaps = self._cached_fmaps(device, embed_batch_size, progress)
-            source = {"fmaps": fmaps}
-            if fmaps.shape[-1] == 1:  # pooled cache: flips/rotations cannot change an average
-                augment = False
-        else:
-            source = {"read_patches": data.reader.read}
-        if not self.is_trained_:
-            # start from the per-gene mean, with standardised trunk features (fitted on training spots)
-            self.module.init_output_bias(data.targets[torch.from_numpy(train_idx)].mean(0))
-            if self.module.trunk_mode == "frozen":
-                sample = fmaps[torch.from_numpy(train_idx)]
-            else:
-                pick = np.sort(rng.choice(train_idx, min(len(train_idx), 256), replace=False))
-                sample = compute_fmaps(self.module.to(device), lambda i: data.reader.read(pick[i]), len(pick),
-                                       batch_size=embed_batch_size, device=device, progress=False)
-            self.module.path_head.fit_input_scaling(sample)
-        collate = NH2STCollate(data.targets, data.neighbors, augment=augment, **source)
-        val_collate = NH2STCollate(data.targets, data.neighbors, augment=False, **source)
-        datamodule = NH2STDataModule(train_idx, val_idx, collate, val_collate, batch_size, num_workers)
-        plan = {"lr": lr, "weight_decay": weight_decay, "lr_step_size": lr_step_size, "lr_gamma": lr_gamma}
+        self.module.to(device)
+        source, plan_extra = self._training_source(cfg, train_idx, device, embed_batch_size, progress, trunk_features)
+        self.fit_scales(train_idx)
+        targets = self.training_targets(cfg["center_sections"])
+        collate = NH2STCollate(targets, data.neighbors, augment=cfg["augment"], **source)
+        val_source = {**source, "neighbor_patches": True} if "patches" in source else source
+        val_collate = NH2STCollate(targets, data.neighbors, augment="none", **val_source)
+        groups = data.libraries[train_idx] if cfg["batches"] == "section" else None
+        datamodule = NH2STDataModule(train_idx, val_idx, collate, val_collate, cfg["batch_size"], num_workers,
+                                     train_groups=groups, seed=settings.seed or 0)
+        if groups is not None:
+            trainer_kwargs.setdefault("use_distributed_sampler", False)  # the section sampler shards itself
+        plan = {k: cfg[k] for k in ("lr", "weight_decay", "optimizer", "schedule", "warmup", "lr_step_size", "lr_gamma")}
+        plan.update(plan_extra)
         plan.update(plan_kwargs or {})
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        keeper = None
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+            if cfg["best_epoch"]:
+                keeper = BestEpoch("validation_pcc", "max")
+                callbacks.append(keeper)
         trainer_kwargs.setdefault("enable_progress_bar", progress)
-        return super().train(
-            max_epochs=max_epochs, accelerator=accelerator, devices=devices, datamodule=datamodule,
-            plan_kwargs=plan, **trainer_kwargs,
+        trainer_kwargs.setdefault("log_every_n_steps", 1)  # the plan logs epoch means only
+        trainer_kwargs.setdefault("precision", resolve_precision(cfg["precision"], device))
+        self.train_settings_ = {**cfg, "train_size": train_size, "precision": trainer_kwargs["precision"]}
+        out = super().train(
+            max_epochs=cfg["max_epochs"], accelerator=accelerator, devices=devices, datamodule=datamodule,
+            plan_kwargs=plan, callbacks=callbacks, **trainer_kwargs,
         )
+        self.best_epoch_ = keeper.best_epoch if keeper is not None else None
+        return out
 
-    def _cached_fmaps(
-        self, device: torch.device, batch_size: int = 16, progress: bool = True, fmaps: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Trunk feature maps of every training spot, computed on first use (frozen trunk only), or
-        ``fmaps`` when given (precomputed by this model's trunk, e.g. shared between folds)."""
+    def resolve_train_settings(self, **given) -> dict:
+        """The training settings :meth:`train` would use: each ``None`` (or missing) keyword replaced
+        by the model's recipe's value."""
+        unknown = sorted(set(given) - set(TRAIN_KEYWORDS))
+        if unknown:
+            raise TypeError(f"Unknown training settings {unknown}; choose from {list(TRAIN_KEYWORDS)}.")
+        defaults = {"warmup": 0.1, "lr_step_size": 50, "lr_gamma": 0.9, "validation": None, "best_epoch": False,
+                    "precision": "32-true", "batches": "mixed", "center_sections": False}
+        recipe = {**defaults, **{k: v for k, v in self.recipe_.train.items() if k in TRAIN_KEYWORDS}}
+        cfg = {k: given[k] if given.get(k) is not None else recipe.get(k) for k in TRAIN_KEYWORDS}
+        missing = [k for k, v in cfg.items() if v is None and k != "validation"]
+        if missing:
+            raise ValueError(f"Recipe {self.recipe_.name!r} sets no {missing}; pass them to train().")
+        return cfg
+
+    def fit_scales(self, train_idx: np.ndarray) -> None:
+        """Fit, once per model, what training starts from: the target scale (per-gene mean and
+        standard deviation of the training spots, translator started at the mean) and, for a frozen
+        trunk, the standardisation of its pooled features. Both are saved with the model, so a
+        retrained or a loaded model keeps them."""
         data = self._training_data()
-        if data.fmaps is None:
+        idx = torch.as_tensor(np.asarray(train_idx))
+        if not bool(self.module.targets_fitted):
+            self.module.fit_targets(data.targets[idx])
+        head = self.module.path_head
+        if head.needs_fit:
+            if data.fmaps is None:
+                raise RuntimeError("The frozen trunk's cache must exist before fitting its input scaling.")
+            fmaps = data.fmaps[idx]
+            head.fit_input_scaling(fmaps[:, 0] if fmaps.ndim == 5 else fmaps)
+
+    def training_targets(self, center_sections: bool = False) -> torch.Tensor:
+        """The expression the network trains on, ``(n_obs, n_genes)`` on the data's scale: the targets
+        themselves, or (``center_sections``) each section standardised on its own spots and mapped back
+        with the model's target scale (:meth:`fit_scales`), so that the network sees per-section z-scores."""
+        data = self._training_data()
+        if not center_sections:
+            return data.targets
+        if not bool(self.module.targets_fitted):
+            raise RuntimeError("fit_scales must run before training_targets(center_sections=True).")
+        out = torch.empty_like(data.targets)
+        shift, scale = self.module.target_shift.cpu(), self.module.target_scale.cpu()
+        for lib in np.unique(data.libraries):
+            sel = torch.from_numpy(data.libraries == lib)
+            y = data.targets[sel]
+            sd = y.std(0) if len(y) > 1 else torch.ones(y.shape[1])
+            z = (y - y.mean(0)) / torch.where(sd > 1e-6, sd, torch.ones_like(sd))
+            out[sel] = z * scale + shift
+        return out
+
+    def _training_source(self, cfg, train_idx, device, embed_batch_size, progress, trunk_features):
+        """What batches are made of: ``({"fmaps": ...} | {"patches": ..., "neighbor_patches": ...}, plan kwargs)``."""
+        module = self.module
+        if module.trunk_mode == "frozen":
+            views = 8 if cfg["augment"] not in ("none", False) else 1
+            return {"fmaps": self.trunk_cache(device, embed_batch_size, progress, views, trunk_features)}, {}
+        if trunk_features is not None:
+            raise ValueError("trunk_features is for trunk='frozen': an end-to-end trunk changes as it trains.")
+        patches = self.training_patches(progress)
+        if module.neighbor_trunk_grad or not module.use_neighbor_branch or not module.contrastive:
+            return {"patches": patches, "neighbor_patches": True}, {}
+        cache = compute_fmaps(module, patches, batch_size=embed_batch_size, device=device, progress=progress,
+                              desc="Neighbour cache")
+        return {"patches": patches, "neighbor_patches": False}, {"feature_cache": cache}
+
+    def trunk_cache(
+        self,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+        progress: bool = True,
+        views: int = 1,
+        trunk_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Frozen trunk: its maps of every training spot, computed on first use (``views=8``: of the 8
+        flips/rotations of each patch, for augmentation), or ``trunk_features`` when given."""
+        if self.module.trunk_mode != "frozen":
+            raise ValueError("trunk_cache is for trunk='frozen'.")
+        data = self._training_data()
+        have = data.fmaps
+        if have is not None and (have.ndim == 5 or views == 1) and trunk_features is None:
+            return have
+        if trunk_features is not None:
+            fmaps = trunk_features
+            if fmaps.shape[0] != len(data.targets):
+                raise ValueError(f"trunk_features has {fmaps.shape[0]} rows for {len(data.targets)} spots.")
+            if fmaps.ndim not in (4, 5):
+                raise ValueError(f"trunk_features must be (n, C, h, w) or (n, 8, C, h, w), got {tuple(fmaps.shape)}.")
+        else:
             self.module.to(device)
-            if fmaps is None:
-                fmaps = compute_fmaps(
-                    self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
-                    progress=progress, desc="Embedding patches (frozen trunk)",
-                )
-            elif fmaps.shape[0] != len(data.targets):
-                raise ValueError(f"fmaps has {fmaps.shape[0]} rows for {len(data.targets)} spots.")
-            head = self.module.path_head
-            if head.pooling == "avg" and head.token_proj is None:
-                fmaps = fmaps.mean((2, 3), keepdim=True)  # all the avg head needs: 49x less memory
-            data.fmaps = fmaps
-        return data.fmaps
+            desc = "Embedding patches (frozen trunk" + (", 8 views)" if views == 8 else ")")
+            fmaps = compute_fmaps(
+                self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
+                progress=progress, desc=desc, views=views,
+            )
+        head = self.module.path_head
+        if head.pooling == "avg" and head.token_proj is None:
+            fmaps = fmaps.mean((-2, -1), keepdim=True)  # all the avg head needs: 49x less memory at 224 px
+        data.fmaps = fmaps
+        return fmaps
 
     # -- inference -------------------------------------------------------------------------------
     def _inference(
-        self, adata, indices, batch_size, what: str, progress: bool = False, keys: dict | None = None
+        self, adata, indices, batch_size, what: str, progress: bool = False, keys: dict | None = None,
+        tta: bool = False, trunk_features: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, pd.Index]:
         if adata is None:
             adata = self.adata if self.adata is not None else self._predict_adata
             if adata is None:
                 raise ValueError("This model was loaded without AnnData: pass adata=.")
-        use_cache = (
-            adata is self.adata and self._data is not None and self._data.fmaps is not None
-            and not any((keys or {}).values())
-        )
-        reader = None if use_cache else self._reader_for(adata, keys)
+        cache = trunk_features
+        if cache is None and adata is self.adata and self._data is not None and not any((keys or {}).values()):
+            cache = self._data.fmaps
+        if cache is not None and len(cache) != adata.n_obs:
+            raise ValueError(f"trunk_features has {len(cache)} rows for {adata.n_obs} spots.")
+        reader = None if cache is not None else self._reader_for(adata, keys)
         n_obs = adata.n_obs
         indices = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= n_obs):
@@ -490,11 +662,15 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             with torch.inference_mode():
                 for start in starts:
                     idx = indices[start : start + batch_size]
-                    if use_cache:
-                        batch = {"fmaps": self._data.fmaps[idx].to(module.device)}
+                    if cache is not None:
+                        fm = cache[torch.as_tensor(idx)].to(module.device)
+                        res = self._from_fmaps(fm, what, tta)
                     else:
                         batch = {"patches": reader.read(idx).to(module.device)}
-                    res = module.predict_expression(batch) if what == "expression" else module.latent(batch)
+                        if what == "expression":
+                            res = module.predict_expression(batch, tta=tta)
+                        else:
+                            res = module.latent(batch)
                     out.append(res.float().cpu().numpy())
         finally:
             module.train(was_training)
@@ -502,16 +678,29 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         arr = np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
         return arr, adata.obs_names[indices]
 
+    def _from_fmaps(self, fm: torch.Tensor, what: str, tta: bool) -> torch.Tensor:
+        module = self.module
+        if fm.ndim == 5:  # (m, 8, C, h, w): the 8 views of a frozen trunk's cache
+            if what == "expression" and tta:
+                preds = [module.predict_expression({"fmaps": fm[:, v]}) for v in range(fm.shape[1])]
+                return torch.stack(preds).mean(0)
+            fm = fm[:, 0]
+        if what == "expression":
+            return module.predict_expression({"fmaps": fm})
+        return module.latent({"fmaps": fm})
+
     def get_predicted_expression(
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
-        batch_size: int = 16,
+        batch_size: int = 64,
         return_numpy: bool = False,
         progress: bool = False,
         library_key: str | None = None,
         image_key: str | None = None,
         spatial_key: str | None = None,
+        tta: bool | None = None,
+        trunk_features: torch.Tensor | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Predicted expression of the model's genes from each spot's H&E patch alone.
 
@@ -532,8 +721,13 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         library_key, image_key, spatial_key
             Where ``adata`` keeps its sections, image and spot positions when it differs from the
             keys given to :meth:`setup_anndata` (e.g. train on ``"hires"`` images, predict from a
-            Visium ``"fullres"`` one); ``None``: as at setup. The patch size (full-resolution
-            pixels) is the one of the setup.
+            Visium ``"fullres"`` one); ``None``: as at setup. The patch size is the setup's (in
+            micrometres if it was given so, converted with ``adata``'s pixel sizes).
+        tta
+            Test-time augmentation (mean over the 8 flips/rotations of each patch); ``None``: the
+            model's setting (:attr:`tta_`).
+        trunk_features
+            Frozen trunk only: precomputed trunk maps of ``adata``'s spots (see :meth:`train`).
 
         Returns
         -------
@@ -542,13 +736,14 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         """
         self._check_if_trained(warn=True)
         keys = {"library_key": library_key, "image_key": image_key, "spatial_key": spatial_key}
-        arr, names = self._inference(adata, indices, batch_size, "expression", progress, keys)
+        tta = self.tta_ if tta is None else bool(tta)
+        arr, names = self._inference(adata, indices, batch_size, "expression", progress, keys, tta, trunk_features)
         if return_numpy:
             return arr
         return pd.DataFrame(arr, index=names, columns=pd.Index(self.genes_))
 
     def get_latent_representation(
-        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int = 16
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int = 64
     ) -> np.ndarray:
         """The pathology latent ``h^p`` (input of the translator) of each spot, ``(n_spots, latent_dim)``."""
         self._check_if_trained(warn=True)
@@ -558,17 +753,18 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self,
         adata: AnnData | None = None,
         key_added: str = PREDICTED_KEY,
-        batch_size: int = 16,
+        batch_size: int = 64,
         progress: bool = False,
         library_key: str | None = None,
         image_key: str | None = None,
         spatial_key: str | None = None,
+        tta: bool | None = None,
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
 
         This is the only change made to ``adata``. Works on AnnData with an image and spot positions
-        but no expression (``n_vars == 0``). ``library_key``, ``image_key`` and ``spatial_key`` may be
-        given as in :meth:`get_predicted_expression`. Returns the DataFrame.
+        but no expression (``n_vars == 0``). ``library_key``, ``image_key``, ``spatial_key`` and
+        ``tta`` may be given as in :meth:`get_predicted_expression`. Returns the DataFrame.
         """
         target = adata
         if target is None:
@@ -577,7 +773,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError("This model was loaded without AnnData: pass adata=.")
         df = self.get_predicted_expression(
             target, batch_size=batch_size, progress=progress, library_key=library_key, image_key=image_key,
-            spatial_key=spatial_key,
+            spatial_key=spatial_key, tta=tta,
         )
         target.obsm[key_added] = df
         logger.info("Added predicted expression of %d genes to adata.obsm[%r].", df.shape[1], key_added)
@@ -623,6 +819,11 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         saved = torch.load(path, map_location="cpu", weights_only=False)
         train_vars = pd.Index(np.asarray(saved["var_names"]).astype(str))
         model_genes = saved["attr_dict"]["genes_"]
+        if "model_kwargs" not in saved["attr_dict"].get("init_params_", {}).get("kwargs", {}):
+            raise ValueError(
+                f"{path} was saved by an older st_predict whose NH2ST had no recipes; this release cannot "
+                "rebuild its network. Retrain it with this release."
+            )
         predict_only = None
         if adata is not None and adata.n_vars == 0:
             predict_only, load_arg = adata, False
@@ -649,6 +850,25 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             _LOADING.reset(token)
         model._predict_adata = predict_only
         return model
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX; Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Lightning precision for ``precision="auto"`` on ``device`` (see :meth:`NH2ST.train`)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if device.type == "cpu" and _cpu_has_bf16() else "32-true"
 
 
 def _device_for(accelerator: str) -> torch.device:

@@ -1,18 +1,25 @@
 """The NH2ST network and its loss, in pure torch (no AnnData, no scvi-tools).
 
-A batch is a dict of tensors (see :class:`~st_predict.train.NH2STCollate`):
+A batch is a dict of tensors (see :class:`~st_predict.train.NH2STCollate`). Its ``U`` rows are the
+distinct spots of the batch (targets and their neighbours, each encoded once):
 
 ``"patches"``
-    ``(U, 3, S, S)`` uint8 RGB patches of the ``U`` distinct spots in the batch (end-to-end
-    training and inference), **or**
+    ``(P, 3, S, S)`` uint8 RGB patches to run through the trunk. Without ``"patch_rows"``, one per
+    row (``P == U``): end-to-end training with gradient through every node (the paper), and
+    inference.
+``"patch_rows"``
+    ``(P,)`` long: the rows the patches belong to (end-to-end training with cached neighbours: only
+    the target spots' patches go through the trunk; the other rows come from ``"fmaps"``).
 ``"fmaps"``
-    ``(U, 512, S/32, S/32)`` cached trunk feature maps of those spots (``trunk="frozen"``).
+    ``(U, 512, S/32, S/32)`` trunk feature maps of every row: a frozen trunk's cache, or the
+    neighbour cache of end-to-end training (rows with a patch are replaced by the live maps).
 ``"node_map"``
-    ``(B, V)`` long: for each of the ``B`` target spots, the rows of ``patches``/``fmaps`` of its
-    nodes; column 0 is the target itself, columns 1..K its spatial neighbours (``V = K + 1``; ``V = 1``
-    without the neighbour branch). Spots shared by several neighbourhoods are encoded once.
+    ``(B, V)`` long: for each of the ``B`` target spots, the rows of its nodes; column 0 is the
+    target itself, columns 1..K its spatial neighbours (``V = K + 1``; ``V = 1`` without the
+    neighbour branch).
 ``"expression"``
-    ``(B, V, n)`` float: normalised expression of the same nodes (absent at inference).
+    ``(B, V, n)`` float: expression of the same nodes on the data's scale (``log1p`` counts per
+    10k); absent at inference.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from st_predict._imaging import random_dihedral_views
 from st_predict.nn import (
     CrossAttentionBlock,
     GeneTokenizer,
     NeighbourhoodEncoder,
     PathologyHead,
+    Translator,
     TwoLayerMLP,
     build_resnet18_trunk,
     info_nce,
@@ -45,20 +54,27 @@ class NH2STModule(nn.Module):
     latent_dim
         Latent size ``N``.
     image_size
-        Side in pixels of the patches fed to the trunk (multiple of 32; 224 in the paper).
+        Side in pixels of the patches fed to the trunk (multiple of 32). The speed/accuracy knob:
+        64 trains end to end on a laptop CPU in minutes; 224 is the paper's (a GPU job).
     trunk
-        ``"frozen"`` (trunk fixed in eval mode; batches may carry cached ``fmaps``) or ``"finetune"``
-        (trained end to end from ``patches``, as the paper).
+        ``"finetune"`` (trained end to end, as the paper) or ``"frozen"`` (fixed in eval mode;
+        batches carry cached ``fmaps``, the fast path for a pretrained trunk).
     pooling
         How the trunk map becomes ``h^p``: ``"avg"`` (global average) or ``"flatten"`` (authors' code).
     attention
         ``"cross"`` (NH2ST), ``"self"`` (ablation: each modality attends to itself) or ``"none"``
         (contrastive loss directly on the encoder outputs).
     attention_mode
-        ``"vector"``: each modality is one vector, as in Eq. 1 (the softmax over one key is 1, so
-        attention degenerates to a projection). ``"tokens"``: the pooled vector attends over the other
-        modality's tokens (the ``h*w`` trunk-map positions and gene-group tokens in the query branch,
-        the ``K+1`` hypergraph node features in the neighbour branch).
+        ``"vector"``: each modality is one vector, as in Eq. 1 (the softmax over one key is 1).
+        ``"tokens"``: the pooled vector attends over the other modality's tokens (the ``h*w``
+        trunk-map positions and gene-group tokens in the query branch, the ``K+1`` hypergraph node
+        features in the neighbour branch). With tokens the attention weights depend on the query, so
+        some of the query's own modality reaches the refined embedding; the vector form is exact.
+    cross_residual
+        ``False`` (default): Eq. 1 as written, ``z^p = phi(h^p, h^g)`` built from the attended
+        context only, so the two embeddings InfoNCE compares each carry one modality and only the
+        image can match them. ``True``: the authors' code, ``z^p = h^p + phi(...)``; each side then
+        carries its partner's features and InfoNCE is solved without the image (kept for comparison).
     n_heads
         Attention heads.
     share_attention
@@ -84,28 +100,43 @@ class NH2STModule(nn.Module):
     lambda_query, lambda_neighbor
         Weights ``lambda_1``, ``lambda_2`` of the query and neighbour contrastive losses (Eq. 5).
     translator_hidden
-        Hidden width of the translator ``N -> hidden -> n``.
+        Hidden width of the translator ``N -> hidden -> n``; 0: a linear translator (ST-Net-style head).
     activation
         Nonlinearity inside the ST encoder and the translator (``"none"``: authors' code).
     dropout
         Dropout in the MLPs, attention and HGNN.
+    translator_dropout
+        Dropout before the translator's last layer (``None``: ``dropout``).
     n_gene_tokens
         Gene-group tokens in ``attention_mode="tokens"``.
     neighbor_trunk_grad
-        With ``trunk="finetune"``: ``True`` (the paper) backpropagates through the trunk for every
-        node's patch; ``False`` runs the neighbours' patches through the trunk without gradient (only
-        the target patches train it), about 3x faster end-to-end training on CPU.
+        With ``trunk="finetune"``: ``False`` (default) runs only the target spots' patches through the
+        trunk; the neighbour branch reads the other nodes' trunk maps from a no-grad cache that each
+        spot refreshes when it is a target (once per epoch). ``True`` (the paper) runs every node's
+        patch through the trunk with gradient, about 5x the trunk work per step.
+    gene_dropout
+        Dropout of genes at the ST encoder's input during training (a masked gene is set to 0 on the
+        standardised scale, i.e. to its mean; the others are scaled by ``1 / (1 - p)``), independently
+        per spot and node. InfoNCE then has to
+        match the image with the broad expression programme of a spot rather than with gene-level
+        noise that no image can predict. 0: the paper (no masking).
+    standardize_targets
+        Train on per-gene standardised targets: mean and standard deviation of the training spots
+        (:meth:`fit_targets`, saved with the model), so every gene weighs the same in the MSE and in
+        the ST encoder's input; predictions are mapped back to the data's scale. ``False``: the
+        paper (raw ``log1p`` targets).
     """
 
     def __init__(
         self,
         n_genes: int,
         latent_dim: int = 512,
-        image_size: int = 224,
-        trunk: Literal["frozen", "finetune"] = "frozen",
+        image_size: int = 64,
+        trunk: Literal["frozen", "finetune"] = "finetune",
         pooling: Literal["flatten", "avg"] = "avg",
         attention: Literal["cross", "self", "none"] = "cross",
         attention_mode: Literal["vector", "tokens"] = "vector",
+        cross_residual: bool = False,
         n_heads: int = 8,
         share_attention: bool = False,
         use_neighbor_branch: bool = True,
@@ -122,8 +153,11 @@ class NH2STModule(nn.Module):
         translator_hidden: int = 256,
         activation: Literal["relu", "gelu", "none"] = "relu",
         dropout: float = 0.0,
+        translator_dropout: float | None = None,
         n_gene_tokens: int = 16,
-        neighbor_trunk_grad: bool = True,
+        neighbor_trunk_grad: bool = False,
+        gene_dropout: float = 0.0,
+        standardize_targets: bool = True,
     ):
         super().__init__()
         _check_choice("trunk", trunk, ("frozen", "finetune"))
@@ -142,6 +176,9 @@ class NH2STModule(nn.Module):
                 )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if not 0 <= gene_dropout < 1:
+            raise ValueError(f"gene_dropout must be in [0, 1), got {gene_dropout}.")
+        self.gene_dropout = gene_dropout
         self.n_genes = n_genes
         self.image_size = image_size
         self.trunk_mode = trunk
@@ -155,23 +192,31 @@ class NH2STModule(nn.Module):
         self.lambda_query = lambda_query
         self.lambda_neighbor = lambda_neighbor
         self.neighbor_trunk_grad = neighbor_trunk_grad
+        self.standardize_targets = standardize_targets
         self.map_size = image_size // 32
         tokens = attention_mode == "tokens" and attention != "none"
 
-        # channels-last convolutions run ~1.5x faster on CPU (and on tensor cores)
         self.trunk = build_resnet18_trunk()
         if trunk == "frozen":
             self.trunk.requires_grad_(False)
             self.trunk.eval()  # fixed BatchNorm statistics from the start, not only after .train()/.eval()
-        self.path_head = PathologyHead(self.map_size, latent_dim, pooling, with_tokens=tokens)
-        self.gene_encoder = TwoLayerMLP(n_genes, latent_dim, latent_dim, activation, dropout)
-        self.translator = TwoLayerMLP(latent_dim, translator_hidden, n_genes, activation, dropout)
-        self.gene_tokenizer = GeneTokenizer(n_genes, n_gene_tokens, latent_dim) if tokens else None
+        self.path_head = PathologyHead(
+            self.map_size, latent_dim, pooling, with_tokens=tokens,
+            input_norm="fixed" if trunk == "frozen" else "batch",
+        )
+        self.translator = Translator(
+            latent_dim, translator_hidden, n_genes, activation, dropout if translator_dropout is None else translator_dropout
+        )
+        self.register_buffer("target_shift", torch.zeros(n_genes))
+        self.register_buffer("target_scale", torch.ones(n_genes))
+        self.register_buffer("targets_fitted", torch.zeros((), dtype=torch.bool))
 
-        if contrastive and attention != "none":
-            self.attn_query = CrossAttentionBlock(latent_dim, n_heads, dropout=dropout)
-        else:
-            self.attn_query = None
+        # modules that only the contrastive terms use exist only when those terms do (no unused
+        # trainable parameters, e.g. under DDP)
+        self.gene_encoder = TwoLayerMLP(n_genes, latent_dim, latent_dim, activation, dropout) if contrastive else None
+        self.gene_tokenizer = GeneTokenizer(n_genes, n_gene_tokens, latent_dim) if tokens and contrastive else None
+        block = {"n_heads": n_heads, "dropout": dropout, "residual": cross_residual, "single_key": not tokens}
+        self.attn_query = CrossAttentionBlock(latent_dim, **block) if contrastive and attention != "none" else None
         if use_neighbor_branch and contrastive:
             hg = {"n_layers": n_hgnn_layers, "degree": hyperedge_degree, "graph": graph}
             hg.update(normalization=hypergraph_norm, dropout=dropout)
@@ -182,7 +227,7 @@ class NH2STModule(nn.Module):
             elif share_attention:
                 self.attn_neighbor = self.attn_query
             else:
-                self.attn_neighbor = CrossAttentionBlock(latent_dim, n_heads, dropout=dropout)
+                self.attn_neighbor = CrossAttentionBlock(latent_dim, **block)
         else:
             self.hgnn_path = self.hgnn_gene = self.attn_neighbor = None
 
@@ -202,11 +247,39 @@ class NH2STModule(nn.Module):
             self.trunk.eval()
         return self
 
+    # -- targets ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_output_bias(self, mean_expression: torch.Tensor) -> None:
-        """Start the translator at the per-gene mean (its last bias), so training begins from the
-        mean predictor instead of from zero."""
-        self.translator[-1].bias.copy_(mean_expression.to(self.translator[-1].bias))
+    def fit_targets(self, expression: torch.Tensor) -> None:
+        """Fit the target scale on the training spots' expression ``(n_spots, n)`` and start the
+        translator at the per-gene mean.
+
+        With ``standardize_targets``: shift = per-gene mean, scale = per-gene standard deviation (1
+        for a gene constant on the training spots), and the translator's last layer is zeroed, so
+        training starts from the mean predictor. Without: the translator's last bias is set to the
+        mean. Called once, before the first training epoch (:attr:`targets_fitted`).
+        """
+        y = expression.to(self.target_shift.device, torch.float32)
+        if y.ndim != 2 or y.shape[1] != self.n_genes:
+            raise ValueError(f"Expected (n_spots, {self.n_genes}) expression, got {tuple(y.shape)}.")
+        if y.shape[0] < 2:
+            raise ValueError(f"Fitting the target scale needs at least 2 spots, got {y.shape[0]}.")
+        mean = y.mean(0)
+        if self.standardize_targets:
+            sd = y.std(0)
+            self.target_shift.copy_(mean)
+            self.target_scale.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
+            self.translator.start_at(torch.zeros_like(mean), zero_weights=True)
+        else:
+            self.translator.start_at(mean)
+        self.targets_fitted.fill_(True)
+
+    def standardize(self, expression: torch.Tensor) -> torch.Tensor:
+        """Expression on the data's scale -> the scale the network trains on."""
+        return (expression - self.target_shift) / self.target_scale
+
+    def unstandardize(self, z: torch.Tensor) -> torch.Tensor:
+        """The network's output -> expression on the data's scale (``log1p`` counts per 10k)."""
+        return z * self.target_scale + self.target_shift
 
     # -- encoders --------------------------------------------------------------------------------
     def trunk_features(self, patches: torch.Tensor) -> torch.Tensor:
@@ -222,33 +295,38 @@ class NH2STModule(nn.Module):
                 return self.trunk(x)
         return self.trunk(x)
 
-    def _fmaps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "fmaps" in batch:
-            return batch["fmaps"]
-        if "patches" not in batch:
+    def node_fmaps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Trunk maps of every row of the batch, and the live (trunk-computed) maps, if any."""
+        patches, cached = batch.get("patches"), batch.get("fmaps")
+        if patches is None and cached is None:
             raise KeyError("A batch needs 'patches' or 'fmaps'.")
-        patches = batch["patches"]
-        if self.neighbor_trunk_grad or self.trunk_mode == "frozen" or not self.training or "node_map" not in batch:
-            return self.trunk_features(patches)
-        # end-to-end training where only the target spots' patches backpropagate into the trunk
-        is_target = torch.zeros(patches.shape[0], dtype=torch.bool, device=patches.device)
-        is_target[batch["node_map"][:, 0]] = True
-        with torch.no_grad():
-            rest = self.trunk_features(patches[~is_target])
-        fmaps = rest.new_empty((patches.shape[0], *rest.shape[1:]))
-        fmaps = fmaps.index_put((~is_target,), rest).index_put((is_target,), self.trunk_features(patches[is_target]))
-        return fmaps
+        if patches is None:
+            return cached, None
+        live = self.trunk_features(patches)
+        if cached is None or "patch_rows" not in batch:
+            return live, live
+        rows = batch["patch_rows"]
+        return cached.to(live.dtype).index_put((rows,), live), live
 
     @torch.no_grad()
-    def predict_expression(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_expression(self, batch: dict[str, torch.Tensor], tta: bool = False) -> torch.Tensor:
         """Inference path ``y_hat = translator(head(trunk(x)))`` for every row of the batch's
-        ``patches``/``fmaps``: no expression, no neighbours needed."""
-        return self.translator(self.path_head(self._fmaps(batch)))
+        ``patches``/``fmaps``, on the data's scale: no expression, no neighbours needed.
+
+        ``tta``: average the predictions of the 8 flips/90-degree rotations of each patch
+        (test-time augmentation; ``patches`` only).
+        """
+        if tta and "patches" in batch:
+            views = random_dihedral_views(batch["patches"])
+            out = torch.stack([self.translator(self.path_head(self.trunk_features(v))) for v in views])
+            return self.unstandardize(out.mean(0))
+        fmaps, _ = self.node_fmaps(batch)
+        return self.unstandardize(self.translator(self.path_head(fmaps)))
 
     @torch.no_grad()
     def latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pathology latent ``h^p`` ``(U, N)`` of every row of ``patches``/``fmaps``."""
-        return self.path_head(self._fmaps(batch))
+        return self.path_head(self.node_fmaps(batch)[0])
 
     def _attend(self, block, hp, hg, ctx_p, ctx_g):
         if block is None:
@@ -262,8 +340,13 @@ class NH2STModule(nn.Module):
         return block(hp.unsqueeze(1), ctx_g).squeeze(1), block(hg.unsqueeze(1), ctx_p).squeeze(1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Training forward pass: predictions, all latents, and every loss term."""
-        fmaps = self._fmaps(batch)
+        """Training forward pass: predictions, all latents, and every loss term.
+
+        ``"prediction"`` is on the data's scale; ``"mse"`` is computed on the training scale
+        (standardised targets when ``standardize_targets``). ``"live_fmaps"`` are the trunk maps
+        computed from ``"patches"`` in this pass (for the neighbour cache), when there are any.
+        """
+        fmaps, live = self.node_fmaps(batch)
         node_map = batch["node_map"]
         y = batch["expression"]
         if node_map.ndim != 2 or y.shape[:2] != node_map.shape:
@@ -273,22 +356,27 @@ class NH2STModule(nn.Module):
             raise ValueError(
                 f"The neighbour branch needs K + 1 = {self.n_neighbors + 1} nodes per spot, got {node_map.shape[1]}."
             )
+        z = self.standardize(y)
         h_all = self.path_head(fmaps)  # (U, N)
         hp_s = h_all[node_map[:, 0]]
-        y_s = y[:, 0]
+        z_s = z[:, 0]
         pred = self.translator(hp_s)
-        out = {"prediction": pred, "h_path": hp_s, "mse": F.mse_loss(pred, y_s)}
+        out = {"prediction": self.unstandardize(pred.detach()), "h_path": hp_s, "mse": F.mse_loss(pred, z_s)}
+        if live is not None:
+            out["live_fmaps"] = live
         zero = pred.new_zeros(())
         out["nce_query"] = zero
         out["nce_neighbor"] = zero
-        if self.contrastive:
+        # InfoNCE needs a negative: a batch of one spot (e.g. a validation remainder) has none
+        if self.contrastive and node_map.shape[0] >= 2:
             # encode each node's expression once; the target is node 0
-            g_nodes = self.gene_encoder(y if self.use_neighbor_branch else y[:, :1])
+            g_in = z if self.use_neighbor_branch else z[:, :1]
+            g_nodes = self.gene_encoder(F.dropout(g_in, self.gene_dropout, self.training))
             hg_s = g_nodes[:, 0]
             tokens = self.attention_mode == "tokens" and self.attention != "none"
             if tokens:
                 ctx_p = self.path_head.tokens(fmaps)[node_map[:, 0]]
-                ctx_g = self.gene_tokenizer(y_s)
+                ctx_g = self.gene_tokenizer(z_s)
             else:
                 ctx_p, ctx_g = hp_s.unsqueeze(1), hg_s.unsqueeze(1)
             zp, zg = self._attend(self.attn_query, hp_s, hg_s, ctx_p, ctx_g)

@@ -8,19 +8,28 @@ from torch import nn
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm multi-head attention block with a residual connection and a feed-forward layer.
+    r"""Multi-head attention of a query over a context, then a feed-forward layer (pre-norm).
 
     ``forward(query, context)`` refines ``query`` (``(B, Lq, D)``) with guidance from ``context``
-    (``(B, Lk, D)``): ``x = q + MHA(LN(q), LN(c), LN(c)); x = x + FF(LN(x))``. With ``Lk == 1`` the
-    softmax runs over a single key and is identically 1, so the block reduces to a learned
-    projection of the context added to the query: that is the paper's single-vector setting. Give
-    it several context tokens (``attention_mode="tokens"`` in :class:`~st_predict.module.NH2STModule`)
-    for attention that actually weighs something.
+    (``(B, Lk, D)``). Two forms:
 
-    The query, key, value and output projections are separate :class:`~torch.nn.Linear` layers
-    (the same maths as :class:`torch.nn.MultiheadAttention`, whose packed ``in_proj_weight`` would
-    receive a full-size gradient even when only the value part is used). With a single context
-    token the query and key projections are skipped, so they get no gradient and no optimiser work.
+    ``residual=False`` (default; the paper's Eq. 1)
+        ``a = MHA(LN(q), LN(c), LN(c)); z = a + FF(LN(a))``. The output is built from the context's
+        values only; the query enters only through the attention weights. With one context token the
+        weights are identically 1 and ``z`` is a function of the context alone. In NH2ST this is what
+        keeps the contrastive terms honest: ``z^p = phi(h^p, h^g)`` carries gene information and
+        ``z^g = phi(h^g, h^p)`` pathology information, so InfoNCE between them can only be solved by
+        predicting one modality from the other, i.e. from the image.
+    ``residual=True`` (the authors' code; a labelled option for comparison)
+        ``x = q + MHA(LN(q), LN(c), LN(c)); z = x + FF(LN(x))``. Each output then carries its own
+        query's features, so ``z^p`` and ``z^g`` both contain ``h^p`` and ``h^g`` and InfoNCE between
+        them is solved without looking at the image (a model fed one constant colour drives it to ~0).
+
+    The query, key, value and output projections are separate :class:`~torch.nn.Linear` layers (the
+    maths of :class:`torch.nn.MultiheadAttention`). ``single_key=True`` builds the block for one
+    context token: the softmax over one key is 1, so the query and key projections (and the query's
+    LayerNorm) cannot influence the output and are not created at all (no unused parameters, e.g.
+    under DDP).
 
     Parameters
     ----------
@@ -32,19 +41,36 @@ class CrossAttentionBlock(nn.Module):
         Width of the feed-forward layer, as a multiple of ``dim``.
     dropout
         Dropout on the attention weights and in the feed-forward layer.
+    residual
+        Add the query to the attended context (the authors' code), see above.
+    single_key
+        The context always has one token (``Lk == 1``); see above.
     """
 
-    def __init__(self, dim: int, n_heads: int = 8, ff_mult: int = 2, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int = 8,
+        ff_mult: int = 2,
+        dropout: float = 0.0,
+        residual: bool = False,
+        single_key: bool = False,
+    ):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"n_heads={n_heads} must divide the latent size {dim}.")
         self.dim = dim
         self.n_heads = n_heads
         self.dropout = dropout
-        self.norm_q = nn.LayerNorm(dim)
+        self.residual = residual
+        self.single_key = single_key
+        if single_key:
+            self.norm_q = self.q_proj = self.k_proj = None
+        else:
+            self.norm_q = nn.LayerNorm(dim)
+            self.q_proj = nn.Linear(dim, dim)
+            self.k_proj = nn.Linear(dim, dim)
         self.norm_kv = nn.LayerNorm(dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
         self.norm_ff = nn.LayerNorm(dim)
@@ -57,8 +83,9 @@ class CrossAttentionBlock(nn.Module):
         # as torch.nn.MultiheadAttention: Xavier-uniform input projections (here per projection),
         # zero input/output biases
         for lin in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
+            if lin is not None:
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
         nn.init.zeros_(self.out_proj.bias)
 
     def attend(
@@ -71,10 +98,17 @@ class CrossAttentionBlock(nn.Module):
         """
         b, lq, lk = query.shape[0], query.shape[1], context.shape[1]
         p = self.dropout if self.training else 0.0
-        if lk == 1 and not return_weights and p == 0.0:
-            # softmax over a single key is exactly 1: skip the query/key projections (same result)
-            return self.out_proj(self.v_proj(context)).expand(b, lq, self.dim), None
         h, d = self.n_heads, self.dim // self.n_heads
+        if lk == 1 and (self.single_key or not return_weights):
+            # softmax over a single key is exactly 1: the output is the projected value (same result
+            # as the full computation; attention dropout drops a head's whole value)
+            v = self.v_proj(context).view(b, 1, h, d).expand(b, lq, h, d)
+            if p > 0:
+                v = v * F.dropout(v.new_ones(b, lq, h, 1), p, True)
+            weights = context.new_ones(b, lq, 1) if return_weights else None
+            return self.out_proj(v.reshape(b, lq, self.dim)), weights
+        if self.single_key:
+            raise ValueError(f"This attention block was built for one context token (single_key), got {lk}.")
         q = self.q_proj(query).view(b, lq, h, d).transpose(1, 2)
         k = self.k_proj(context).view(b, lk, h, d).transpose(1, 2)
         v = self.v_proj(context).view(b, lk, h, d).transpose(1, 2)
@@ -92,7 +126,8 @@ class CrossAttentionBlock(nn.Module):
         self, query: torch.Tensor, context: torch.Tensor, return_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Refine ``query`` by attending over ``context``."""
-        attended, weights = self.attend(self.norm_q(query), self.norm_kv(context), return_weights)
-        x = query + attended
+        q = query if self.norm_q is None else self.norm_q(query)
+        attended, weights = self.attend(q, self.norm_kv(context), return_weights)
+        x = query + attended if self.residual else attended
         x = x + self.ff(self.norm_ff(x))
         return (x, weights) if return_weights else x

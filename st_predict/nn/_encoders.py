@@ -76,7 +76,7 @@ def _resnet_keys_to_trunk(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | None) -> str:
+def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | None) -> str:
     """Load pretrained weights into a trunk from :func:`build_resnet18_trunk`.
 
     Parameters
@@ -88,7 +88,8 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | None) -> s
         (``$TORCH_HOME/hub/checkpoints``) or downloaded; if neither works, the trunk stays random and
         a :class:`UserWarning` says so. A path: a state dict (``.pt``/``.pth``/``.ckpt``, optionally
         under a ``"state_dict"`` key, common prefixes such as ``module.`` or ``model.`` stripped),
-        e.g. a histology self-supervised checkpoint. ``"random"`` or ``None``: random initialisation.
+        e.g. a histology self-supervised checkpoint. A state dict itself (a mapping of tensors, e.g.
+        another trunk's ``state_dict()``). ``"random"`` or ``None``: random initialisation.
 
     Returns
     -------
@@ -115,6 +116,11 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | None) -> s
             return "random init (ImageNet weights unavailable)"
         _load_resnet_state(trunk, state, source="torchvision IMAGENET1K_V1")
         return "torchvision ResNet18 IMAGENET1K_V1"
+    if isinstance(weights, Mapping):
+        _load_resnet_state(trunk, weights, source="the given state dict")
+        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in weights.values()
+                                         if isinstance(v, torch.Tensor))).hexdigest()[:12]
+        return f"given state dict (sha256 {digest})"
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
@@ -152,6 +158,12 @@ class PathologyHead(nn.Module):
 
     ``pooling="flatten"`` (the authors' code): ``Linear(C*h*w -> N)`` on the flattened map.
     ``pooling="avg"``: global average, then ``Linear(C -> N)``.
+
+    The pooled features are standardised before the projection. ``input_norm="fixed"`` (a frozen
+    trunk): a fixed shift and scale fitted once on the training spots (:meth:`fit_input_scaling`)
+    and saved with the model. ``input_norm="batch"`` (a trunk trained end to end): a
+    :class:`~torch.nn.BatchNorm1d` without affine parameters, so the scaled features are ~0/1 in
+    training mode whatever the trunk has learnt, and its running statistics are used at inference.
     """
 
     def __init__(
@@ -161,15 +173,24 @@ class PathologyHead(nn.Module):
         pooling: Literal["flatten", "avg"] = "flatten",
         in_channels: int = TRUNK_CHANNELS,
         with_tokens: bool = False,
+        input_norm: Literal["fixed", "batch"] = "fixed",
     ):
         super().__init__()
         if pooling not in ("flatten", "avg"):
             raise ValueError(f"pooling must be 'flatten' or 'avg', got {pooling!r}.")
+        if input_norm not in ("fixed", "batch"):
+            raise ValueError(f"input_norm must be 'fixed' or 'batch', got {input_norm!r}.")
         self.pooling = pooling
+        self.input_norm = input_norm
         in_features = in_channels * map_size * map_size if pooling == "flatten" else in_channels
-        # fixed standardisation of the pooled trunk features (see fit_input_scaling); saved with the model
-        self.register_buffer("input_shift", torch.zeros(in_features))
-        self.register_buffer("input_scale", torch.ones(in_features))
+        if input_norm == "fixed":
+            # fixed standardisation of the pooled trunk features (see fit_input_scaling); saved with the model
+            self.register_buffer("input_shift", torch.zeros(in_features))
+            self.register_buffer("input_scale", torch.ones(in_features))
+            self.register_buffer("input_fitted", torch.zeros((), dtype=torch.bool))
+            self.batch_norm = None
+        else:
+            self.batch_norm = nn.BatchNorm1d(in_features, affine=False)
         self.proj = nn.Linear(in_features, latent_dim)
         if with_tokens:
             self.token_proj = nn.Linear(in_channels, latent_dim)
@@ -182,25 +203,73 @@ class PathologyHead(nn.Module):
         """Pooled trunk features ``(B, C*h*w)`` (flatten) or ``(B, C)`` (avg), before standardisation."""
         return fmap.flatten(1) if self.pooling == "flatten" else fmap.mean((2, 3))
 
+    def scaled(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Standardised pooled features (the projection's input)."""
+        pooled = self.pool(fmap)
+        if self.batch_norm is not None:
+            return self.batch_norm(pooled)
+        return (pooled - self.input_shift) * self.input_scale
+
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         """Latent vector ``(B, N)``."""
-        return self.proj((self.pool(fmap) - self.input_shift) * self.input_scale)
+        return self.proj(self.scaled(fmap))
 
     @torch.no_grad()
     def fit_input_scaling(self, fmaps: torch.Tensor, eps: float = 1e-3) -> None:
         """Standardise each pooled feature to zero mean and unit variance over the given (training)
-        feature maps: ``x -> (x - mean) / (std + eps)``. Trunk features of a frozen (and above all a
-        randomly initialised) ResNet have very unequal scales and large constant offsets; a fixed
-        standardisation lets the projection learn from all of them."""
+        feature maps: ``x -> (x - mean) / (std + eps)`` (``input_norm="fixed"`` only). Trunk features
+        of a frozen (and above all a randomly initialised) ResNet have very unequal scales and large
+        constant offsets; a fixed standardisation lets the projection learn from all of them."""
+        if self.batch_norm is not None:
+            raise RuntimeError("fit_input_scaling is for input_norm='fixed'; 'batch' standardises itself.")
         pooled = self.pool(fmaps.to(self.input_shift.device, torch.float32))
         self.input_shift.copy_(pooled.mean(0))
         self.input_scale.copy_(1.0 / (pooled.std(0) + eps))
+        self.input_fitted.fill_(True)
+
+    @property
+    def needs_fit(self) -> bool:
+        """``True`` while a fixed input standardisation has not been fitted yet."""
+        return self.batch_norm is None and not bool(self.input_fitted)
 
     def tokens(self, fmap: torch.Tensor) -> torch.Tensor:
         """Spatial tokens ``(B, h*w, N)``."""
         if self.token_proj is None:
             raise RuntimeError("PathologyHead was built without tokens (with_tokens=False).")
         return self.token_proj(fmap.flatten(2).transpose(1, 2)) + self.token_pos
+
+
+class Translator(nn.Sequential):
+    """The translator ``phi_t``: latent ``N`` -> expression of ``n`` genes.
+
+    ``hidden > 0``: ``Linear(N, hidden) -> activation -> dropout -> Linear(hidden, n)`` (the paper's
+    two fully connected layers); ``hidden == 0``: one ``Linear(N, n)`` after dropout (a linear head,
+    as ST-Net). :meth:`start_at` sets where training starts from.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        hidden: int,
+        n_genes: int,
+        activation: Literal["relu", "gelu", "none"] = "relu",
+        dropout: float = 0.0,
+    ):
+        if hidden < 0:
+            raise ValueError(f"translator_hidden must be >= 0, got {hidden}.")
+        if hidden == 0:
+            super().__init__(nn.Dropout(dropout), nn.Linear(latent_dim, n_genes))
+        else:
+            super().__init__(*TwoLayerMLP(latent_dim, hidden, n_genes, activation, dropout))
+
+    @torch.no_grad()
+    def start_at(self, value: torch.Tensor, zero_weights: bool = False) -> None:
+        """Make the last layer output ``value`` (its bias) and, with ``zero_weights``, nothing else:
+        the model then starts as the per-gene mean predictor."""
+        last = self[-1]
+        last.bias.copy_(value.to(last.bias))
+        if zero_weights:
+            last.weight.zero_()
 
 
 class TwoLayerMLP(nn.Sequential):

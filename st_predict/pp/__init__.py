@@ -2,13 +2,24 @@
 
 from ._genes import check_expression, normalize_expression, select_genes
 from ._neighbors import spatial_knn
-from ._patches import make_patch_reader, section_images, spot_coordinates, spot_libraries
+from ._patches import (
+    PIXEL_SIZE_KEY,
+    make_patch_reader,
+    patch_size_pixels,
+    section_images,
+    section_pixel_sizes,
+    spot_coordinates,
+    spot_libraries,
+)
 
 __all__ = [
+    "PIXEL_SIZE_KEY",
     "check_expression",
     "make_patch_reader",
     "normalize_expression",
+    "patch_size_pixels",
     "section_images",
+    "section_pixel_sizes",
     "select_genes",
     "spatial_knn",
     "spot_coordinates",

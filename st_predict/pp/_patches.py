@@ -100,12 +100,13 @@ def make_patch_reader(
     spatial_key: str = "spatial",
     image_key: str = "hires",
     library_key: str | None = None,
-    patch_size: float = 224,
+    patch_size: float | Mapping[str, float] = 224,
     out_size: int = 224,
 ) -> PatchReader:
     """A :class:`~st_predict._imaging.PatchReader` over ``adata``'s spots.
 
-    Patches are ``patch_size`` full-resolution pixels wide, centred on ``adata.obsm[spatial_key]``,
+    Patches are ``patch_size`` full-resolution pixels wide (a number, or one per section, see
+    :func:`patch_size_pixels`), centred on ``adata.obsm[spatial_key]``,
     cut from ``adata.uns["spatial"][library]["images"][image_key]`` and resampled to ``out_size``.
     Raises if any patch falls outside its image (naming the section, the count and example spots).
     Only the pixels under each patch are read, so a lazy (dask) image stays on disk.
@@ -115,7 +116,8 @@ def make_patch_reader(
     coords = spot_coordinates(adata, spatial_key)
     libraries = spot_libraries(adata, library_key)
     images, scales = section_images(adata, libraries, image_key)
-    if patch_size <= 0:
+    sizes = patch_size.values() if isinstance(patch_size, Mapping) else [patch_size]
+    if any(not s > 0 for s in sizes):
         raise ValueError(f"patch_size must be > 0, got {patch_size}.")
     reader = PatchReader(images, scales, coords, libraries, patch_size, out_size)
     outside = reader.outside()
@@ -128,10 +130,56 @@ def make_patch_reader(
                 f"section {lib!r}: {int(sel.sum())} spots (e.g. {list(adata.obs_names[sel][:3])}) in a "
                 f"{h}x{w} px image"
             )
+        shown = f"{patch_size:g} px" if not isinstance(patch_size, Mapping) else "full-size"
         raise ValueError(
-            f"{int(outside.sum())} spots have a {patch_size:g} px patch that falls outside their image: "
+            f"{int(outside.sum())} spots have a {shown} patch that falls outside their image: "
             + "; ".join(parts)
             + f". Check adata.obsm[{spatial_key!r}] (full-resolution pixels, x = column) and the scale factor, "
             "or drop those spots."
         )
     return reader
+
+
+#: ``adata.uns["spatial"][library]["metadata"][PIXEL_SIZE_KEY]``: micrometres per full-resolution pixel
+#: (written by st_predict's readers when the platform or the file says it).
+PIXEL_SIZE_KEY = "pixel_size_um"
+
+
+def section_pixel_sizes(adata: AnnData, libraries: np.ndarray) -> dict[str, float | None]:
+    """Micrometres per full-resolution pixel of every section, from
+    ``adata.uns["spatial"][library]["metadata"]["pixel_size_um"]`` (``None`` where unknown)."""
+    spatial = adata.uns.get("spatial")
+    out: dict[str, float | None] = {}
+    for lib in pd.unique(np.asarray(libraries)):
+        entry = spatial.get(lib) if isinstance(spatial, Mapping) else None
+        meta = entry.get("metadata") if isinstance(entry, Mapping) else None
+        value = meta.get(PIXEL_SIZE_KEY) if isinstance(meta, Mapping) else None
+        try:
+            value = float(value) if value is not None else None
+        except (TypeError, ValueError):
+            value = None
+        out[str(lib)] = value if value is not None and np.isfinite(value) and value > 0 else None
+    return out
+
+
+def patch_size_pixels(
+    adata: AnnData, libraries: np.ndarray, patch_size: float | None = 224, patch_size_um: float | None = None
+) -> float | dict[str, float]:
+    """The patch side in full-resolution pixels: ``patch_size``, or with ``patch_size_um`` that many
+    micrometres converted with each section's pixel size (one value per section). Raises a
+    ``ValueError`` naming the sections whose pixel size is unknown."""
+    if patch_size_um is None:
+        if patch_size is None or not patch_size > 0:
+            raise ValueError(f"patch_size must be > 0, got {patch_size}.")
+        return float(patch_size)
+    if not patch_size_um > 0:
+        raise ValueError(f"patch_size_um must be > 0, got {patch_size_um}.")
+    sizes = section_pixel_sizes(adata, libraries)
+    unknown = [lib for lib, mpp in sizes.items() if mpp is None]
+    if unknown:
+        raise ValueError(
+            f"patch_size_um={patch_size_um:g} needs each section's pixel size, but sections {unknown[:5]} have no "
+            f"adata.uns['spatial'][section]['metadata'][{PIXEL_SIZE_KEY!r}] (micrometres per full-resolution "
+            "pixel). Set it, or give patch_size in pixels instead."
+        )
+    return {lib: patch_size_um / mpp for lib, mpp in sizes.items()}

@@ -7,18 +7,52 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from st_predict._imaging import random_dihedral_views
 
-@torch.inference_mode()
+
+@torch.no_grad()  # not inference_mode: the result may be updated in place (neighbour cache)
 def compute_fmaps(
     module,
-    read_patches: Callable[[np.ndarray], torch.Tensor],
-    n_spots: int,
-    batch_size: int = 16,
+    read_patches: Callable[[np.ndarray], torch.Tensor] | torch.Tensor,
+    n_spots: int | None = None,
+    batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "Embedding patches",
+    views: int = 1,
 ) -> torch.Tensor:
-    """Run the module's trunk over every spot's patch; returns ``(n_spots, 512, h, w)`` float32 on CPU."""
+    """Run the module's trunk (in eval mode) over every spot's patch.
+
+    Parameters
+    ----------
+    module
+        An :class:`~st_predict.module.NH2STModule` (its ``trunk_features`` is used).
+    read_patches
+        A function ``indices -> (m, 3, S, S)`` uint8 patches, or the patches themselves.
+    n_spots
+        Number of spots (default: all the given patches).
+    batch_size
+        Patches per trunk call.
+    device
+        Where to run (default: the module's device).
+    progress
+        Show a progress bar.
+    desc
+        Its label.
+    views
+        1: the patches as they are, ``(n_spots, 512, h, w)``. 8: also their flips/90-degree
+        rotations, ``(n_spots, 8, 512, h, w)`` (identity first), the augmentation of a frozen cache.
+
+    Returns float32 maps on the CPU.
+    """
+    if views not in (1, 8):
+        raise ValueError(f"views must be 1 or 8, got {views}.")
+    if isinstance(read_patches, torch.Tensor):
+        patches = read_patches
+        read_patches = lambda idx: patches[torch.as_tensor(idx)]  # noqa: E731
+        n_spots = len(patches) if n_spots is None else n_spots
+    if n_spots is None:
+        raise ValueError("n_spots is needed when read_patches is a function.")
     device = torch.device(device) if device is not None else module.device
     was_training = module.training
     module.eval()
@@ -31,10 +65,14 @@ def compute_fmaps(
     try:
         for start in starts:
             idx = np.arange(start, min(start + batch_size, n_spots))
-            fm = module.trunk_features(read_patches(idx).to(device)).float().cpu()
+            x = read_patches(idx).to(device)
+            batch_views = random_dihedral_views(x) if views == 8 else [x]
+            fm = torch.stack([module.trunk_features(v).float().cpu() for v in batch_views], dim=1)
             if out is None:
                 out = torch.empty((n_spots, *fm.shape[1:]), dtype=torch.float32)
             out[idx] = fm
     finally:
         module.train(was_training)
-    return out
+    if out is None:
+        raise ValueError("No spots to embed.")
+    return out[:, 0] if views == 1 else out

@@ -1,53 +1,124 @@
-"""Lightning training plan for NH2ST: Adam + StepLR, logs every loss term (pure Lightning)."""
+"""Lightning training plan for NH2ST: optimiser, schedule, neighbour cache, logging (pure Lightning)."""
 
 from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("onecycle", "step", "constant")
+
+
+def mean_gene_pcc(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean over genes of the Pearson correlation across spots (genes constant in either are skipped;
+    NaN if all are)."""
+    p = pred.double() - pred.double().mean(0)
+    t = truth.double() - truth.double().mean(0)
+    denom = p.norm(dim=0) * t.norm(dim=0)
+    ok = denom > 0
+    if not ok.any():
+        return pred.new_tensor(float("nan"))
+    return ((p * t).sum(0)[ok] / denom[ok]).mean().to(pred.dtype)
+
 
 class NH2STTrainingPlan(pl.LightningModule):
-    """Optimises :class:`~st_predict.module.NH2STModule` with Adam and a StepLR schedule (paper §3).
+    """Optimises :class:`~st_predict.module.NH2STModule`.
 
-    Logs ``{train,validation}_{loss,mse,nce_query,nce_neighbor}`` once per epoch; scvi-tools'
-    ``TrainRunner`` collects them into ``model.history``.
+    Logs ``{train,validation}_{loss,mse,nce_query,nce_neighbor}`` once per epoch and
+    ``validation_pcc`` (mean per-gene Pearson correlation of the predictions on the validation
+    spots); scvi-tools' ``TrainRunner`` collects them into ``model.history``.
 
     Parameters
     ----------
     module
         The network.
     lr
-        Adam learning rate (1e-4).
+        Learning rate (the peak of a one-cycle schedule).
     weight_decay
-        Adam weight decay.
+        Weight decay (decoupled with AdamW, an L2 penalty with Adam).
+    optimizer
+        ``"adamw"`` or ``"adam"`` (the paper).
+    schedule
+        ``"onecycle"``: linear warm-up over the first ``warmup`` fraction of the steps, then cosine
+        annealing (:class:`torch.optim.lr_scheduler.OneCycleLR`). ``"step"``: multiply the learning rate
+        by ``lr_gamma`` every ``lr_step_size`` epochs (the paper: 50, 0.9). ``"constant"``.
+    warmup
+        Fraction of the steps spent warming up (``"onecycle"``).
     lr_step_size, lr_gamma
-        StepLR: multiply the learning rate by ``lr_gamma`` every ``lr_step_size`` epochs (50, 0.9).
+        The ``"step"`` schedule.
+    feature_cache
+        End-to-end training with cached neighbours: ``(n_spots, C, h, w)`` trunk maps of every spot,
+        filled before training. Batches that carry ``"patch_rows"`` get their other rows from it, and
+        every target's freshly computed maps are written back (no gradient), so each spot's entry is
+        refreshed once per epoch at no extra trunk cost. Under DDP the fresh maps are gathered from
+        every process first.
     """
 
     def __init__(
         self,
         module: torch.nn.Module,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        optimizer: Literal["adamw", "adam"] = "adamw",
+        schedule: Literal["onecycle", "step", "constant"] = "onecycle",
+        warmup: float = 0.1,
         lr_step_size: int = 50,
         lr_gamma: float = 0.9,
+        feature_cache: torch.Tensor | None = None,
     ):
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}.")
+        if not 0 < warmup < 1:
+            raise ValueError(f"warmup must be a fraction in (0, 1), got {warmup}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
         self.module = module
         self.lr = lr
         self.weight_decay = weight_decay
+        self.optimizer_name = optimizer
+        self.schedule = schedule
+        self.warmup = warmup
         self.lr_step_size = lr_step_size
         self.lr_gamma = lr_gamma
+        self.feature_cache = feature_cache
         self.n_obs_training = None
         self.n_obs_validation = None
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._names: list[str] = []
+        self._val_pred: list[torch.Tensor] = []
+        self._val_true: list[torch.Tensor] = []
 
     def forward(self, batch):
         return self.module(batch)
 
+    def on_fit_start(self) -> None:
+        if self.feature_cache is not None:
+            self.feature_cache = self.feature_cache.to(self.device)
+
+    def on_fit_end(self) -> None:
+        self.feature_cache = None  # only needed while training
+
     def _step(self, batch, prefix: str):
-        terms = self.module.loss(batch)
+        if "patch_rows" in batch and "fmaps" not in batch:
+            if self.feature_cache is None:
+                raise RuntimeError("A batch with cached neighbours needs the plan's feature_cache.")
+            batch = {**batch, "fmaps": self.feature_cache[batch["node_index"]]}
+        out = self.module(batch)
+        if prefix == "train" and "live_fmaps" in out and self.feature_cache is not None and "patch_rows" in batch:
+            self._refresh_cache(batch["node_index"][batch["patch_rows"]], out["live_fmaps"].detach())
+        if prefix == "validation":
+            self._val_pred.append(out["prediction"].detach())
+            self._val_true.append(batch["expression"][:, 0].detach())
+        terms = {k: out[k] for k in ("loss", "mse", "nce_query", "nce_neighbor")}
         bs = batch["node_map"].shape[0]
         # accumulate batch-weighted sums here and log epoch means once per epoch (cheaper than
         # logging every step); under DDP the epoch means are averaged over processes
@@ -57,15 +128,23 @@ class NH2STTrainingPlan(pl.LightningModule):
         self._names = list(terms)
         return terms["loss"]
 
+    @torch.no_grad()
+    def _refresh_cache(self, ids: torch.Tensor, fmaps: torch.Tensor) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            ids = self.all_gather(ids).flatten(0, 1)
+            fmaps = self.all_gather(fmaps).flatten(0, 1)
+        self.feature_cache[ids.to(self.feature_cache.device)] = fmaps.to(self.feature_cache)
+
     def _log_epoch(self, prefix: str) -> None:
         if prefix not in self._sums:
             return
         sums, n = self._sums.pop(prefix)
         means = sums / n
-        self.log_dict(
-            {f"{prefix}_{name}": means[i] for i, name in enumerate(self._names)},
-            on_step=False, on_epoch=True, sync_dist=True, batch_size=n,
-        )
+        metrics = {f"{prefix}_{name}": means[i] for i, name in enumerate(self._names)}
+        if prefix == "validation" and self._val_pred:
+            metrics["validation_pcc"] = mean_gene_pcc(torch.cat(self._val_pred), torch.cat(self._val_true))
+        self._val_pred, self._val_true = [], []
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -81,7 +160,49 @@ class NH2STTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.module.parameters() if p.requires_grad]
-        fused = all(p.device.type in ("cpu", "cuda") for p in params)
-        optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step_size, gamma=self.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+        cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
+        optimizer = cls(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        if self.schedule == "constant":
+            return optimizer
+        if self.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step_size, gamma=self.lr_gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.lr, total_steps=total, pct_start=self.warmup, anneal_strategy="cos"
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class BestEpoch(pl.Callback):
+    """Keep the module's weights of the epoch with the best ``monitor`` (in memory) and restore them
+    when training ends. :attr:`best_epoch` (1-based) and :attr:`best_score` say which it was."""
+
+    def __init__(self, monitor: str = "validation_pcc", mode: Literal["max", "min"] = "max"):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+        self.monitor, self.mode = monitor, mode
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self._state: dict | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if value != value:  # NaN: no usable score this epoch
+            return
+        better = self.best_score is None or (value > self.best_score if self.mode == "max" else value < self.best_score)
+        if better:
+            self.best_score, self.best_epoch = value, trainer.current_epoch + 1
+            self._state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.module.state_dict().items()})
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.module.load_state_dict(self._state)
+            logger.info("Restored the weights of epoch %d (%s %.4f).", self.best_epoch, self.monitor, self.best_score)

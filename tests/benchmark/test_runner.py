@@ -10,6 +10,7 @@ from st_predict.benchmark import (
     MeanBaseline,
     NH2STMethod,
     RidgeProbe,
+    SmallCNN,
     STNetRegressor,
     default_methods,
     run_benchmark,
@@ -25,17 +26,20 @@ def test_two_fold_run_writes_tables_and_ranks_sensibly(tissue, tmp_path):
         "ridge (PCA-256)": lambda: RidgeProbe(n_components=32),
         "ST-Net-style": lambda: STNetRegressor(epochs=10, lr=1e-3),
         "BLEEP-style": lambda: BLEEPRetrieval(epochs=10, k=20),
-        "NH2ST": lambda: NH2STMethod(epochs=10, latent_dim=64, n_heads=4),
-        "NH2ST query only": lambda: NH2STMethod(epochs=2, latent_dim=64, n_heads=4, use_neighbor_branch=False),
+        "NH2ST": lambda: NH2STMethod(epochs=10, latent_dim=64, n_heads=4, image_size=32),
+        "NH2ST query only": lambda: NH2STMethod(epochs=2, latent_dim=64, n_heads=4, use_neighbor_branch=False,
+                                                image_size=32),
+        "NH2ST frozen": lambda: NH2STMethod(epochs=10, latent_dim=64, n_heads=4, trunk="frozen"),
+        "small CNN": lambda: SmallCNN(image_size=32, epochs=10),
     }
     res = run_benchmark(tissue, methods, folds=["S0", "S1"], n_genes=40, patch_size=32, image_size=32,
                         weights="random", out_dir=tmp_path)
-    assert [r["held_out"] for r in res["rows"]] == ["S0"] * 6 + ["S1"] * 6
+    assert [r["held_out"] for r in res["rows"]] == ["S0"] * 8 + ["S1"] * 8
     summary = {r["method"]: r for r in res["summary"]}
     assert set(summary) == set(methods)
     assert np.isnan(summary["per-gene mean"]["pcc_mean"])  # a constant predictor has no PCC
     assert summary["per-gene mean"]["n_nan_genes"] == 80
-    for name in ("ridge (PCA-256)", "NH2ST", "ST-Net-style", "BLEEP-style"):
+    for name in ("ridge (PCA-256)", "NH2ST", "ST-Net-style", "BLEEP-style", "NH2ST frozen", "small CNN"):
         assert summary[name]["pcc_mean"] > 0.3, (name, summary[name])
         assert summary[name]["mse"] < 1.0, (name, summary[name])  # no blow-up on the test spots
     for name in ("ridge (PCA-256)", "NH2ST"):
@@ -65,7 +69,9 @@ def test_genes_come_from_training_sections_only(tissue, monkeypatch):
 
 def test_default_methods_cover_the_paper_ablations():
     names = set(default_methods())
-    for needed in ("per-gene mean", "ridge (PCA-256)", "ST-Net-style", "BLEEP-style", "NH2ST",
+    for needed in ("per-gene mean", "ridge (PCA-256)", "ST-Net-style (frozen trunk)", "BLEEP-style",
+                   "small CNN (from scratch)", "ST-Net-style end to end", "NH2ST",
+                   "NH2ST residual cross-attention (authors' code)",
                    "NH2ST query branch only", "NH2ST no contrastive loss", "NH2ST self-attention",
                    "NH2ST graph instead of hypergraph", "NH2ST K=4", "NH2ST L=1"):
         assert needed in names

@@ -161,7 +161,7 @@ def test_every_ablation_constructs_and_trains(split, switch):
     train, test = split
     model = _fit(train, epochs=1, **switch)
     for key, value in switch.items():
-        assert model.init_params_["non_kwargs"][key] == value
+        assert model.module_kwargs[key] == value
     assert np.isfinite(model.history["train_loss"].iloc[-1, 0])
     if switch.get("contrastive") is False or switch.get("use_neighbor_branch") is False:
         assert model.history["train_nce_neighbor"].iloc[-1, 0] == 0
@@ -191,10 +191,10 @@ def test_finetune_trains_the_trunk_end_to_end(split):
 
 def test_frozen_trunk_is_cached_once_and_not_trained(split):
     train, test = split
-    model = _fit(train, epochs=1)
+    model = _fit(train, epochs=1, trunk="frozen")
     trunk = {k: v.clone() for k, v in model.module.trunk.state_dict().items()}
     cache = model._data.fmaps
-    assert cache.shape == (train.n_obs, 512, 1, 1)
+    assert cache.shape == (train.n_obs, 8, 512, 1, 1)  # the 8 flips/rotations (augmentation)
     model.train(max_epochs=1, progress=False)
     assert model._data.fmaps is cache
     for k, v in model.module.trunk.state_dict().items():
@@ -211,8 +211,9 @@ def test_validation_split_logs_validation_losses(split):
     torch.manual_seed(0)
     setup(train)
     model = NH2ST(train, **SMALL)
-    model.train(max_epochs=2, train_size=0.8, progress=False)
+    model.train(max_epochs=2, validation="section", progress=False)
     assert len(model.history["validation_loss"]) == 2
+    assert len(model.history["validation_pcc"]) == 2
     assert len(model.train_indices) + len(model.validation_indices) == train.n_obs
     assert not set(model.train_indices) & set(model.validation_indices)
 
@@ -222,7 +223,9 @@ def test_summary_names_weights_and_switches(split):
     setup(train)
     model = NH2ST(train, **SMALL)
     text = model.summary_string
-    assert "random init" in text and "frozen" in text and "K=8" in text and "Not Trained" in text
+    assert "random init" in text and "finetune" in text and "K=8" in text and "Not Trained" in text
+    assert "recipe 'default'" in text and "residual" not in text
+    assert "solvable without the image" in NH2ST(train, **SMALL, cross_residual=True).summary_string
 
 
 def test_explicit_gene_list_and_subset(split):

@@ -47,7 +47,7 @@ def _fmap_batch(data, k: int | None = 4, targets=TARGETS) -> dict[str, torch.Ten
 
 def _patch_batch(data, k: int | None = 4, targets=TARGETS) -> dict[str, torch.Tensor]:
     neighbors = data["neighbors"][k] if k else None
-    return NH2STCollate(data["expression"], neighbors, read_patches=lambda idx: data["patches"][idx])(targets)
+    return NH2STCollate(data["expression"], neighbors, patches=data["patches"])(targets)
 
 
 def _module(**kwargs) -> NH2STModule:
@@ -55,7 +55,7 @@ def _module(**kwargs) -> NH2STModule:
     defaults = dict(
         n_genes=N_GENES, latent_dim=LATENT, image_size=IMAGE, n_heads=4, n_neighbors=4, hyperedge_degree=3,
         translator_hidden=16, n_gene_tokens=4, lambda_query=LAMBDA_Q, lambda_neighbor=LAMBDA_N,
-        temperature=0.1,
+        temperature=0.1, trunk="frozen",
     )
     defaults.update(kwargs)
     return NH2STModule(**defaults)
@@ -175,7 +175,7 @@ def test_every_ablation_runs_forward_and_backward(data, name):
         assert out["nce_query"].item() == 0.0 and out["nce_neighbor"].item() == 0.0
         torch.testing.assert_close(out["loss"], out["mse"])
         assert module.attn_query is None and module.hgnn_path is None
-        assert module.gene_encoder[0].weight.grad is None
+        assert module.gene_encoder is None  # no parameters that the loss cannot use
     if contrastive and neighbor:
         assert out["nce_neighbor"] > 0
         for enc_name in ("hgnn_path", "hgnn_gene"):
@@ -307,14 +307,47 @@ def test_predict_expression_from_patches(data):
         module.predict_expression({"expression": torch.zeros(1, N_GENES)})
 
 
-def test_init_output_bias_starts_at_the_mean(data):
-    module = _module(activation="none").eval()
+def test_fit_targets_standardises_and_starts_at_the_mean(data):
+    y = data["expression"] * torch.linspace(0.5, 3.0, N_GENES) + torch.linspace(-1.0, 4.0, N_GENES)
+    y[:, 0] = 2.5  # a gene constant on the training spots keeps scale 1
+    module = _module().eval()
+    assert not module.targets_fitted
+    module.fit_targets(y)
+    assert module.targets_fitted
+    torch.testing.assert_close(module.target_shift, y.mean(0))
+    expected_sd = y.std(0)
+    expected_sd[0] = 1.0
+    torch.testing.assert_close(module.target_scale, expected_sd)
+    # standardise <-> unstandardise round-trips, and the standardised targets are 0/1 per gene
+    z = module.standardize(y)
+    torch.testing.assert_close(module.unstandardize(z), y)
+    torch.testing.assert_close(z[:, 1:].mean(0), torch.zeros(N_GENES - 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[:, 1:].std(0), torch.ones(N_GENES - 1), atol=1e-5, rtol=0)
+    # the untrained model predicts the per-gene mean, on the data's scale
+    torch.testing.assert_close(module.predict_expression({"fmaps": data["fmaps"][:3]}), y.mean(0).expand(3, -1))
+    # the MSE is taken on the standardised scale, the prediction reported on the data's scale
+    batch = _fmap_batch(data)
+    batch["expression"] = y[torch.tensor(TARGETS)][:, None].expand(-1, 5, -1).clone()
+    out = module(batch)
+    torch.testing.assert_close(out["prediction"], y.mean(0).expand(len(TARGETS), -1))
+    torch.testing.assert_close(out["mse"], (module.standardize(batch["expression"][:, 0]) ** 2).mean())
+
+
+def test_fit_targets_without_standardising_sets_the_output_bias(data):
+    module = _module(standardize_targets=False, activation="none").eval()
     mean = data["expression"].mean(0)
-    module.init_output_bias(mean)
-    with torch.no_grad():
-        module.translator[0].weight.zero_()
-        module.translator[0].bias.zero_()
-    torch.testing.assert_close(module.predict_expression({"fmaps": data["fmaps"][:3]}), mean.expand(3, -1))
+    module.fit_targets(data["expression"])
+    torch.testing.assert_close(module.target_shift, torch.zeros(N_GENES))
+    torch.testing.assert_close(module.target_scale, torch.ones(N_GENES))
+    torch.testing.assert_close(module.translator[-1].bias, mean)
+    with pytest.raises(ValueError, match="n_spots"):
+        module.fit_targets(data["expression"][:, :3])
+
+
+def test_linear_translator():
+    module = _module(translator_hidden=0, contrastive=False)
+    linears = [m for m in module.translator if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and linears[0].in_features == LATENT and linears[0].out_features == N_GENES
 
 
 # -- constructor validation ----------------------------------------------------------------------
@@ -368,21 +401,24 @@ def test_collate_fmaps_node_map_reproduces_per_node_maps(data):
     torch.testing.assert_close(batch["expression"][:, 0], data["expression"][targets], rtol=0, atol=0)
 
 
-def test_collate_reads_each_distinct_patch_once(data):
+def test_collate_patches_once_per_distinct_spot(data):
     neighbors = data["neighbors"][4]
-    calls = []
-
-    def read(idx):
-        calls.append(np.asarray(idx).copy())
-        return data["patches"][torch.as_tensor(idx)]
-
-    batch = NH2STCollate(None, neighbors, read_patches=read)(TARGETS)
-    assert len(calls) == 1
-    assert len(np.unique(calls[0])) == len(calls[0])
+    batch = NH2STCollate(None, neighbors, patches=data["patches"])(TARGETS)
     targets = torch.tensor(TARGETS)
     nodes = torch.cat([targets[:, None], neighbors[targets]], dim=1)
+    assert batch["patches"].shape[0] == len(set(nodes.flatten().tolist()))
     assert torch.equal(batch["patches"][batch["node_map"]], data["patches"][nodes])
-    assert "expression" not in batch and "fmaps" not in batch
+    assert torch.equal(batch["node_index"][batch["node_map"]], nodes)
+    assert "expression" not in batch and "fmaps" not in batch and "patch_rows" not in batch
+
+
+def test_collate_cached_neighbours_sends_only_target_patches(data):
+    neighbors = data["neighbors"][4]
+    batch = NH2STCollate(data["expression"], neighbors, patches=data["patches"], neighbor_patches=False)(TARGETS)
+    assert batch["patches"].shape[0] == len(TARGETS)
+    torch.testing.assert_close(batch["patch_rows"], batch["node_map"][:, 0])
+    assert torch.equal(batch["patches"], data["patches"][TARGETS])
+    assert torch.equal(batch["node_index"][batch["patch_rows"]], torch.tensor(TARGETS))
 
 
 def test_collate_without_neighbours_and_errors(data):
@@ -394,7 +430,9 @@ def test_collate_without_neighbours_and_errors(data):
     with pytest.raises(ValueError, match="exactly one"):
         NH2STCollate(data["expression"], None)
     with pytest.raises(ValueError, match="exactly one"):
-        NH2STCollate(data["expression"], None, fmaps=data["fmaps"], read_patches=lambda i: data["patches"][i])
+        NH2STCollate(data["expression"], None, fmaps=data["fmaps"], patches=data["patches"])
+    with pytest.raises(ValueError, match="augment"):
+        NH2STCollate(data["expression"], None, fmaps=data["fmaps"], augment="mixup")
 
 
 def test_collate_augment_is_seeded_and_dihedral(data):
@@ -444,14 +482,15 @@ def test_random_dihedral_preserves_uint8_patches():
     assert math.isclose(out.float().sum().item(), x.float().sum().item())
 
 
-def test_neighbor_trunk_grad_false_backpropagates_only_target_patches():
+def test_cached_neighbours_run_only_target_patches_through_the_trunk(data):
     torch.manual_seed(0)
-    module = NH2STModule(12, latent_dim=32, image_size=64, n_heads=4, n_neighbors=4, hyperedge_degree=3,
+    module = NH2STModule(N_GENES, latent_dim=32, image_size=64, n_heads=4, n_neighbors=4, hyperedge_degree=3,
                          trunk="finetune", neighbor_trunk_grad=False)
     module.train()
-    patches = torch.randint(0, 255, (10, 3, 64, 64), dtype=torch.uint8)
-    node_map = torch.tensor([[0, 2, 3, 4, 5], [1, 5, 6, 7, 8], [9, 0, 1, 2, 3]])
-    batch = {"patches": patches, "node_map": node_map, "expression": torch.rand(3, 5, 12)}
+    collate = NH2STCollate(data["expression"], data["neighbors"][4], patches=data["patches"], neighbor_patches=False)
+    batch = collate(TARGETS)
+    cache = torch.randn(N_SPOTS, 512, 2, 2)
+    batch["fmaps"] = cache[batch["node_index"]]
     calls = []
     original = module.trunk_features
 
@@ -460,11 +499,49 @@ def test_neighbor_trunk_grad_false_backpropagates_only_target_patches():
         return original(p)
 
     module.trunk_features = spy
-    loss = module.loss(batch)["loss"]
-    assert sorted(calls) == [(3, True), (7, False)]  # targets 0, 1, 9 with gradient; 7 neighbours without
-    loss.backward()
+    out = module(batch)
+    assert calls == [(len(TARGETS), True)]  # one batched trunk call, the targets only
+    # the live maps replace the cached ones on the targets' rows; the others come from the cache
+    assert out["live_fmaps"].shape == (len(TARGETS), 512, 2, 2)
+    out["loss"].backward()
     assert module.trunk[0].weight.grad is not None and module.trunk[0].weight.grad.abs().sum() > 0
+    fmaps, live = module.node_fmaps(batch)
+    others = torch.ones(len(batch["node_index"]), dtype=torch.bool)
+    others[batch["patch_rows"]] = False
+    torch.testing.assert_close(fmaps[others], batch["fmaps"][others])
     module.eval()
     calls.clear()
-    module.predict_expression({"patches": patches})
+    module.predict_expression({"patches": data["patches"][:10]})
     assert calls == [(10, False)]
+
+
+def test_batch_norm_scaling_of_a_finetuned_trunk_is_standard_in_training_mode(data):
+    torch.manual_seed(0)
+    module = NH2STModule(N_GENES, latent_dim=32, image_size=64, n_heads=4, trunk="finetune").train()
+    # trunk maps on a scale far from 0/1 (as a trunk in training mode gives): the scaled input of the
+    # projection is still standardised, batch by batch
+    fmaps = 7.0 + 7.0 * torch.randn(N_SPOTS, 512, 2, 2)
+    scaled = module.path_head.scaled(fmaps)
+    torch.testing.assert_close(scaled.mean(0), torch.zeros(512), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scaled.std(0, unbiased=False), torch.ones(512), atol=1e-2, rtol=0)
+    with pytest.raises(RuntimeError, match="fixed"):
+        module.path_head.fit_input_scaling(fmaps)
+
+
+def test_a_batch_of_one_spot_skips_the_contrastive_terms(data):
+    module = _module()
+    out = module(_fmap_batch(data, targets=[5]))
+    assert out["nce_query"].item() == 0.0 and out["nce_neighbor"].item() == 0.0
+    torch.testing.assert_close(out["loss"], out["mse"])
+
+
+def test_no_unused_trainable_parameters(data):
+    """Every trainable parameter gets a gradient from one training step (DDP needs this)."""
+    for kwargs in ({}, {"use_neighbor_branch": False}, {"contrastive": False}, {"attention": "none"},
+                   {"cross_residual": True}, {"attention": "self"}):
+        module = _module(trunk="finetune", **kwargs).train()
+        module.fit_targets(data["expression"])
+        batch = _patch_batch(data, None if kwargs.get("use_neighbor_branch") is False else 4)
+        module.loss(batch)["loss"].backward()
+        unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, (kwargs, unused)

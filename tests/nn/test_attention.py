@@ -11,9 +11,9 @@ from st_predict.nn import CrossAttentionBlock
 DIM, HEADS = 32, 4
 
 
-def _block(seed: int = 0) -> CrossAttentionBlock:
+def _block(seed: int = 0, residual: bool = True) -> CrossAttentionBlock:
     torch.manual_seed(seed)
-    block = CrossAttentionBlock(DIM, n_heads=HEADS).eval()
+    block = CrossAttentionBlock(DIM, n_heads=HEADS, residual=residual).eval()
     with torch.no_grad():  # non-trivial LayerNorm affine parameters and attention biases
         for norm in (block.norm_q, block.norm_kv, block.norm_ff):
             norm.weight.normal_(1.0, 0.2)
@@ -48,6 +48,9 @@ def test_attention_matches_torch_multihead_attention(lq, lk):
     torch.testing.assert_close(w, ref_w)
     x = q + ref
     torch.testing.assert_close(block(q, c), x + block.ff(block.norm_ff(x)))
+    # Eq. 1 as written (the default): no residual from the query
+    plain = _block(5, residual=False)
+    torch.testing.assert_close(plain(q, c), ref + plain.ff(plain.norm_ff(ref)))
 
 
 @pytest.mark.parametrize(("lq", "lk"), [(1, 1), (1, 5), (3, 5), (4, 1)])
@@ -135,3 +138,29 @@ def test_attention_dropout_is_active_in_training_only():
 def test_heads_must_divide_dim():
     with pytest.raises(ValueError, match="n_heads"):
         CrossAttentionBlock(30, n_heads=4)
+
+
+def test_without_residual_a_single_token_output_is_a_function_of_the_context_alone():
+    """Eq. 1 with one context token: the query's own features never reach the output, so an InfoNCE
+    between phi(h_p, h_g) and phi(h_g, h_p) compares a gene-only and a pathology-only embedding."""
+    torch.manual_seed(0)
+    for single_key in (False, True):
+        block = CrossAttentionBlock(DIM, n_heads=HEADS, residual=False, single_key=single_key).eval()
+        c = torch.randn(3, 1, DIM)
+        out1, out2 = block(torch.randn(3, 1, DIM), c), block(torch.randn(3, 1, DIM), c)
+        torch.testing.assert_close(out1, out2)
+        residual = CrossAttentionBlock(DIM, n_heads=HEADS, residual=True, single_key=single_key).eval()
+        assert not torch.allclose(residual(torch.randn(3, 1, DIM), c), residual(torch.randn(3, 1, DIM), c))
+
+
+def test_single_key_block_has_no_query_key_parameters_and_matches_the_full_block():
+    torch.manual_seed(1)
+    full = CrossAttentionBlock(DIM, n_heads=HEADS).eval()
+    lean = CrossAttentionBlock(DIM, n_heads=HEADS, single_key=True).eval()
+    assert lean.q_proj is None and lean.k_proj is None and lean.norm_q is None
+    missing, unexpected = lean.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(k.split(".")[0] in ("q_proj", "k_proj", "norm_q") for k in unexpected)
+    q, c = torch.randn(4, 2, DIM), torch.randn(4, 1, DIM)
+    torch.testing.assert_close(lean(q, c), full(q, c))
+    with pytest.raises(ValueError, match="one context token"):
+        lean(q, torch.randn(4, 3, DIM))
