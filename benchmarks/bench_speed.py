@@ -155,8 +155,9 @@ def main() -> None:
         logging.disable(logging.WARNING)
         print("RESULT " + json.dumps(_part(args.part, args.data)))
         return
-    import st_predict
     import torch
+
+    import st_predict
 
     res: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",

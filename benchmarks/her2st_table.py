@@ -75,7 +75,7 @@ def all_methods(epochs=None, seed=0) -> dict:
         "recipe: paper temperature 0.05": nh(temperature=0.05),
         "recipe: no gene dropout": nh(gene_dropout=0.0),
         "recipe: 40 epochs": nh({"max_epochs": 40}),
-        "recipe: mixed-section batches": nh({"batches": "mixed"}),
+        "recipe: batches of one section": nh({"batches": "section"}),
         "recipe: no per-section standardisation": nh({"center_sections": False}),
         "recipe: 320 px patches (235 um)": nh(setup={"patch_size": 320}),
         "recipe: ST-Net-style end to end, 320 px patches": nh(setup={"patch_size": 320}, contrastive=False,
@@ -112,8 +112,9 @@ def _parallel(args) -> dict:
         procs = []
         for i, group in enumerate(groups):
             cmd = [sys.executable, __file__, "--jobs", "1", "--threads", "1", "--data", args.data,
-                   "--epochs", str(args.epochs), "--weights", args.weights, "--seed", str(args.seed),
-                   "--out", f"{tmp}/part{i}", "--methods", *group]
+                   "--weights", args.weights, "--seed", str(args.seed), "--out", f"{tmp}/part{i}", "--methods", *group]
+            if args.epochs is not None:
+                cmd += ["--epochs", str(args.epochs)]
             if args.folds:
                 cmd += ["--folds", *args.folds]
             if args.sections:

@@ -136,3 +136,26 @@ def test_every_option_has_help():
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["train", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_train_recipe_and_section_validation(tmp_path):
+    from st_predict import NH2ST
+    from st_predict.data import synthetic_tissue
+
+    data = tmp_path / "tissue.h5ad"
+    synthetic_tissue(n_sections=3, n_rows=8, n_cols=8, n_genes=40).write_h5ad(data)
+    small = [a for a in SMALL_TRAIN if a != "--quiet"]
+    code = main(["train", str(data), "--out", str(tmp_path / "m"), "--validation", "S2", "--quiet", *small])
+    assert code == 0
+    model = NH2ST.load(str(tmp_path / "m"))
+    assert model.validation_["sections"] == ["S2"] and not model.validation_["leaky"]
+    assert model.best_epoch_ in (1, 2)
+    history = json.loads((tmp_path / "m" / "history.json").read_text())
+    assert len(history["validation_pcc"]) == 2
+    code = main(["train", str(data), "--out", str(tmp_path / "p"), "--recipe", "paper", "--quiet", *small])
+    assert code == 0
+    paper = NH2ST.load(str(tmp_path / "p"))
+    assert paper.recipe_.name == "paper" and paper.train_settings_["optimizer"] == "adam"
+    assert paper.module_kwargs["image_size"] == 32  # --image-size overrides the recipe's 224
+    # random-spot validation over several sections is refused (leaky), with a one-line error
+    assert main(["train", str(data), "--out", str(tmp_path / "r"), "--validation", "random", "--quiet", *small]) == 2

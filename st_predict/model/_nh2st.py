@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from scipy.spatial import cKDTree
 from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField, ObsmField
@@ -324,12 +325,13 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         else:
             patch_um = float(np.median([setup["patch_size"] * v for v in sizes.values()]))
         coords = spot_coordinates(self.adata, setup["spatial_key"])
-        mpp = np.array([sizes[lib] for lib in data.libraries])
-        if data.neighbors is not None and len(coords) > 1:
-            d = np.linalg.norm(coords[data.neighbors[:, 0].numpy()] - coords, axis=1) * mpp
-            pitch = float(np.median(d))
-        else:
-            pitch = None
+        dists = []
+        for lib, mpp in sizes.items():
+            xy = coords[data.libraries == lib]
+            if len(xy) > 1:
+                d, _ = cKDTree(xy).query(xy, k=2)
+                dists.append(d[:, 1] * mpp)
+        pitch = float(np.median(np.concatenate(dists))) if dists else None
         return patch_um, pitch
 
     def _training_data(self) -> _TrainingData:
@@ -347,7 +349,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         targets = normalize_expression(counts, gene_idx, setup["is_count_data"], self.init_params_["non_kwargs"]["library_size"])
         libraries = spot_libraries(adata, setup["library_key"])
         neighbors = None
-        if self.module.use_neighbor_branch:
+        if self.module.use_neighbor_branch and self.module.contrastive:  # only the neighbour branch uses them
             coords = spot_coordinates(adata, setup["spatial_key"])
             neighbors = torch.from_numpy(spatial_knn(coords, libraries, self.module.n_neighbors))
         reader = make_patch_reader(
@@ -490,17 +492,28 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
                 f"batch_size={cfg['batch_size']} is too small for a contrastive loss (needs >= 2 spots per batch: "
                 "one positive and at least one negative)."
             )
+        if self.module.trunk_mode == "finetune" and cfg["batch_size"] < 2:
+            raise ValueError(
+                f"batch_size={cfg['batch_size']} with trunk='finetune': the trunk's BatchNorm needs >= 2 patches "
+                "per batch; raise batch_size or use trunk='frozen'."
+            )
         data = self._training_data()
         train_idx, val_idx, self.validation_ = split_validation(data.libraries, cfg["validation"], train_size, settings.seed)
         if len(train_idx) < cfg["batch_size"]:
-            raise ValueError(
-                f"Only {len(train_idx)} training spots for batch_size={cfg['batch_size']}: lower batch_size."
+            if batch_size is not None or len(train_idx) < 2:
+                raise ValueError(
+                    f"Only {len(train_idx)} training spots for batch_size={cfg['batch_size']}: lower batch_size."
+                )
+            logger.info(
+                "Only %d training spots: batch_size lowered from the recipe's %d to %d.",
+                len(train_idx), cfg["batch_size"], len(train_idx),
             )
+            cfg["batch_size"] = len(train_idx)
         device = _device_for(accelerator)
         self.module.to(device)
         source, plan_extra = self._training_source(cfg, train_idx, device, embed_batch_size, progress, trunk_features)
         self.fit_scales(train_idx)
-        targets = self.training_targets(cfg["center_sections"])
+        targets = self.training_targets(cfg["center_sections"], train_idx)
         collate = NH2STCollate(targets, data.neighbors, augment=cfg["augment"], **source)
         val_source = {**source, "neighbor_patches": True} if "patches" in source else source
         val_collate = NH2STCollate(targets, data.neighbors, augment="none", **val_source)
@@ -561,23 +574,21 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             fmaps = data.fmaps[idx]
             head.fit_input_scaling(fmaps[:, 0] if fmaps.ndim == 5 else fmaps)
 
-    def training_targets(self, center_sections: bool = False) -> torch.Tensor:
+    def training_targets(self, center_sections: bool = False, train_idx: np.ndarray | None = None) -> torch.Tensor:
         """The expression the network trains on, ``(n_obs, n_genes)`` on the data's scale: the targets
-        themselves, or (``center_sections``) each section standardised on its own spots and mapped back
-        with the model's target scale (:meth:`fit_scales`), so that the network sees per-section z-scores."""
+        themselves, or (``center_sections``) each section standardised on its own spots and mapped
+        back onto the overall mean and standard deviation of the training spots (``train_idx``,
+        default all), so that every section has the same per-gene mean and spread."""
         data = self._training_data()
         if not center_sections:
             return data.targets
-        if not bool(self.module.targets_fitted):
-            raise RuntimeError("fit_scales must run before training_targets(center_sections=True).")
+        ref = data.targets if train_idx is None else data.targets[torch.as_tensor(np.asarray(train_idx))]
+        shift, scale = ref.mean(0), _safe_sd(ref)
         out = torch.empty_like(data.targets)
-        shift, scale = self.module.target_shift.cpu(), self.module.target_scale.cpu()
         for lib in np.unique(data.libraries):
             sel = torch.from_numpy(data.libraries == lib)
             y = data.targets[sel]
-            sd = y.std(0) if len(y) > 1 else torch.ones(y.shape[1])
-            z = (y - y.mean(0)) / torch.where(sd > 1e-6, sd, torch.ones_like(sd))
-            out[sel] = z * scale + shift
+            out[sel] = (y - y.mean(0)) / _safe_sd(y) * scale + shift
         return out
 
     def _training_source(self, cfg, train_idx, device, embed_batch_size, progress, trunk_features):
@@ -850,6 +861,12 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             _LOADING.reset(token)
         model._predict_adata = predict_only
         return model
+
+
+def _safe_sd(y: torch.Tensor) -> torch.Tensor:
+    """Per-column standard deviation, 1 where it is (nearly) 0 or undefined (one row)."""
+    sd = y.std(0) if len(y) > 1 else torch.ones(y.shape[1], dtype=y.dtype)
+    return torch.where(sd > 1e-6, sd, torch.ones_like(sd))
 
 
 def _cpu_has_bf16() -> bool:

@@ -1,10 +1,16 @@
 """Training machinery for NH2ST (pure torch + Lightning: no AnnData, no scvi-tools)."""
 
+from st_predict._imaging import random_dihedral, stain_jitter
+
 from ._data import AUGMENTATIONS, NH2STCollate, NH2STDataModule, SectionBatchSampler, even_batches
 from ._embed import compute_fmaps
-from ._recipes import RECIPES, Recipe, get_recipe
+from ._recipes import RECIPES as _RECIPES
+from ._recipes import Recipe, get_recipe
 from ._split import split_validation
 from ._trainingplan import BestEpoch, NH2STTrainingPlan, mean_gene_pcc
+
+#: The named recipes (:class:`Recipe`) by name: ``"default"`` and ``"paper"``.
+RECIPES = _RECIPES
 
 __all__ = [
     "AUGMENTATIONS",
@@ -19,5 +25,7 @@ __all__ = [
     "even_batches",
     "get_recipe",
     "mean_gene_pcc",
+    "random_dihedral",
     "split_validation",
+    "stain_jitter",
 ]

@@ -39,7 +39,7 @@ class NH2STCollate:
     augment
         ``"none"``; ``"dihedral"``: one random flip/90-degree rotation per patch (on a frozen cache: a
         random one of the cached views); ``"dihedral+stain"``: also random H&E stain and brightness
-        jitter (:func:`~st_predict._imaging.stain_jitter`, end-to-end only). ``True`` means
+        jitter (:func:`~st_predict.train.stain_jitter`, end-to-end only). ``True`` means
         ``"dihedral+stain"``, ``False`` ``"none"``.
     stain_strength
         Strength of the stain jitter.
@@ -117,7 +117,7 @@ def even_batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
     indices = np.asarray(indices)
     if len(indices) == 0:
         return []
-    return [chunk for chunk in np.array_split(indices, -(-len(indices) // batch_size))]
+    return list(np.array_split(indices, -(-len(indices) // batch_size)))
 
 
 class SectionBatchSampler(Sampler[list[int]]):

@@ -87,8 +87,8 @@ DEFAULT = _recipe(
     "default",
     "End to end at 64 px with cached neighbour features; InfoNCE at temperature 0.1 against a gene encoder "
     "whose input genes are dropped out (p 0.5); per-gene standardised targets, standardised within each "
-    "section; batches of one section; AdamW one-cycle (lr 1e-3), batch 32, 20 epochs; flips/rotations and "
-    "H&E stain jitter; bfloat16 where the hardware has it; test-time augmentation.",
+    "section; AdamW one-cycle (lr 1e-3), batch 32, 20 epochs; flips/rotations and H&E stain jitter; "
+    "bfloat16 where the hardware has it; test-time augmentation.",
     model={
         "image_size": 64,
         "trunk": "finetune",
@@ -119,12 +119,13 @@ DEFAULT = _recipe(
         "validation": None,
         "best_epoch": False,
         "precision": "auto",
-        "batches": "section",
+        "batches": "mixed",
         "center_sections": True,
         "tta": True,
     },
 )
 
+#: The named recipes, ``"default"`` and ``"paper"``, by name.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (DEFAULT, PAPER)}
 
 

@@ -76,6 +76,9 @@ def test_read_her2st_joins_by_spot_id(tmp_path):
     assert a.obs["section"].tolist() == ["A", "A", "A", "B"]
     assert a.uns["spatial"]["A"]["images"]["hires"].shape == (700, 600, 3)
     assert a.uns["spatial"]["B"]["scalefactors"]["tissue_hires_scalef"] == 1.0
+    # section A: nearest-neighbour spacing (median) 100 px on the 200 um grid -> 2 um per pixel
+    assert a.uns["spatial"]["A"]["metadata"]["pixel_size_um"] == pytest.approx(2.0, rel=0.02)
+    assert "pixel_size_um" not in a.uns["spatial"]["B"]["metadata"]  # one spot: no spacing to measure
     only_b = read_her2st(tmp_path, sections=["B"], load_images=False)
     assert only_b.n_obs == 1 and only_b.uns["spatial"]["B"]["images"] == {}
 
@@ -129,6 +132,9 @@ def test_read_real_her2st_sections():
         assert (a.obs["section"] == sec).sum() == table.loc[sec, "n_spots_matched"]
         h, w = a.uns["spatial"][sec]["images"]["hires"].shape[:2]
         assert (w, h) == (table.loc[sec, "image_w"], table.loc[sec, "image_h"])
+    # ~0.735 um per pixel (DESIGN.md), from the 200 um spot grid
+    for sec in ("C2", "C3"):
+        assert a.uns["spatial"][sec]["metadata"]["pixel_size_um"] == pytest.approx(0.735, abs=0.01)
     # every 224 px patch lies inside its image (as PROVENANCE.md says)
     setup(a, patch_size=224)
     assert a.n_vars > 14000

@@ -126,8 +126,12 @@ def test_batch_too_small_for_contrastive_loss(split):
         model.train(max_epochs=1, batch_size=1)
     with pytest.raises(ValueError, match=r"Only 200 training spots for batch_size=256"):
         model.train(max_epochs=1, batch_size=256)
-    # without contrastive losses a batch of one is fine
-    single = NH2ST(train, **{**SMALL, "contrastive": False})
+    # a fine-tuned trunk's BatchNorm needs two patches per batch
+    plain = NH2ST(train, **{**SMALL, "contrastive": False})
+    with pytest.raises(ValueError, match="batch_size=1 with trunk='finetune'"):
+        plain.train(max_epochs=1, batch_size=1)
+    # without contrastive losses and with a frozen trunk a batch of one is fine
+    single = NH2ST(train, **{**SMALL, "contrastive": False, "trunk": "frozen"})
     single.train(max_epochs=1, batch_size=1, progress=False)
     assert single.is_trained
 

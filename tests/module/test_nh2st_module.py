@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,11 +51,11 @@ def _patch_batch(data, k: int | None = 4, targets=TARGETS) -> dict[str, torch.Te
 
 def _module(**kwargs) -> NH2STModule:
     torch.manual_seed(kwargs.pop("seed", 0))
-    defaults = dict(
-        n_genes=N_GENES, latent_dim=LATENT, image_size=IMAGE, n_heads=4, n_neighbors=4, hyperedge_degree=3,
-        translator_hidden=16, n_gene_tokens=4, lambda_query=LAMBDA_Q, lambda_neighbor=LAMBDA_N,
-        temperature=0.1, trunk="frozen",
-    )
+    defaults = {
+        "n_genes": N_GENES, "latent_dim": LATENT, "image_size": IMAGE, "n_heads": 4, "n_neighbors": 4, "hyperedge_degree": 3,
+        "translator_hidden": 16, "n_gene_tokens": 4, "lambda_query": LAMBDA_Q, "lambda_neighbor": LAMBDA_N,
+        "temperature": 0.1, "trunk": "frozen",
+    }
     defaults.update(kwargs)
     return NH2STModule(**defaults)
 

@@ -191,11 +191,12 @@ def test_training_curves_of_an_nh2st_model(tissue):
     model = NH2ST(adata, **SMALL)
     with pytest.raises(ValueError, match=r"NH2ST.history is empty.*not trained.*'train_\*' loss terms"):
         training_curves(model)
-    model.train(max_epochs=2, train_size=0.8, progress=False)
+    model.train(max_epochs=2, validation="section", progress=False)
     ax = training_curves(model)
     lines = _lines(ax)
     terms = ("loss", "mse", "nce_query", "nce_neighbor")
-    assert sorted(lines) == sorted(f"{t} ({p})" for t in terms for p in ("train", "validation"))
+    assert sorted(lines) == sorted([f"{t} ({p})" for t in terms for p in ("train", "validation")] + ["pcc (validation)"])
+    np.testing.assert_array_equal(lines["pcc (validation)"].get_ydata(), model.history["validation_pcc"].iloc[:, 0])
     for t in terms:
         for p in ("train", "validation"):
             np.testing.assert_array_equal(lines[f"{t} ({p})"].get_ydata(), model.history[f"{p}_{t}"].iloc[:, 0])
