@@ -84,6 +84,16 @@ def _find_image(root: Path, section: str) -> Path:
 
 
 def _read_image(path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        # torchvision decodes straight into one HxWx3 buffer: the peak is the image itself (PIL's
+        # decode + convert + array copies peaked at 3-4x the image; same pixels, checked in the tests)
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        try:
+            arr = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+            return np.ascontiguousarray(arr)
+        except RuntimeError:  # a JPEG variant libjpeg in torchvision does not read: PIL below
+            pass
     from PIL import Image
 
     old = Image.MAX_IMAGE_PIXELS

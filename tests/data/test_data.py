@@ -213,3 +213,21 @@ def test_select_sections_shares_images(tissue):
     np.testing.assert_array_equal(tissue.obsm["spatial"], before["spatial"])
     with pytest.raises(KeyError, match=r"Sections \['S7'\] are not in"):
         select_sections(tissue, ["S7"])
+
+
+def test_her2st_jpeg_reader_gives_pils_pixels_for_rgb_and_greyscale(tmp_path):
+    from PIL import Image
+
+    from st_predict.data._her2st import _read_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=90)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.jpg", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    for name in ("rgb.jpg", "grey.jpg", "rgb.png"):
+        got = _read_image(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            want = np.asarray(im.convert("RGB"))
+        assert got.shape == (37, 53, 3) and got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(got, want)
