@@ -406,7 +406,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         center_sections: bool | None = None,
         trunk_features: torch.Tensor | None = None,
         num_workers: int = 0,
-        embed_batch_size: int = 64,
+        embed_batch_size: int = 16,
         progress: bool = True,
         plan_kwargs: dict | None = None,
         **trainer_kwargs,
