@@ -760,6 +760,60 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self._check_if_trained(warn=True)
         return self._inference(adata, indices, batch_size, "latent")[0]
 
+    def predict_slide(
+        self,
+        slide,
+        mpp: float | None = None,
+        pitch_um: float | None = None,
+        patch_size_um: float | None = None,
+        batch_size: int = 64,
+        tta: bool | None = None,
+        key_added: str = "nh2st",
+        progress: bool = True,
+    ):
+        """Predict expression over the tissue of a whole H&E slide that has no expression.
+
+        Finds the tissue (lazyslide's ``find_tissues``), lays tiles on it every ``pitch_um``
+        micrometres (default: the training data's spot pitch, :attr:`spot_pitch_um_`), each the
+        physical size of the training patches (:attr:`patch_size_um_`), reads them lazily at the
+        network's resolution through wsidata and runs trunk + translator on each batch. Needs
+        ``pip install 'st-predict[wsi]'``.
+
+        Parameters
+        ----------
+        slide
+            A slide file (SVS, NDPI, pyramidal TIFF / OME-TIFF, anything OpenSlide or tiffslide
+            reads) or a :class:`wsidata.WSIData`.
+        mpp
+            Micrometres per level-0 pixel, for a slide whose metadata has none (it overrides the
+            metadata otherwise).
+        pitch_um
+            Distance between tile centres in micrometres; smaller than the spot pitch for denser maps.
+        patch_size_um
+            Tile side in micrometres, for a model trained without a known pixel size.
+        batch_size
+            Tiles per forward pass.
+        tta
+            Average over the 8 flips/rotations of each tile (default: the model's setting).
+        key_added
+            Name of the table (``sdata.tables[key_added]``); the tiles are the shapes
+            ``f"{key_added}_tiles"`` and the tissue polygons ``f"{key_added}_tissues"``.
+        progress
+            Print the tile count and show a progress bar.
+
+        Returns
+        -------
+        The slide as a SpatialData object (:class:`wsidata.WSIData`) with a table of tiles x genes
+        (``X``: predictions on the ``log1p`` scale of counts per 10k, ``obsm["spatial"]``: tile centres
+        in level-0 pixels, ``uns["st_predict"]``: the slide and settings) annotating the tile shapes.
+        The table alone is an AnnData: ``sdata.tables[key_added]``.
+        """
+        from ._slide import predict_slide
+
+        self._check_if_trained(warn=False)
+        return predict_slide(self, slide, mpp=mpp, pitch_um=pitch_um, patch_size_um=patch_size_um,
+                             batch_size=batch_size, tta=tta, key_added=key_added, progress=progress)
+
     def predict(
         self,
         adata: AnnData | None = None,

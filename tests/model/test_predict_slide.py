@@ -1,0 +1,163 @@
+"""Whole-slide prediction on pyramidal TIFF slides that the tests write (tissue-like blobs on white)."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("wsidata")
+pytest.importorskip("lazyslide")
+
+import tifffile
+from helpers import SMALL, setup
+
+from st_predict import NH2ST
+
+BLOBS = ((0.35, 0.40, 0.18), (0.70, 0.65, 0.12))  # (centre y, centre x, radius) as fractions of the side
+
+
+def _tissue(size: int, seed: int = 0) -> np.ndarray:
+    """White background, two round purple blobs with a fine texture (stripes every 16 px + noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.full((size, size, 3), 242, np.uint8)
+    stripes = (np.sin(np.arange(size) * 2 * np.pi / 16) * 40).astype(np.int16)
+    for cy, cx, r in BLOBS:
+        m = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+        tex = np.array([150, 80, 160], np.int16) + stripes[None, :, None] + rng.integers(-20, 20, (size, size, 3))
+        img[m] = tex[m].clip(0, 255).astype(np.uint8)
+    return img
+
+
+def _write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3) -> str:
+    """Tiled, zlib-compressed pyramidal TIFF, levels as successive IFDs (how OpenSlide reads them)."""
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        level = img
+        for i in range(levels):
+            kw = {}
+            if mpp is not None:
+                kw = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
+            tw.write(level, tile=(128, 128), compression="zlib", photometric="rgb",
+                     subfiletype=0 if i == 0 else 1, **kw)
+            level = level[::2, ::2]
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tissue):
+    torch.manual_seed(0)
+    adata = tissue[tissue.obs["section"] != "S2"].copy()
+    setup(adata)
+    m = NH2ST(adata, **SMALL)
+    m.train(max_epochs=1, progress=False)
+    return m
+
+
+def test_tiles_cover_tissue_and_skip_background(model, tmp_path):
+    path = _write_slide(tmp_path / "slide.tif", _tissue(2048), mpp=0.5)
+    sd = model.predict_slide(path, patch_size_um=32.0, pitch_um=40.0, progress=False)
+    table = sd.tables["nh2st"]
+    assert table.n_obs > 50 and list(table.var_names) == list(model.genes_)
+    assert np.isfinite(table.X).all()
+    # every tile centre lies on a blob, and both blobs get tiles
+    centres = table.obsm["spatial"] / 2048
+    d = np.stack([np.hypot(centres[:, 1] - cy, centres[:, 0] - cx) / r for cy, cx, r in BLOBS])
+    assert (d.min(0) < 1.0).all()
+    assert (d[0] < 1).sum() > (d[1] < 1).sum() > 5  # the larger blob has more tiles
+    # on each piece of tissue the grid pitch is 40 um = 80 level-0 px
+    assert set(table.obs["tissue_id"]) == {0, 1}
+    for tid in (0, 1):
+        xy = table.obsm["spatial"][table.obs["tissue_id"].to_numpy() == tid]
+        for axis in (0, 1):
+            steps = np.diff(np.unique(xy[:, axis]))
+            np.testing.assert_allclose(steps, 80, atol=1)
+    meta = table.uns["st_predict"]
+    assert meta["slide_mpp"] == 0.5 and meta["patch_size_um"] == 32.0 and meta["pitch_um"] == 40.0
+
+
+def test_two_scan_resolutions_give_the_same_physical_crops(model, tmp_path, monkeypatch):
+    # a stand-in network whose "expression" is each tile's colour statistics, so that predictions
+    # show exactly which pixels were cropped
+    n_genes = len(model.genes_)
+
+    def colour_stats(batch, tta=False):
+        x = batch["patches"].float()
+        assert x.shape[-2:] == (model.module.image_size,) * 2
+        stats = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+        return stats.repeat(1, n_genes // 6 + 1)[:, :n_genes]
+
+    monkeypatch.setattr(model.module, "predict_expression", colour_stats)
+    img = _tissue(1024)
+    coarse = _write_slide(tmp_path / "coarse.tif", img, mpp=0.5)
+    fine = _write_slide(tmp_path / "fine.tif", np.repeat(np.repeat(img, 2, 0), 2, 1), mpp=0.25, levels=4)
+    kw = {"patch_size_um": 32.0, "pitch_um": 40.0, "progress": False}
+    a = model.predict_slide(coarse, **kw).tables["nh2st"]
+    b = model.predict_slide(fine, **kw).tables["nh2st"]
+    um_a = {tuple(np.round(xy * 0.5).astype(int)): i for i, xy in enumerate(a.obsm["spatial"])}
+    um_b = {tuple(np.round(xy * 0.25).astype(int)): i for i, xy in enumerate(b.obsm["spatial"])}
+    common = sorted(set(um_a) & set(um_b))
+    assert len(common) >= 0.8 * max(len(um_a), len(um_b))
+    pa = np.asarray(a.X)[[um_a[k] for k in common]]
+    pb = np.asarray(b.X)[[um_b[k] for k in common]]
+    np.testing.assert_allclose(pa, pb, atol=1.0)  # colour levels out of 255
+    # the tiles are tissue, not background
+    assert (pa[:, :3].mean(1) < 220).all()
+    # each tile covers 32 um of tissue: 64 level-0 px at 0.5 um/px, 128 px at 0.25 um/px
+    for sdata_mpp, path in ((0.5, coarse), (0.25, fine)):
+        tiles = model.predict_slide(path, **kw).shapes["nh2st_tiles"]
+        sides = tiles.geometry.bounds
+        np.testing.assert_allclose(sides["maxx"] - sides["minx"], 32.0 / sdata_mpp)
+        np.testing.assert_allclose(sides["maxy"] - sides["miny"], 32.0 / sdata_mpp)
+    # and a crop of another physical size sees other pixels: 64 um tiles reach the background
+    c = model.predict_slide(coarse, **{**kw, "patch_size_um": 64.0}).tables["nh2st"]
+    assert np.asarray(c.X)[:, :3].mean() > pa[:, :3].mean() + 1.0
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")  # anndata's notice when writing the zarr
+def test_slide_output_round_trips_through_zarr(model, tmp_path):
+    import spatialdata as sd_
+
+    path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
+    sdata = model.predict_slide(path, patch_size_um=32.0, pitch_um=40.0, progress=False)
+    out = tmp_path / "pred.zarr"
+    sd_.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables)).write(out)
+    back = sd_.read_zarr(out)
+    np.testing.assert_allclose(back.tables["nh2st"].X, sdata.tables["nh2st"].X)
+    np.testing.assert_allclose(back.tables["nh2st"].obsm["spatial"], sdata.tables["nh2st"].obsm["spatial"])
+    assert len(back.shapes["nh2st_tiles"]) == sdata.tables["nh2st"].n_obs
+
+
+def test_bad_slides_get_clear_errors(model, tmp_path):
+    no_mpp = _write_slide(tmp_path / "no_mpp.tif", _tissue(1024), mpp=None)
+    with pytest.raises(ValueError, match=r"records no micrometres per pixel; pass mpp="):
+        model.predict_slide(no_mpp, patch_size_um=32.0, progress=False)
+    assert model.predict_slide(no_mpp, mpp=0.5, patch_size_um=32.0, progress=False).tables["nh2st"].n_obs > 0
+    blank = _write_slide(tmp_path / "blank.tif", np.full((1024, 1024, 3), 242, np.uint8), mpp=0.5)
+    with pytest.raises(ValueError, match="No tissue found"):
+        model.predict_slide(blank, patch_size_um=32.0, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.tif"):
+        model.predict_slide(tmp_path / "missing.tif", patch_size_um=32.0)
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a tiff at all")
+    with pytest.raises(ValueError, match="Could not open"):
+        model.predict_slide(broken, patch_size_um=32.0)
+    assert model.patch_size_um_ is None  # the synthetic tissue has no pixel size
+    with pytest.raises(ValueError, match="patch_size_um="):
+        model.predict_slide(no_mpp, mpp=0.5, progress=False)
+
+
+def test_a_loaded_model_tiles_at_its_training_patch_size_and_pitch(tissue, tmp_path):
+    adata = tissue[tissue.obs["section"] != "S2"].copy()
+    for lib in adata.uns["spatial"]:
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
+    setup(adata)
+    m = NH2ST(adata, **SMALL)
+    m.train(max_epochs=1, progress=False)
+    m.save(tmp_path / "model")
+    loaded = NH2ST.load(tmp_path / "model")
+    assert loaded.patch_size_um_ == m.patch_size_um_ > 0 and loaded.spot_pitch_um_ == m.spot_pitch_um_ > 0
+    path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.25)
+    sdata = loaded.predict_slide(path, progress=False)
+    meta = sdata.tables["nh2st"].uns["st_predict"]
+    assert meta["patch_size_um"] == m.patch_size_um_ and meta["pitch_um"] == m.spot_pitch_um_
+    sides = sdata.shapes["nh2st_tiles"].geometry.bounds
+    np.testing.assert_allclose(sides["maxx"] - sides["minx"], m.patch_size_um_ / 0.25, atol=1)
