@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +219,36 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_predict_slide(args) -> int:
+    from st_predict import NH2ST
+
+    if not (Path(args.model) / "model.pt").is_file():
+        raise _BadInput(f"no saved model at {args.model} (expected {Path(args.model) / 'model.pt'})")
+    out = Path(args.out)
+    if out.suffix != ".zarr":
+        raise _BadInput(f"--out must end in .zarr, got {args.out!r}")
+    if out.exists() and not args.overwrite:
+        raise _BadInput(f"{out} exists; pass --overwrite")
+    if not Path(args.slide).exists():
+        raise _BadInput(f"slide {args.slide} does not exist")
+    model = NH2ST.load(args.model, accelerator=args.accelerator)
+    sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, patch_size_um=args.patch_size_um,
+                                batch_size=args.batch_size, key_added=args.key_added, progress=not args.quiet)
+    import spatialdata
+
+    result = spatialdata.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = Path(tmp) / out.name  # written completely first, then moved into place
+        result.write(staged)
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    table = sdata.tables[args.key_added]
+    print(f"Predicted {table.n_vars} genes for {table.n_obs} tiles into table {args.key_added!r} of {out}")
+    return 0
+
+
 def _measured(adata, genes, layer: str | None, normalized: bool):
     import pandas as pd
 
@@ -394,6 +426,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("predict-slide", formatter_class=fmt, help="predict expression over a whole H&E slide",
+                       description="Find the tissue of SLIDE (SVS, NDPI, pyramidal TIFF / OME-TIFF), tile it at the "
+                       "model's training spot pitch with tiles of its training patch size in micrometres, predict "
+                       "every tile and write a SpatialData zarr: a table of tiles x genes annotating the tile shapes. "
+                       "Needs pip install 'st-predict[wsi]'.")
+    p.add_argument("model", help="folder of a model saved by st-predict train (or NH2ST.save)")
+    p.add_argument("slide", help="whole-slide image file")
+    p.add_argument("--out", required=True, help="output SpatialData .zarr")
+    p.add_argument("--mpp", type=float, help="micrometres per level-0 pixel, for a slide whose metadata has none")
+    p.add_argument("--pitch-um", type=float, help="distance between tile centres (default: the training spot pitch)")
+    p.add_argument("--patch-size-um", type=float,
+                   help="tile side in micrometres, for a model trained without a known pixel size")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    p.add_argument("--key-added", default="nh2st", help="name of the table")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict_slide)
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="metrics of predictions against measured expression",
                        description="Per section: per-gene PCC (mean over genes, NaN genes counted), MSE, MAE on the "

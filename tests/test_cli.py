@@ -127,7 +127,7 @@ def test_bad_input_gives_one_line_error_and_exit_code_2(trained, tmp_path, capsy
 def test_every_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "predict", "evaluate", "benchmark", "demo"}
+    assert set(sub.choices) == {"train", "predict", "predict-slide", "evaluate", "benchmark", "demo"}
     for name, p in sub.choices.items():
         assert p.description, name
         for action in p._actions:

@@ -161,3 +161,47 @@ def test_a_loaded_model_tiles_at_its_training_patch_size_and_pitch(tissue, tmp_p
     assert meta["patch_size_um"] == m.patch_size_um_ and meta["pitch_um"] == m.spot_pitch_um_
     sides = sdata.shapes["nh2st_tiles"].geometry.bounds
     np.testing.assert_allclose(sides["maxx"] - sides["minx"], m.patch_size_um_ / 0.25, atol=1)
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_predict_slide_command(tissue, model, tmp_path, capsys):
+    import spatialdata as sd_
+
+    from st_predict._cli import main
+
+    adata = tissue[tissue.obs["section"] != "S2"].copy()
+    for lib in adata.uns["spatial"]:
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
+    setup(adata)
+    m = NH2ST(adata, **SMALL)
+    m.train(max_epochs=1, progress=False)
+    m.save(tmp_path / "model")
+    model.save(tmp_path / "no_um_model")  # trained without a pixel size
+    slide = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
+    out = tmp_path / "pred.zarr"
+    assert main(["predict-slide", str(tmp_path / "model"), slide, "--out", str(out), "--quiet"]) == 0
+    assert "tiles into table 'nh2st'" in capsys.readouterr().out
+    back = sd_.read_zarr(out)
+    assert back.tables["nh2st"].n_obs == len(back.shapes["nh2st_tiles"]) > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pred.zarr")]  # no staging left over
+
+    def fails(argv, message):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+    fails(["predict-slide", str(tmp_path / "model"), slide, "--out", str(out), "--quiet"], "exists; pass --overwrite")
+    assert main(["predict-slide", str(tmp_path / "model"), slide, "--out", str(out), "--quiet", "--overwrite",
+                 "--pitch-um", "20"]) == 0
+    assert sd_.read_zarr(out).tables["nh2st"].uns["st_predict"]["pitch_um"] == 20.0
+    no_mpp = _write_slide(tmp_path / "no_mpp.tif", _tissue(1024), mpp=None)
+    fails(["predict-slide", str(tmp_path / "model"), no_mpp, "--out", str(tmp_path / "a.zarr")], "pass mpp=")
+    blank = _write_slide(tmp_path / "blank.tif", np.full((1024, 1024, 3), 242, np.uint8), mpp=0.5)
+    fails(["predict-slide", str(tmp_path / "model"), blank, "--out", str(tmp_path / "b.zarr")], "No tissue found")
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a tiff")
+    fails(["predict-slide", str(tmp_path / "model"), str(broken), "--out", str(tmp_path / "c.zarr")], "Could not open")
+    fails(["predict-slide", str(tmp_path / "no_um_model"), slide, "--out", str(tmp_path / "d.zarr")], "patch_size_um=")
+    fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "nope.tif"), "--out", str(tmp_path / "e.zarr")],
+          "does not exist")
+    assert not any((tmp_path / f"{x}.zarr").exists() for x in "abcde")
