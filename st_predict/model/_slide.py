@@ -83,7 +83,12 @@ def predict_slide(
     tile_mpp = float(patch_um) / size  # tiles are read straight at the network's resolution
     stride = max(1, int(round(pitch / tile_mpp)))
     tissue_key, tile_key = f"{key_added}_tissues", f"{key_added}_tiles"
-    zs.pp.find_tissues(wsi, key_added=tissue_key)
+    # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
+    # lazyslide's "auto" picks the level by free memory, which on a large slide means gigabytes
+    level_mpp = [slide_mpp * d for d in wsi.properties.level_downsample]
+    fine_enough = [i for i, m in enumerate(level_mpp) if m <= patch_um / 4]
+    tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
+    zs.pp.find_tissues(wsi, level=tissue_level, key_added=tissue_key)
     if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
         raise ValueError(f"No tissue found on the slide {name!r}.")
     zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
@@ -124,7 +129,7 @@ def predict_slide(
     table.obsm["spatial"] = centres
     table.uns["st_predict"] = {
         "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(patch_um),
-        "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta),
+        "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta), "tissue_level": int(tissue_level),
         "scale": "log1p(counts / library size * 1e4)",
     }
     wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")

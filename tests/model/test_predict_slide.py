@@ -72,6 +72,8 @@ def test_tiles_cover_tissue_and_skip_background(model, tmp_path):
             np.testing.assert_allclose(steps, 80, atol=1)
     meta = table.uns["st_predict"]
     assert meta["slide_mpp"] == 0.5 and meta["patch_size_um"] == 32.0 and meta["pitch_um"] == 40.0
+    # tissue was found on the coarsest level with >= 4 px per tile side (2 um/px), not at full resolution
+    assert meta["tissue_level"] == 2
 
 
 def test_two_scan_resolutions_give_the_same_physical_crops(model, tmp_path, monkeypatch):
