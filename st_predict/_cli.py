@@ -192,16 +192,22 @@ def _read_genes(spec: str) -> list[str]:
     return genes
 
 
-def _cmd_predict(args) -> int:
-    from st_predict import NH2ST
-
+def _model_and_output(args, suffix: str) -> Path:
+    """Check that ``args.model`` is a saved model and ``args.out`` a new (or ``--overwrite``) ``suffix`` path."""
     if not (Path(args.model) / "model.pt").is_file():
         raise _BadInput(f"no saved model at {args.model} (expected {Path(args.model) / 'model.pt'})")
     out = Path(args.out)
-    if out.suffix != ".h5ad":
-        raise _BadInput(f"--out must end in .h5ad, got {args.out!r}")
+    if out.suffix != suffix:
+        raise _BadInput(f"--out must end in {suffix}, got {args.out!r}")
     if out.exists() and not args.overwrite:
         raise _BadInput(f"{out} exists; pass --overwrite")
+    return out
+
+
+def _cmd_predict(args) -> int:
+    from st_predict import NH2ST
+
+    out = _model_and_output(args, ".h5ad")
     adata, library_key, found_key = _read(args)
     model = NH2ST.load(args.model, accelerator=args.accelerator)
     setup = model.adata_manager.registry["setup_args"] if model.adata_manager is not None else {}
@@ -222,13 +228,7 @@ def _cmd_predict(args) -> int:
 def _cmd_predict_slide(args) -> int:
     from st_predict import NH2ST
 
-    if not (Path(args.model) / "model.pt").is_file():
-        raise _BadInput(f"no saved model at {args.model} (expected {Path(args.model) / 'model.pt'})")
-    out = Path(args.out)
-    if out.suffix != ".zarr":
-        raise _BadInput(f"--out must end in .zarr, got {args.out!r}")
-    if out.exists() and not args.overwrite:
-        raise _BadInput(f"{out} exists; pass --overwrite")
+    out = _model_and_output(args, ".zarr")
     if not Path(args.slide).exists():
         raise _BadInput(f"slide {args.slide} does not exist")
     model = NH2ST.load(args.model, accelerator=args.accelerator)

@@ -96,7 +96,7 @@ def predict_slide(
     tiles = wsi.shapes[tile_key]
     if len(tiles) == 0:
         raise ValueError(f"No tissue found on the slide {name!r} (no tile of {patch_um:g} um on tissue).")
-    dataset = wsi.ds.tile_images(tile_key=tile_key)
+    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     if progress:
         from tqdm.auto import tqdm
@@ -109,13 +109,7 @@ def predict_slide(
     out = []
     with torch.no_grad():
         for batch in loader:
-            img = batch["image"]  # (B, H, W, 3) uint8
-            if img.shape[1] != size or img.shape[2] != size:
-                img = torch.nn.functional.interpolate(
-                    img.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", antialias=True
-                ).round().clamp(0, 255).to(torch.uint8)
-            else:
-                img = img.permute(0, 3, 1, 2).contiguous()
+            img = batch["image"].permute(0, 3, 1, 2).contiguous()  # (B, 3, size, size) uint8
             out.append(module.predict_expression({"patches": img.to(device)}, tta=tta).float().cpu().numpy())
     pred = np.concatenate(out)
     centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])

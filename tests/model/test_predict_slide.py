@@ -42,6 +42,17 @@ def _write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3) -> s
     return str(path)
 
 
+def _model_with_pixel_size(tissue) -> NH2ST:
+    """A small trained model whose training sections have a pixel size (0.5 um/px)."""
+    adata = tissue[tissue.obs["section"] != "S2"].copy()
+    for lib in adata.uns["spatial"]:
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
+    setup(adata)
+    m = NH2ST(adata, **SMALL)
+    m.train(max_epochs=1, progress=False)
+    return m
+
+
 @pytest.fixture(scope="module")
 def model(tissue):
     torch.manual_seed(0)
@@ -148,12 +159,7 @@ def test_bad_slides_get_clear_errors(model, tmp_path):
 
 
 def test_a_loaded_model_tiles_at_its_training_patch_size_and_pitch(tissue, tmp_path):
-    adata = tissue[tissue.obs["section"] != "S2"].copy()
-    for lib in adata.uns["spatial"]:
-        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
-    setup(adata)
-    m = NH2ST(adata, **SMALL)
-    m.train(max_epochs=1, progress=False)
+    m = _model_with_pixel_size(tissue)
     m.save(tmp_path / "model")
     loaded = NH2ST.load(tmp_path / "model")
     assert loaded.patch_size_um_ == m.patch_size_um_ > 0 and loaded.spot_pitch_um_ == m.spot_pitch_um_ > 0
@@ -171,12 +177,7 @@ def test_predict_slide_command(tissue, model, tmp_path, capsys):
 
     from st_predict._cli import main
 
-    adata = tissue[tissue.obs["section"] != "S2"].copy()
-    for lib in adata.uns["spatial"]:
-        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
-    setup(adata)
-    m = NH2ST(adata, **SMALL)
-    m.train(max_epochs=1, progress=False)
+    m = _model_with_pixel_size(tissue)
     m.save(tmp_path / "model")
     model.save(tmp_path / "no_um_model")  # trained without a pixel size
     slide = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
