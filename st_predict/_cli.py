@@ -233,7 +233,8 @@ def _cmd_predict_slide(args) -> int:
         raise _BadInput(f"slide {args.slide} does not exist")
     model = NH2ST.load(args.model, accelerator=args.accelerator)
     sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, patch_size_um=args.patch_size_um,
-                                batch_size=args.batch_size, key_added=args.key_added, progress=not args.quiet)
+                                batch_size=args.batch_size, key_added=args.key_added, progress=not args.quiet,
+                                num_workers=args.num_workers, image_key=args.image_element)
     import spatialdata
 
     result = spatialdata.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
@@ -428,18 +429,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("predict-slide", formatter_class=fmt, help="predict expression over a whole H&E slide",
-                       description="Find the tissue of SLIDE (SVS, NDPI, pyramidal TIFF / OME-TIFF), tile it at the "
+                       description="Find the tissue of SLIDE (SVS, NDPI, pyramidal TIFF / OME-TIFF, or a SpatialData "
+                       ".zarr with an H&E image element), tile it at the "
                        "model's training spot pitch with tiles of its training patch size in micrometres, predict "
                        "every tile and write a SpatialData zarr: a table of tiles x genes annotating the tile shapes. "
                        "Needs pip install 'st-predict[wsi]'.")
     p.add_argument("model", help="folder of a model saved by st-predict train (or NH2ST.save)")
-    p.add_argument("slide", help="whole-slide image file")
+    p.add_argument("slide", help="whole-slide image file, or a SpatialData .zarr store")
     p.add_argument("--out", required=True, help="output SpatialData .zarr")
     p.add_argument("--mpp", type=float, help="micrometres per level-0 pixel, for a slide whose metadata has none")
     p.add_argument("--pitch-um", type=float, help="distance between tile centres (default: the training spot pitch)")
     p.add_argument("--patch-size-um", type=float,
                    help="tile side in micrometres, for a model trained without a known pixel size")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    p.add_argument("--image-element", default=None,
+                   help="SpatialData input: the H&E image element (needed when it has several)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="processes reading tiles while the network runs (default: none on <= 4 cores)")
     p.add_argument("--key-added", default="nh2st", help="name of the table")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -770,6 +770,9 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         tta: bool | None = None,
         key_added: str = "nh2st",
         progress: bool = True,
+        num_workers: int | None = None,
+        image_key: str | None = None,
+        library_id: str | None = None,
     ):
         """Predict expression over the tissue of a whole H&E slide that has no expression.
 
@@ -783,10 +786,14 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         slide
             A slide file (SVS, NDPI, pyramidal TIFF / OME-TIFF, anything OpenSlide or tiffslide
-            reads) or a :class:`wsidata.WSIData`.
+            reads), a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` (or the path of
+            its ``.zarr`` store) with an RGB uint8 image element, or an AnnData with a Visium-style
+            image in ``uns["spatial"][library_id]["images"]`` (its µm/px taken from
+            ``metadata["pixel_size_um"]`` and the image's scale factor, as st_predict's readers
+            write them). The input is not modified.
         mpp
             Micrometres per level-0 pixel, for a slide whose metadata has none (it overrides the
-            metadata otherwise).
+            metadata otherwise). SpatialData images carry no µm/px: pass it.
         pitch_um
             Distance between tile centres in micrometres; smaller than the spot pitch for denser maps.
         patch_size_um
@@ -800,19 +807,31 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             ``f"{key_added}_tiles"`` and the tissue polygons ``f"{key_added}_tissues"``.
         progress
             Print the tile count and show a progress bar.
+        num_workers
+            DataLoader worker processes that read and resize tiles while the network runs
+            (default: none on 4 cores or fewer, where they slow the network down; otherwise half
+            the cores, at most 8; ``0`` reads in this process).
+        image_key
+            The image element of a SpatialData (needed when it has several), or the image of an
+            AnnData (default ``"hires"``).
+        library_id
+            The library of an AnnData whose ``uns["spatial"]`` holds several.
 
         Returns
         -------
         The slide as a SpatialData object (:class:`wsidata.WSIData`) with a table of tiles x genes
         (``X``: predictions on the ``log1p`` scale of counts per 10k, ``obsm["spatial"]``: tile centres
         in level-0 pixels, ``uns["st_predict"]``: the slide and settings) annotating the tile shapes.
-        The table alone is an AnnData: ``sdata.tables[key_added]``.
+        The table alone is an AnnData: ``sdata.tables[key_added]``. For an AnnData input its
+        ``obsm["spatial"]`` is in the AnnData's full-resolution pixels and its ``uns["spatial"]``
+        holds the library's images, so ``sc.pl.spatial`` draws the tiles over the H&E.
         """
         from ._slide import predict_slide
 
         self._check_if_trained(warn=False)
         return predict_slide(self, slide, mpp=mpp, pitch_um=pitch_um, patch_size_um=patch_size_um,
-                             batch_size=batch_size, tta=tta, key_added=key_added, progress=progress)
+                             batch_size=batch_size, tta=tta, key_added=key_added, progress=progress,
+                             num_workers=num_workers, image_key=image_key, library_id=library_id)
 
     def predict(
         self,

@@ -2,12 +2,15 @@
 
 Slides are opened, tissue is found and tiles are laid out by the scverse whole-slide stack
 (wsidata's ``open_wsi`` and tile dataset, lazyslide's ``find_tissues`` / ``tile_tissues``), installed
-with ``pip install 'st-predict[wsi]'``. Only the tiles of one batch are in memory at a time.
+with ``pip install 'st-predict[wsi]'``. Only the tiles of the batches in flight are in memory; the
+predictions (one float32 per tile and gene) go into one array allocated up front.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,20 +32,126 @@ def _wsi_stack():
     return wsidata, lazyslide
 
 
-def open_slide(slide: Any):
-    """A :class:`wsidata.WSIData` for a slide path (SVS, NDPI, pyramidal TIFF, ...) or a ``WSIData``."""
+@dataclass
+class OpenedSlide:
+    """A slide opened for prediction: the :class:`wsidata.WSIData`, a name for messages, the µm/px its
+    source recorded (``None`` if none) and, for an AnnData image, how to map tile centres back to the
+    AnnData's full-resolution pixels."""
+
+    wsi: Any
+    name: str
+    mpp: float | None = None
+    to_fullres: float = 1.0
+    spatial_uns: dict = field(default_factory=dict)
+
+
+def _is_zarr_store(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("zarr.json", ".zgroup", ".zattrs")
+    )
+
+
+def _from_spatialdata(sdata, image_key: str | None, name: str) -> OpenedSlide:
     wsidata, _ = _wsi_stack()
+    from spatialdata import SpatialData
+
+    keys = list(sdata.images)
+    if image_key is None:
+        if len(keys) != 1:
+            raise ValueError(
+                f"{name} has {len(keys)} image elements ({', '.join(keys) or 'none'}): pass image_key= to "
+                "choose the H&E."
+            )
+        image_key = keys[0]
+    if image_key not in sdata.images:
+        raise KeyError(f"{name} has no image element {image_key!r} (it has: {', '.join(keys) or 'none'}).")
+    try:
+        # a SpatialData of this one element: the user's object gets no tiles, tissues or tables
+        wsi = wsidata.open_wsi(SpatialData(images={image_key: sdata.images[image_key]}), image_key=image_key)
+    except ValueError as err:
+        raise ValueError(f"Image element {image_key!r} of {name} cannot be read as an H&E slide: {err}") from err
+    return OpenedSlide(wsi, f"{name} image {image_key!r}")
+
+
+def _from_anndata(adata, image_key: str | None, library_id: str | None) -> OpenedSlide:
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    from st_predict.pp._patches import section_images, section_pixel_sizes
+
+    spatial = adata.uns.get("spatial")
+    if not isinstance(spatial, Mapping) or not spatial:
+        raise KeyError("The AnnData has no image: expected adata.uns['spatial'][library_id]['images'].")
+    if library_id is None:
+        if len(spatial) != 1:
+            raise ValueError(
+                f"adata.uns['spatial'] has {len(spatial)} libraries ({', '.join(map(str, spatial))}): pass "
+                "library_id= to choose the slide."
+            )
+        library_id = next(iter(spatial))
+    libs = np.array([library_id])
+    images, scales = section_images(adata, libs, image_key or "hires")
+    img = np.asarray(images[library_id])
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise ValueError(f"The image of library {library_id!r} must be RGB (H, W, 3), got shape {img.shape}.")
+    if img.dtype != np.uint8:
+        raise ValueError(f"The image of library {library_id!r} must be uint8 RGB, got {img.dtype}.")
+    scale = scales[library_id]
+    pixel_size = section_pixel_sizes(adata, libs)[library_id]
+    element = Image2DModel.parse(img[..., :3].transpose(2, 0, 1), dims=("c", "y", "x"))
+    opened = _from_spatialdata(SpatialData(images={"image": element}), "image", f"the AnnData's {library_id!r}")
+    opened.mpp = None if pixel_size is None else pixel_size / scale  # µm per pixel of this image
+    opened.to_fullres = 1.0 / scale
+    opened.spatial_uns = {library_id: dict(spatial[library_id])}
+    return opened
+
+
+def open_slide(slide: Any, image_key: str | None = None, library_id: str | None = None) -> OpenedSlide:
+    """Open ``slide`` for prediction: a slide file (SVS, NDPI, pyramidal TIFF, ...), a SpatialData
+    ``.zarr`` store, a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` with an image
+    element, or an AnnData with a Visium-style image in ``uns["spatial"]``."""
+    wsidata, _ = _wsi_stack()
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
     if isinstance(slide, wsidata.WSIData):
-        return slide
+        return OpenedSlide(slide, slide.path or "the slide")
+    if isinstance(slide, SpatialData):
+        return _from_spatialdata(slide, image_key, "the SpatialData")
+    if isinstance(slide, AnnData):
+        return _from_anndata(slide, image_key, library_id)
     if isinstance(slide, str | os.PathLike):
         path = os.fspath(slide)
         if not os.path.exists(path):
             raise FileNotFoundError(f"Slide file {path!r} does not exist.")
+        if _is_zarr_store(path):
+            import spatialdata
+
+            try:
+                sdata = spatialdata.read_zarr(path)
+            except Exception as err:
+                raise ValueError(f"Could not read {path!r} as a SpatialData store: {err}") from err
+            return _from_spatialdata(sdata, image_key, path)
         try:
-            return wsidata.open_wsi(path)
+            # store=None: no zarr store is created or reused next to the slide
+            return OpenedSlide(wsidata.open_wsi(path, store=None), path)
         except Exception as err:
             raise ValueError(f"Could not open {path!r} as a whole-slide image: {err}") from err
-    raise TypeError(f"slide must be a path or a wsidata.WSIData, got {type(slide).__name__}.")
+    raise TypeError(
+        "slide must be a path, a wsidata.WSIData, a SpatialData or an AnnData with an image, got "
+        f"{type(slide).__name__}."
+    )
+
+
+def default_num_workers() -> int:
+    """DataLoader workers that read tiles while the network runs.
+
+    None on a machine with 4 cores or fewer: on 2 cores a reading worker takes a core from the
+    network's threads and whole-slide prediction got 20 % slower (``benchmarks/her2st_slide.py``).
+    With more cores, half of them (at most 8) read, the rest run the network's threads.
+    """
+    n = os.cpu_count() or 1
+    return 0 if n <= 4 else min(8, n // 2)
 
 
 def predict_slide(
@@ -56,19 +165,24 @@ def predict_slide(
     tta: bool | None = None,
     key_added: str = "nh2st",
     progress: bool = True,
+    num_workers: int | None = None,
+    image_key: str | None = None,
+    library_id: str | None = None,
 ):
     """Predict expression over the tissue of a whole H&E slide; see :meth:`NH2ST.predict_slide`."""
     _, zs = _wsi_stack()
-    wsi = open_slide(slide)
-    name = os.fspath(slide) if isinstance(slide, str | os.PathLike) else (wsi.path or "the slide")
+    opened = open_slide(slide, image_key=image_key, library_id=library_id)
+    wsi, name = opened.wsi, opened.name
     if mpp is not None:
         if not mpp > 0:
             raise ValueError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
         wsi.set_mpp(float(mpp))
+    elif opened.mpp is not None:
+        wsi.set_mpp(float(opened.mpp))
     slide_mpp = wsi.properties.mpp
     if slide_mpp is None or not np.isfinite(slide_mpp) or slide_mpp <= 0:
         raise ValueError(
-            f"The slide {name!r} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
+            f"The slide {name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
         )
     patch_um = patch_size_um if patch_size_um is not None else model.patch_size_um_
     if patch_um is None:
@@ -79,6 +193,9 @@ def predict_slide(
     pitch = pitch_um if pitch_um is not None else (model.spot_pitch_um_ or patch_um)
     if not pitch > 0:
         raise ValueError(f"pitch_um must be positive, got {pitch!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    num_workers = default_num_workers() if num_workers is None else int(num_workers)
     size = model.module.image_size
     tile_mpp = float(patch_um) / size  # tiles are read straight at the network's resolution
     stride = max(1, int(round(pitch / tile_mpp)))
@@ -90,14 +207,15 @@ def predict_slide(
     tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
     zs.pp.find_tissues(wsi, level=tissue_level, key_added=tissue_key)
     if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
-        raise ValueError(f"No tissue found on the slide {name!r}.")
+        raise ValueError(f"No tissue found on the slide {name}.")
     zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
                        key_added=tile_key)
     tiles = wsi.shapes[tile_key]
     if len(tiles) == 0:
-        raise ValueError(f"No tissue found on the slide {name!r} (no tile of {patch_um:g} um on tissue).")
+        raise ValueError(f"No tissue found on the slide {name} (no tile of {patch_um:g} um on tissue).")
     dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # workers read and resize the next batches while the network runs on this one
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
 
@@ -106,12 +224,16 @@ def predict_slide(
     tta = model.tta_ if tta is None else bool(tta)
     module = model.module.eval()
     device = next(module.parameters()).device
-    out = []
+    pred = np.empty((len(tiles), len(model.genes_)), dtype=np.float32)
+    start = 0
     with torch.no_grad():
         for batch in loader:
             img = batch["image"].permute(0, 3, 1, 2).contiguous()  # (B, 3, size, size) uint8
-            out.append(module.predict_expression({"patches": img.to(device)}, tta=tta).float().cpu().numpy())
-    pred = np.concatenate(out)
+            out = module.predict_expression({"patches": img.to(device)}, tta=tta)
+            pred[start:start + len(img)] = out.float().cpu().numpy()
+            start += len(img)
+    if start != len(tiles):  # pragma: no cover - a dataset that lost tiles would be a wsidata bug
+        raise RuntimeError(f"Read {start} tiles of {len(tiles)}.")
     centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
     from anndata import AnnData
     from spatialdata.models import TableModel
@@ -119,12 +241,19 @@ def predict_slide(
     obs = pd.DataFrame({"region": pd.Categorical([tile_key] * len(tiles)),
                         "tile_id": tiles["tile_id"].to_numpy(), "tissue_id": tiles["tissue_id"].to_numpy()},
                        index=[f"tile_{i}" for i in tiles["tile_id"]])
-    table = AnnData(pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes_)))
-    table.obsm["spatial"] = centres
+    table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(model.genes_)))
+    # tile centres in the slide's level-0 pixels (for an AnnData image: the AnnData's full-resolution
+    # pixels, the frame of its obsm["spatial"], so scanpy/squidpy draw the tiles over its image)
+    table.obsm["spatial"] = centres * opened.to_fullres
     table.uns["st_predict"] = {
         "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(patch_um),
         "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta), "tissue_level": int(tissue_level),
         "scale": "log1p(counts / library size * 1e4)",
     }
+    if opened.spatial_uns:
+        lib, entry = next(iter(opened.spatial_uns.items()))
+        scalef = dict(entry.get("scalefactors", {}))
+        scalef["spot_diameter_fullres"] = float(patch_um / slide_mpp * opened.to_fullres)
+        table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
     wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
     return wsi

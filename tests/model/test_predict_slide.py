@@ -87,9 +87,9 @@ def test_tiles_cover_tissue_and_skip_background(model, tmp_path):
     assert meta["tissue_level"] == 2
 
 
-def test_two_scan_resolutions_give_the_same_physical_crops(model, tmp_path, monkeypatch):
-    # a stand-in network whose "expression" is each tile's colour statistics, so that predictions
-    # show exactly which pixels were cropped
+def _predict_colour_stats(model, monkeypatch):
+    """Swap in a stand-in network whose "expression" is each tile's colour statistics, so that
+    predictions show exactly which pixels were cropped."""
     n_genes = len(model.genes_)
 
     def colour_stats(batch, tta=False):
@@ -99,6 +99,21 @@ def test_two_scan_resolutions_give_the_same_physical_crops(model, tmp_path, monk
         return stats.repeat(1, n_genes // 6 + 1)[:, :n_genes]
 
     monkeypatch.setattr(model.module, "predict_expression", colour_stats)
+
+
+def _paired(a, mpp_a, b, mpp_b, tol_um: float = 2.0):
+    """Rows of two tables whose tile centres lie within ``tol_um`` micrometres of each other (tissue found
+    on another pyramid level may shift the grid by a pixel or two)."""
+    from scipy.spatial import cKDTree
+
+    xa, xb = a.obsm["spatial"] * mpp_a, b.obsm["spatial"] * mpp_b
+    dist, j = cKDTree(xb).query(xa)
+    keep = dist <= tol_um
+    return np.asarray(a.X)[keep], np.asarray(b.X)[j[keep]]
+
+
+def test_two_scan_resolutions_give_the_same_physical_crops(model, tmp_path, monkeypatch):
+    _predict_colour_stats(model, monkeypatch)
     img = _tissue(1024)
     coarse = _write_slide(tmp_path / "coarse.tif", img, mpp=0.5)
     fine = _write_slide(tmp_path / "fine.tif", np.repeat(np.repeat(img, 2, 0), 2, 1), mpp=0.25, levels=4)
@@ -207,4 +222,141 @@ def test_predict_slide_command(tissue, model, tmp_path, capsys):
     fails(["predict-slide", str(tmp_path / "no_um_model"), slide, "--out", str(tmp_path / "d.zarr")], "patch_size_um=")
     fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "nope.tif"), "--out", str(tmp_path / "e.zarr")],
           "does not exist")
-    assert not any((tmp_path / f"{x}.zarr").exists() for x in "abcde")
+    # a SpatialData store with an H&E image element: its um/px comes from --mpp
+    _he_spatialdata(_tissue(1024)).write(tmp_path / "he.zarr")
+    assert main(["predict-slide", str(tmp_path / "model"), str(tmp_path / "he.zarr"), "--out",
+                 str(tmp_path / "f.zarr"), "--mpp", "0.5", "--image-element", "he", "--quiet"]) == 0
+    assert sd_.read_zarr(tmp_path / "f.zarr").tables["nh2st"].n_obs > 0
+    fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "he.zarr"), "--out", str(tmp_path / "g.zarr")],
+          "pass mpp=")
+    fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "he.zarr"), "--out", str(tmp_path / "h.zarr"),
+           "--mpp", "0.5", "--image-element", "HE"], "has no image element 'HE' (it has: he)")
+    assert not any((tmp_path / f"{x}.zarr").exists() for x in "abcdegh")
+
+
+def _he_spatialdata(img: np.ndarray, multiscale: bool = False):
+    import spatialdata as sd_
+    from spatialdata.models import Image2DModel
+
+    kw = {"scale_factors": [2, 2]} if multiscale else {}
+    return sd_.SpatialData(images={"he": Image2DModel.parse(img.transpose(2, 0, 1), dims=("c", "y", "x"), **kw)})
+
+
+def _he_anndata(img: np.ndarray, pixel_size_um: float, scale: float):
+    """An AnnData with a Visium-style image downsampled by ``scale`` and no spots."""
+    from anndata import AnnData
+
+    step = round(1 / scale)
+    return AnnData(uns={"spatial": {"slide": {
+        "images": {"hires": np.ascontiguousarray(img[::step, ::step])},
+        "scalefactors": {"tissue_hires_scalef": scale, "spot_diameter_fullres": 10.0},
+        "metadata": {"pixel_size_um": pixel_size_um},
+    }}})
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_spatialdata_anndata_and_zarr_inputs_tile_the_same_pixels(model, tmp_path, monkeypatch):
+    import spatialdata as sd_
+
+    _predict_colour_stats(model, monkeypatch)
+    img = _tissue(2048)
+    kw = {"patch_size_um": 32.0, "pitch_um": 40.0, "progress": False}
+    ref = model.predict_slide(_write_slide(tmp_path / "slide.tif", img, mpp=0.5), **kw).tables["nh2st"]
+    sdata = _he_spatialdata(img)
+    sdata.write(tmp_path / "he.zarr")
+    adata = _he_anndata(img, pixel_size_um=0.5, scale=1.0)
+    half = _he_anndata(np.repeat(np.repeat(img, 2, 0), 2, 1), pixel_size_um=0.25, scale=0.5)
+    uns_before = {k: dict(v) for k, v in adata.uns["spatial"].items()}
+    results = {
+        "spatialdata": model.predict_slide(sdata, mpp=0.5, **kw),
+        "multiscale": model.predict_slide(_he_spatialdata(img, multiscale=True), mpp=0.5, **kw),
+        "zarr": model.predict_slide(tmp_path / "he.zarr", mpp=0.5, **kw),
+        "anndata": model.predict_slide(adata, **kw),  # um/px from metadata["pixel_size_um"]
+        # a half-size image of a 0.25 um/px section: tiles in the AnnData's full-resolution pixels
+        "anndata_hires": model.predict_slide(half, **kw),
+    }
+    for name, out in results.items():
+        table = out.tables["nh2st"]
+        mpp = 0.25 if name == "anndata_hires" else 0.5
+        # nearly the same grid as the slide file (tissue outlines found on pyramid levels made another way
+        # move it by a few pixels)
+        assert abs(table.n_obs - ref.n_obs) <= 0.1 * ref.n_obs, name
+        assert len(_paired(table, mpp, ref, 0.5, tol_um=3.0)[0]) >= 0.8 * ref.n_obs, name
+        # each tile's mean colour is that of the image pixels under its shape (0.5 um/px frame)
+        bounds = out.shapes["nh2st_tiles"].geometry.bounds.round().astype(int).to_numpy()
+        want = np.stack([img[y0:y1, x0:x1].reshape(-1, 3).mean(0) for x0, y0, x1, y1 in bounds])
+        np.testing.assert_allclose(np.asarray(table.X)[:, :3], want, atol=3.0 if name == "multiscale" else 1.0,
+                                   err_msg=name)  # colour levels out of 255
+    # the inputs are left as they were: no tiles, tissues or tables added to them
+    assert list(sdata.images) == ["he"] and not sdata.shapes and not sdata.tables
+    assert list(sd_.read_zarr(tmp_path / "he.zarr").images) == ["he"]
+    assert {k: dict(v) for k, v in adata.uns["spatial"].items()}.keys() == uns_before.keys()
+    assert set(adata.uns["spatial"]["slide"]) == set(uns_before["slide"]) and adata.n_obs == 0
+    # the AnnData output carries the library's image, so scanpy draws the tiles over it
+    table = results["anndata_hires"].tables["nh2st"]
+    assert table.uns["spatial"]["slide"]["scalefactors"]["tissue_hires_scalef"] == 0.5
+    assert table.uns["spatial"]["slide"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(32.0 / 0.25)
+
+
+def test_bad_spatialdata_and_anndata_inputs_get_clear_errors(model, tmp_path):
+    import spatialdata as sd_
+    from spatialdata.models import Image2DModel
+
+    img = _tissue(512)
+    kw = {"patch_size_um": 32.0, "progress": False}
+    sdata = _he_spatialdata(img)
+    with pytest.raises(ValueError, match=r"image 'he'.* records no micrometres per pixel; pass mpp="):
+        model.predict_slide(sdata, **kw)
+    with pytest.raises(KeyError, match=r"no image element 'HE' \(it has: he\)"):
+        model.predict_slide(sdata, image_key="HE", mpp=0.5, **kw)
+    two = sd_.SpatialData(images={"a": sdata.images["he"], "b": sdata.images["he"]})
+    with pytest.raises(ValueError, match=r"2 image elements \(a, b\): pass image_key="):
+        model.predict_slide(two, mpp=0.5, **kw)
+    floats = sd_.SpatialData(images={"f": Image2DModel.parse(img.transpose(2, 0, 1).astype(np.float32) / 255,
+                                                             dims=("c", "y", "x"))})
+    with pytest.raises(ValueError, match=r"Image element 'f' .* cannot be read as an H&E slide"):
+        model.predict_slide(floats, mpp=0.5, **kw)
+    adata = _he_anndata(img, pixel_size_um=0.5, scale=1.0)
+    del adata.uns["spatial"]["slide"]["metadata"]
+    with pytest.raises(ValueError, match=r"the AnnData's 'slide'.* pass mpp="):
+        model.predict_slide(adata, **kw)
+    adata.uns["spatial"]["other"] = adata.uns["spatial"]["slide"]
+    with pytest.raises(ValueError, match=r"2 libraries \(slide, other\): pass library_id="):
+        model.predict_slide(adata, mpp=0.5, **kw)
+    with pytest.raises(KeyError, match=r"no image .*\['lowres'\]"):
+        model.predict_slide(adata, library_id="slide", image_key="lowres", mpp=0.5, **kw)
+    from anndata import AnnData
+
+    with pytest.raises(KeyError, match=r"uns\['spatial'\]"):
+        model.predict_slide(AnnData(np.zeros((2, 2))), mpp=0.5, **kw)
+    with pytest.raises(TypeError, match="slide must be a path"):
+        model.predict_slide(img, mpp=0.5, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_slide_predictions_plot_with_spatialdata_plot(model, tmp_path):
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import spatialdata as sd_
+    import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+
+    path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
+    sdata = model.predict_slide(path, patch_size_um=32.0, pitch_um=40.0, progress=False)
+    sd_.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables)).write(tmp_path / "pred.zarr")
+    back = sd_.read_zarr(tmp_path / "pred.zarr")
+    table = back.tables["nh2st"]
+    gene = table.var_names[int(np.argmax(np.asarray(table.X).var(0)))]
+    fig, ax = plt.subplots()
+    back.pl.render_shapes("nh2st_tiles", color=gene, table_name="nh2st").pl.show(ax=ax)
+    tiles = [c for c in ax.collections if len(c.get_paths()) == table.n_obs]
+    assert len(tiles) == 1
+    values = np.asarray(table[:, gene].X).ravel()
+    colours = tiles[0].get_facecolors()
+    assert len(np.unique(colours.round(3), axis=0)) > 5  # coloured by the gene, not one flat colour
+    lo, hi = tiles[0].get_clim()
+    assert lo == pytest.approx(values.min(), rel=1e-4) and hi == pytest.approx(values.max(), rel=1e-4)
+    # each tile's colour is its own prediction through the colour map
+    np.testing.assert_allclose(colours[:, :3], tiles[0].cmap((values - lo) / (hi - lo))[:, :3], atol=0.01)
+    plt.close(fig)
