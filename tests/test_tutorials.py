@@ -11,9 +11,10 @@ TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
 
-def test_there_are_three_tutorials_saved_with_figures():
+def test_the_tutorials_are_saved_executed_with_figures():
     assert [p.name for p in NOTEBOOKS] == [
-        "01_quickstart.ipynb", "02_predict_he_only_spatialdata.ipynb", "03_benchmark_ablations.ipynb"
+        "01_quickstart.ipynb", "02_predict_he_only_spatialdata.ipynb", "03_benchmark_ablations.ipynb",
+        "04_whole_slide.ipynb",
     ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)

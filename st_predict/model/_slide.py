@@ -115,7 +115,8 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
     from spatialdata import SpatialData
 
     if isinstance(slide, wsidata.WSIData):
-        return OpenedSlide(slide, slide.path or "the slide")
+        source = slide.path or getattr(slide.reader, "file", None)
+        return OpenedSlide(slide, str(source) if source else "the slide")
     if isinstance(slide, SpatialData):
         return _from_spatialdata(slide, image_key, "the SpatialData")
     if isinstance(slide, AnnData):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -28,7 +30,16 @@ def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
         )
     tmp = ad.AnnData(obs=pd.DataFrame({"library": libraries}, index=[str(i) for i in range(len(coords))]))
     tmp.obsm["spatial"] = coords
-    res = sq.gr.spatial_neighbors_knn(tmp, spatial_key="spatial", library_key="library", n_neighs=n_neighbors, copy=True)
+    # squidpy reports each graph at INFO through spatialdata's logger: a line per model, not news to a user
+    sd_logger = logging.getLogger("spatialdata._logging")
+    level = sd_logger.level
+    sd_logger.setLevel(max(level, logging.WARNING))
+    try:
+        res = sq.gr.spatial_neighbors_knn(
+            tmp, spatial_key="spatial", library_key="library", n_neighs=n_neighbors, copy=True
+        )
+    finally:
+        sd_logger.setLevel(level)
     dist = res.distances.tocsr()
     dist.sort_indices()
     n = dist.shape[0]
