@@ -6,6 +6,8 @@ import contextvars
 import inspect
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -51,6 +53,11 @@ logger = logging.getLogger(__name__)
 # Set while ``NH2ST.load`` rebuilds a model: the trunk weights then come from the saved state dict,
 # so ``__init__`` must not fetch pretrained weights.
 _LOADING = contextvars.ContextVar("st_predict_loading", default=False)
+
+#: Version of the saved-model layout (``model.pt``'s keys, the module's parameters and attributes).
+#: Raised when a change means older releases cannot read new files or this release cannot read old
+#: ones; models saved before versions were recorded are format 1.
+SAVE_FORMAT = 1
 
 #: keywords of :class:`NH2STModule` that a user (or a recipe) may set; ``n_genes`` comes from the data
 MODULE_DEFAULTS = {
@@ -867,8 +874,38 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
     def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs):
         """Save the weights, genes, setup and hyperparameters to ``dir_path/model.pt`` (see
         :meth:`scvi.model.base.BaseModelClass.save`). ``save_anndata=True`` also writes the AnnData
-        (only possible when its images are numpy arrays)."""
-        super().save(dir_path, prefix=prefix, overwrite=overwrite, save_anndata=save_anndata, **kwargs)
+        (only possible when its images are numpy arrays).
+
+        The save is atomic: everything is written to a hidden folder next to ``dir_path`` and then
+        renamed into place (over an existing model only with ``overwrite=True``, file by file with
+        ``model.pt`` last), so a process killed during ``save`` leaves the previously saved model
+        loadable. The file records the save format (:data:`SAVE_FORMAT`) and the st_predict version.
+        """
+        from st_predict import __version__
+
+        target = os.path.abspath(os.fspath(dir_path))
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise ValueError(f"{target} already exists and is not a folder.")
+        if os.path.isdir(target) and os.listdir(target) and not overwrite:
+            raise ValueError(f"{target} already exists and holds files; pass overwrite=True to replace the saved model.")
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        self.save_format_ = SAVE_FORMAT
+        self.st_predict_version_ = __version__
+        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.saving-")
+        try:
+            super().save(staging, prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs)
+            names = sorted(os.listdir(staging), key=lambda n: n.endswith("model.pt"))  # model.pt last
+            for name in names:
+                with open(os.path.join(staging, name), "rb") as f:
+                    os.fsync(f.fileno())
+            if not os.path.isdir(target):
+                os.rename(staging, target)
+            else:
+                for name in names:
+                    os.replace(os.path.join(staging, name), os.path.join(target, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def load(
@@ -900,7 +937,14 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         path = os.path.join(dir_path, f"{prefix or ''}model.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No saved NH2ST model at {path}.")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or corrupted file: torch's message names zip internals
+            raise ValueError(
+                f"{path} is not a readable saved model (truncated or corrupted?): {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
+        _check_save_format(saved, path)
         train_vars = pd.Index(np.asarray(saved["var_names"]).astype(str))
         model_genes = saved["attr_dict"]["genes_"]
         if "model_kwargs" not in saved["attr_dict"].get("init_params_", {}).get("kwargs", {}):
@@ -934,6 +978,22 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             _LOADING.reset(token)
         model._predict_adata = predict_only
         return model
+
+
+def _check_save_format(saved: Mapping, path: str) -> None:
+    """Refuse a ``model.pt`` whose save format this release cannot read, naming both versions."""
+    from st_predict import __version__
+
+    attrs = saved.get("attr_dict", {}) if isinstance(saved, Mapping) else {}
+    if not isinstance(saved, Mapping) or "model_state_dict" not in saved or not isinstance(attrs, Mapping):
+        raise ValueError(f"{path} is not an st_predict saved model (no model_state_dict / attr_dict).")
+    fmt = attrs.get("save_format_", 1)
+    by = attrs.get("st_predict_version_", "an st_predict release that did not record its version")
+    if not isinstance(fmt, int) or fmt > SAVE_FORMAT:
+        raise ValueError(
+            f"{path} has save format {fmt!r}, written by st_predict {by}; this release (st_predict "
+            f"{__version__}) reads formats up to {SAVE_FORMAT}. Upgrade st_predict to load it."
+        )
 
 
 def _safe_sd(y: torch.Tensor) -> torch.Tensor:

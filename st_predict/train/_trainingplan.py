@@ -170,9 +170,19 @@ class NH2STTrainingPlan(pl.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.lr, total_steps=total, pct_start=self.warmup, anneal_strategy="cos"
+            optimizer, max_lr=self.lr, total_steps=total, pct_start=onecycle_warmup(self.warmup, total),
+            anneal_strategy="cos",
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def onecycle_warmup(warmup: float, total_steps: int) -> float:
+    """``pct_start`` for :class:`~torch.optim.lr_scheduler.OneCycleLR`: ``warmup``, except where the
+    warm-up would be exactly one step (e.g. 0.1 of 10 steps), which makes torch divide by zero on the
+    first step; there the warm-up phase ends just after step 0, the same schedule."""
+    if abs(warmup * total_steps - 1.0) < 1e-9:
+        return (1.0 + 1e-6) / total_steps
+    return warmup
 
 
 class BestEpoch(pl.Callback):
