@@ -137,8 +137,9 @@ def _cmd_train(args) -> int:
     from st_predict.data import select_sections
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise _BadInput(f"output folder {out} exists and is not empty; pass --overwrite")
+    checkpoint_dir = args.checkpoint_dir or (out / "checkpoints" if args.resume else None)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise _BadInput(f"output folder {out} exists and is not empty; pass --overwrite (or --resume)")
     adata, library_key, found_key = _read(args)
     if args.sections:
         if library_key is None:
@@ -164,7 +165,8 @@ def _cmd_train(args) -> int:
         validation = validation[0]
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
                 devices=args.devices, validation=validation, train_size=args.train_size, lr=args.lr,
-                best_epoch=True if validation is not None else None, progress=not args.quiet)
+                best_epoch=True if validation is not None else None, progress=not args.quiet,
+                checkpoint_dir=checkpoint_dir, resume=args.resume)
     model.save(str(out), overwrite=True)
     history = {k: v.iloc[:, 0].astype(float).tolist() for k, v in (model.history or {}).items()
                if k.startswith(("train_", "validation_"))}
@@ -404,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'section' (hold out the last training section), section names, or 'random' (one "
                    "section only; leaky); keeps the epoch with the best validation PCC")
     p.add_argument("--train-size", type=float, default=1.0, help="with --validation random: fraction of spots to train on")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="write a checkpoint of the training state after every epoch (last.ckpt; best.ckpt with "
+                   "--validation) to this folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last.ckpt (in --checkpoint-dir, default OUT/checkpoints, "
+                   "written every epoch); without one, start from the first epoch: the same command serves the first "
+                   "run and every restart")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     p.add_argument("--devices", default="auto", help="Lightning devices: auto, a count, or a list")
     p.add_argument("--model-kwargs", default=None, help='more NH2ST hyperparameters as JSON, e.g. \'{"n_neighbors": 4}\'')

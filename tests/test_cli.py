@@ -159,3 +159,17 @@ def test_train_recipe_and_section_validation(tmp_path):
     assert paper.module_kwargs["image_size"] == 32  # --image-size overrides the recipe's 224
     # random-spot validation over several sections is refused (leaky), with a one-line error
     assert main(["train", str(data), "--out", str(tmp_path / "r"), "--validation", "random", "--quiet", *small]) == 2
+
+
+def test_train_resume_checkpoints_into_the_output_and_reruns(tmp_path, capsys):
+    from st_predict.data import synthetic_tissue
+
+    data = tmp_path / "tissue.h5ad"
+    synthetic_tissue(n_sections=2, n_rows=8, n_cols=8, n_genes=40).write_h5ad(data)
+    argv = ["train", str(data), "--out", str(tmp_path / "m"), "--resume", *SMALL_TRAIN]
+    assert main(argv) == 0  # the first run: nothing to resume yet
+    assert (tmp_path / "m" / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "m" / "model.pt").is_file()
+    assert main(argv) == 0  # the same command again resumes (here: from the finished run) into the same folder
+    # without --resume a non-empty output folder is refused
+    assert main(["train", str(data), "--out", str(tmp_path / "m"), *SMALL_TRAIN]) == 2
+    assert "pass --overwrite (or --resume)" in capsys.readouterr().err

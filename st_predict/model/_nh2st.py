@@ -39,6 +39,7 @@ from st_predict.pp import (
 )
 from st_predict.train import (
     BestEpoch,
+    EpochCheckpoint,
     NH2STCollate,
     NH2STDataModule,
     NH2STTrainingPlan,
@@ -415,6 +416,8 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         num_workers: int = 0,
         embed_batch_size: int = 16,
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         plan_kwargs: dict | None = None,
         **trainer_kwargs,
     ):
@@ -482,6 +485,17 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             Patches per trunk call when filling a cache.
         progress
             Progress bars for embedding and training.
+        checkpoint_dir
+            Folder for Lightning checkpoints of the whole training state (weights, optimiser,
+            schedule, epoch, random number generators): ``last.ckpt`` after every epoch and, with a
+            validation set, ``best.ckpt`` at the best ``validation_pcc``
+            (:class:`~st_predict.train.EpochCheckpoint`). Each is written beside its target and renamed
+            into place, so a run killed while writing keeps the previous one.
+        resume
+            Continue from ``checkpoint_dir/last.ckpt`` (a run that was interrupted, e.g. pre-empted):
+            call ``train`` with the same data, model and settings. On CPU with the same
+            ``scvi.settings.seed`` the result equals an uninterrupted run's, bit for bit. Without a
+            checkpoint yet, training starts from the first epoch (so one command serves both).
         plan_kwargs
             More keyword arguments for :class:`~st_predict.train.NH2STTrainingPlan`.
         **trainer_kwargs
@@ -539,6 +553,19 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             if cfg["best_epoch"]:
                 keeper = BestEpoch("validation_pcc", "max")
                 callbacks.append(keeper)
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir=, the folder of the interrupted run's checkpoints.")
+        if checkpoint_dir is not None:
+            if "ckpt_path" in trainer_kwargs:
+                raise ValueError("Pass checkpoint_dir= and resume=True, or ckpt_path=, not both.")
+            saver = EpochCheckpoint(checkpoint_dir, monitor="validation_pcc" if len(val_idx) else None)
+            callbacks.append(saver)
+            if resume:
+                if saver.last_path.is_file():
+                    trainer_kwargs["ckpt_path"] = str(saver.last_path)
+                    logger.info("Resuming from %s.", saver.last_path)
+                else:
+                    logger.warning("No checkpoint at %s yet: training starts from the first epoch.", saver.last_path)
         trainer_kwargs.setdefault("enable_progress_bar", progress)
         trainer_kwargs.setdefault("log_every_n_steps", 1)  # the plan logs epoch means only
         trainer_kwargs.setdefault("precision", resolve_precision(cfg["precision"], device))

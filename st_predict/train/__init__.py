@@ -7,7 +7,7 @@ from ._embed import compute_fmaps
 from ._recipes import RECIPES as _RECIPES
 from ._recipes import Recipe, get_recipe
 from ._split import split_validation
-from ._trainingplan import BestEpoch, NH2STTrainingPlan, mean_gene_pcc
+from ._trainingplan import BestEpoch, EpochCheckpoint, NH2STTrainingPlan, mean_gene_pcc
 
 #: The named recipes (:class:`Recipe`) by name: ``"default"`` and ``"paper"``.
 RECIPES = _RECIPES
@@ -16,6 +16,7 @@ __all__ = [
     "AUGMENTATIONS",
     "RECIPES",
     "BestEpoch",
+    "EpochCheckpoint",
     "NH2STCollate",
     "NH2STDataModule",
     "NH2STTrainingPlan",

@@ -172,6 +172,11 @@ class SectionBatchSampler(Sampler[list[int]]):
             batches = batches[rank::world][:per_rank]
         return batches
 
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the next epoch as epoch ``epoch`` (Lightning calls this at every epoch start, so a
+        resumed run draws the batches the interrupted one would have)."""
+        self.epoch = int(epoch)
+
     def __iter__(self):
         batches = self._batches(self.epoch)
         self.epoch += 1
@@ -187,6 +192,7 @@ class _IndexBatches(Sampler[list[int]]):
 
     def __init__(self, section_sampler: SectionBatchSampler):
         self.section_sampler = section_sampler
+        self.sampler = section_sampler  # where Lightning looks for set_epoch (batch_sampler.sampler)
         self.position = {int(i): p for p, i in enumerate(section_sampler.indices)}
 
     def __iter__(self):

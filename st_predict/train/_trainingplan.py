@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import random
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -107,6 +111,21 @@ class NH2STTrainingPlan(pl.LightningModule):
     def on_fit_end(self) -> None:
         self.feature_cache = None  # only needed while training
 
+    # the neighbour cache is training state: a resumed run must start from the one the checkpoint saw
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.feature_cache is not None:
+            checkpoint["st_predict_feature_cache"] = self.feature_cache.detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        cache = checkpoint.get("st_predict_feature_cache")
+        if cache is not None and self.feature_cache is not None:
+            if cache.shape != self.feature_cache.shape:
+                raise ValueError(
+                    f"The checkpoint's neighbour cache has shape {tuple(cache.shape)}, this training run's "
+                    f"{tuple(self.feature_cache.shape)}: it comes from another model or data."
+                )
+            self.feature_cache = cache.to(self.feature_cache)
+
     def _step(self, batch, prefix: str):
         if "patch_rows" in batch and "fmaps" not in batch:
             if self.feature_cache is None:
@@ -185,6 +204,84 @@ def onecycle_warmup(warmup: float, total_steps: int) -> float:
     return warmup
 
 
+def _rng_states() -> dict:
+    # plain tensors, ints and tuples only, so that Lightning's weights-only checkpoint loading accepts them
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class EpochCheckpoint(pl.Callback):
+    """Write a Lightning checkpoint of the whole training state (weights, optimiser, schedule, loops,
+    callbacks, the random number generators of this process) to ``dirpath/last.ckpt`` after every
+    epoch, and to ``dirpath/best.ckpt`` when ``monitor`` improves. Files are written next to their
+    target and renamed into place, so a process killed while writing leaves the previous checkpoint.
+
+    A run restarted from ``last.ckpt`` (``Trainer.fit(ckpt_path=...)``) restores the random number
+    generators too, so on CPU it continues exactly as the interrupted run would have.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, monitor: str | None = None, mode: Literal["max", "min"] = "max"):
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.monitor, self.mode = monitor, mode
+        self.best_score: float | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.dirpath / "best.ckpt"
+
+    def state_dict(self) -> dict:
+        return {"rng": _rng_states(), "best_score": self.best_score}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_score = state_dict.get("best_score")
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
+
+    def _write(self, trainer: pl.Trainer, path: Path) -> None:
+        staging = path.with_name(f".{path.name}.writing")
+        trainer.save_checkpoint(staging)  # every rank takes part; rank 0 writes
+        trainer.strategy.barrier("st_predict_checkpoint")
+        if trainer.is_global_zero:
+            os.replace(staging, path)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        improved = False
+        if self.monitor is not None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None and float(value) == float(value):
+                value = float(value)
+                improved = self.best_score is None or (
+                    value > self.best_score if self.mode == "max" else value < self.best_score
+                )
+                if improved:
+                    self.best_score = value
+        self._write(trainer, self.last_path)
+        if improved:
+            self._write(trainer, self.best_path)
+
+
 class BestEpoch(pl.Callback):
     """Keep the module's weights of the epoch with the best ``monitor`` (in memory) and restore them
     when training ends. :attr:`best_epoch` (1-based) and :attr:`best_score` say which it was."""
@@ -211,6 +308,13 @@ class BestEpoch(pl.Callback):
         if better:
             self.best_score, self.best_epoch = value, trainer.current_epoch + 1
             self._state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.module.state_dict().items()})
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "state": self._state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_score, self.best_epoch = state_dict.get("best_score"), state_dict.get("best_epoch")
+        self._state = state_dict.get("state")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._state is not None:
