@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	MPLBACKEND=agg $(BIN)/st-predict demo $(if $(DATA),--data $(DATA))
+	MPLBACKEND=agg $(BIN)/st-predict demo --overwrite $(if $(DATA),--data $(DATA))
 
 test: install
 	MPLBACKEND=agg $(BIN)/python -m pytest

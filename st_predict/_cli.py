@@ -7,8 +7,10 @@ and exit code 2 (argparse's own convention for usage errors), success with 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -206,6 +208,46 @@ def _model_and_output(args, suffix: str) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _staged_file(out: Path):
+    """Yield a hidden path beside ``out``; on success it replaces ``out`` in one rename (atomic), so an
+    interrupted command leaves the old file or the complete new one; on failure it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _staged_folder(out: Path, overwrite: bool, produces: tuple[str, ...]):
+    """Yield a hidden folder beside ``out`` to write a command's files into; on success each file is
+    renamed into ``out`` (existing ones replaced only with ``--overwrite``), on failure nothing of the
+    run is left. ``produces``: file names (globs) whose presence in ``out`` means an earlier run's
+    output."""
+    if out.exists() and not out.is_dir():
+        raise _BadInput(f"{out} exists and is not a folder")
+    old = sorted({p.name for pattern in produces for p in out.glob(pattern)}) if out.is_dir() else []
+    if old and not overwrite:
+        raise _BadInput(f"{out} already holds {', '.join(old[:3])}{' ...' if len(old) > 3 else ''}; pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        yield staging
+        out.mkdir(parents=True, exist_ok=True)
+        for p in sorted(staging.rglob("*")):
+            if p.is_file():
+                dest = out / p.relative_to(staging)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _cmd_predict(args) -> int:
     from st_predict import NH2ST
 
@@ -221,8 +263,8 @@ def _cmd_predict(args) -> int:
     df = model.predict(adata, key_added=args.key_added, batch_size=args.batch_size, progress=not args.quiet,
                        library_key=library_key, image_key=image_key)
     _out_of_core_images_to_lowres(adata)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    with _staged_file(out) as staged:
+        adata.write_h5ad(staged)
     print(f"Predicted {df.shape[1]} genes for {df.shape[0]} spots into obsm[{args.key_added!r}] of {out}")
     return 0
 
@@ -244,8 +286,9 @@ def _cmd_predict_slide(args) -> int:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / out.name  # written completely first, then moved into place
         result.write(staged)
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # the old store steps aside and is removed only once the new one is in place
+            old = Path(tmp) / f"{out.name}.old"
+            out.rename(old)
         staged.rename(out)
     table = sdata.tables[args.key_added]
     print(f"Predicted {table.n_vars} genes for {table.n_obs} tiles into table {args.key_added!r} of {out}")
@@ -271,11 +314,7 @@ def _measured(adata, genes, layer: str | None, normalized: bool):
 
 def _cmd_evaluate(args) -> int:
     import anndata as ad
-    import matplotlib.pyplot as plt
     import pandas as pd
-
-    from st_predict.metrics import evaluate, pooled_pcc
-    from st_predict.pl import pcc_distribution
 
     path = Path(args.predictions)
     if not path.is_file():
@@ -291,8 +330,20 @@ def _cmd_evaluate(args) -> int:
         sections = adata.obs[args.section_key].astype(str).to_numpy()
     else:
         sections = np.full(adata.n_obs, "all")
+    with _staged_folder(Path(args.out), args.overwrite, ("metrics.json", "metrics.md", "pcc_distribution_*.png")) as out:
+        rows = _write_evaluation(args, path, pred, truth, sections, out)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    print(f"Wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(rows)} PCC distribution figure(s)")
+    return 0
+
+
+def _write_evaluation(args, path, pred, truth, sections, out: Path) -> list:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from st_predict.metrics import evaluate, pooled_pcc
+    from st_predict.pl import pcc_distribution
+
     rows, preds, truths = [], [], []
     for sec in pd.unique(sections):
         m = sections == sec
@@ -316,8 +367,7 @@ def _cmd_evaluate(args) -> int:
               f"{r['n_spots']} | {r['pcc_top50']:.3f} |" for r in rows]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"Wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(rows)} PCC distribution figure(s)")
-    return 0
+    return rows
 
 
 def _cmd_benchmark(args) -> int:
@@ -338,9 +388,10 @@ def _cmd_benchmark(args) -> int:
     if library_key is None:
         raise _BadInput(f"the benchmark needs several sections: no column {args.section_key!r} in adata.obs")
     image_key = _image_key(adata, library_key, args.image_key, found_key)
-    result = run_benchmark(adata, methods, section_key=library_key, group_key=args.group_key, folds=args.folds,
-                           n_genes=args.n_genes, image_key=image_key, patch_size=args.patch_size,
-                           image_size=args.image_size, weights=args.weights, seed=args.seed, out_dir=args.out)
+    with _staged_folder(Path(args.out), args.overwrite, ("results.json", "results.md")) as staging:
+        result = run_benchmark(adata, methods, section_key=library_key, group_key=args.group_key, folds=args.folds,
+                               n_genes=args.n_genes, image_key=image_key, patch_size=args.patch_size,
+                               image_size=args.image_size, weights=args.weights, seed=args.seed, out_dir=staging)
     print(to_markdown(result))
     print(f"Wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'results.md'}")
     return 0
@@ -349,8 +400,10 @@ def _cmd_benchmark(args) -> int:
 def _cmd_demo(args) -> int:
     from st_predict._demo import run_demo
 
-    run_demo(data=args.data, out=args.out, epochs=args.epochs, test_section=args.test_section,
-             image_size=args.image_size, weights=args.weights, fetch=not args.no_fetch, seed=args.seed)
+    with _staged_folder(Path(args.out), args.overwrite, ("metrics.json", "predicted_vs_measured.png")) as staging:
+        run_demo(data=args.data, out=staging, epochs=args.epochs, test_section=args.test_section,
+                 image_size=args.image_size, weights=args.weights, fetch=not args.no_fetch, seed=args.seed)
+    print(f"Wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'predicted_vs_measured.png'}")
     return 0
 
 
@@ -471,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--section-key", default="section", help="obs column of sections (absent: one section)")
     p.add_argument("--layer", default=None, help="measured expression layer (default: X)")
     p.add_argument("--normalized", action="store_true", help="the measured expression is already log-normalised")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("benchmark", formatter_class=fmt, help="leave-one-section-out benchmark of NH2ST and baselines",
@@ -490,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", help="trunk weights: imagenet, random, or a file")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the NH2ST rows (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every method")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("demo", formatter_class=fmt,
@@ -506,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", help="'imagenet', 'random' or a ResNet18 weights file")
     p.add_argument("--no-fetch", action="store_true", help="do not try to download HER2ST")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")
     p.set_defaults(func=_cmd_demo)
     return parser
 

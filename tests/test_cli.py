@@ -173,3 +173,52 @@ def test_train_resume_checkpoints_into_the_output_and_reruns(tmp_path, capsys):
     # without --resume a non-empty output folder is refused
     assert main(["train", str(data), "--out", str(tmp_path / "m"), *SMALL_TRAIN]) == 2
     assert "pass --overwrite (or --resume)" in capsys.readouterr().err
+
+
+_PREDICT_DIES_WHILE_WRITING = """
+import os, signal, sys, warnings
+warnings.filterwarnings("ignore")
+import anndata as ad
+from st_predict._cli import main
+
+real_write = ad.AnnData.write_h5ad
+
+def write_then_die(self, filename, *args, **kwargs):
+    real_write(self, filename, *args, **kwargs)
+    with open(filename, "r+b") as f:  # a half-written file, as if the process died mid-write
+        f.truncate(os.path.getsize(filename) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ad.AnnData.write_h5ad = write_then_die
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_commands_never_overwrite_or_leave_half_outputs(trained, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    root, data = trained
+    out = tmp_path / "pred.h5ad"
+    predict = ["predict", str(root / "model"), str(data), "--out", str(out), "--quiet"]
+    assert main(predict) == 0
+    before = out.read_bytes()
+    # an existing output needs --overwrite, for every command that writes one
+    for argv in (predict, ["evaluate", str(out), "--out", str(tmp_path / "eval")]):
+        if argv[0] == "evaluate":
+            assert main(argv) == 0
+            capsys.readouterr()
+        assert main(argv) == 2
+        assert "--overwrite" in capsys.readouterr().err
+    # a predict killed while writing leaves the old file, whole (its hidden staging file may remain)
+    proc = subprocess.run([sys.executable, "-c", _PREDICT_DIES_WHILE_WRITING, *predict, "--overwrite"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert out.read_bytes() == before
+    ad.read_h5ad(out)
+    # a run that fails leaves nothing: evaluate with a key that is not there
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "eval2"), "--key", "nope"]) == 2
+    assert not (tmp_path / "eval2").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.startswith(".pred.h5ad")]
+    assert not leftovers, leftovers
