@@ -23,6 +23,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
 from st_predict._constants import PREDICTED_KEY, REGISTRY_KEYS
+from st_predict._threads import limit_threads
 from st_predict.model._docstrings import nh2st_dsp
 from st_predict.module import NH2STModule
 from st_predict.nn import load_trunk_weights
@@ -508,6 +509,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             "precision": precision, "batches": batches, "center_sections": center_sections,
         }
         cfg = self.resolve_train_settings(**given)
+        limit_threads()
         if self.module.contrastive and cfg["batch_size"] < 2:
             raise ValueError(
                 f"batch_size={cfg['batch_size']} is too small for a contrastive loss (needs >= 2 spots per batch: "
@@ -680,6 +682,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self, adata, indices, batch_size, what: str, progress: bool = False, keys: dict | None = None,
         tta: bool = False, trunk_features: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, pd.Index]:
+        limit_threads()
         if adata is None:
             adata = self.adata if self.adata is not None else self._predict_adata
             if adata is None:

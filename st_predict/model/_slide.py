@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from st_predict._threads import limit_threads, single_thread_worker
+
 if TYPE_CHECKING:
     from ._nh2st import NH2ST
 
@@ -172,6 +174,7 @@ def predict_slide(
 ):
     """Predict expression over the tissue of a whole H&E slide; see :meth:`NH2ST.predict_slide`."""
     _, zs = _wsi_stack()
+    limit_threads()
     opened = open_slide(slide, image_key=image_key, library_id=library_id)
     wsi, name = opened.wsi, opened.name
     if mpp is not None:
@@ -216,7 +219,8 @@ def predict_slide(
         raise ValueError(f"No tissue found on the slide {name} (no tile of {patch_um:g} um on tissue).")
     dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
     # workers read and resize the next batches while the network runs on this one
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         worker_init_fn=single_thread_worker)
     if progress:
         from tqdm.auto import tqdm
 

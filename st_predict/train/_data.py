@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from st_predict._imaging import random_dihedral, stain_jitter
+from st_predict._threads import single_thread_worker
 
 #: ``augment`` values of :class:`NH2STCollate`.
 AUGMENTATIONS = ("none", "dihedral", "dihedral+stain")
@@ -253,10 +254,11 @@ class NH2STDataModule(pl.LightningDataModule):
         if self.train_groups is not None:
             sampler = SectionBatchSampler(self.train_idx, self.train_groups, self.batch_size, self.seed)
             return DataLoader(self.train_idx.tolist(), batch_sampler=_IndexBatches(sampler),
-                              collate_fn=self.collate, num_workers=self.num_workers)
+                              collate_fn=self.collate, num_workers=self.num_workers,
+                              worker_init_fn=single_thread_worker)
         return DataLoader(
             self.train_idx.tolist(), batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last,
-            collate_fn=self.collate, num_workers=self.num_workers,
+            collate_fn=self.collate, num_workers=self.num_workers, worker_init_fn=single_thread_worker,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -265,4 +267,5 @@ class NH2STDataModule(pl.LightningDataModule):
         return DataLoader(
             even_batches(self.val_idx, self.batch_size), batch_size=1, shuffle=False,
             collate_fn=_Unwrap(self.val_collate), num_workers=self.num_workers,
+            worker_init_fn=single_thread_worker,
         )

@@ -1,0 +1,73 @@
+"""Thread defaults: no more compute threads than usable cores; one per DataLoader worker."""
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from st_predict import _threads
+
+
+class _ThreadReport(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from threadpoolctl import threadpool_info
+
+        np.ones((4, 4)) @ np.ones((4, 4))  # load BLAS in the worker
+        pools = [pool["num_threads"] for pool in threadpool_info()]
+        return torch.tensor([torch.get_num_threads(), max(pools, default=1)])
+
+
+def test_usable_cores_follow_the_affinity_mask():
+    import os
+
+    assert 1 <= _threads.available_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_threads_are_lowered_to_the_usable_cores_but_never_raised(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(_threads, "available_cores", lambda: 1)
+        torch.set_num_threads(2)
+        assert _threads.limit_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(_threads, "available_cores", lambda: 64)
+        assert _threads.limit_threads() == 1  # a lower setting stays
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_and_prediction_apply_the_limit(tissue, monkeypatch):
+    from helpers import SMALL, setup
+
+    from st_predict import NH2ST
+
+    before = torch.get_num_threads()
+    adata = tissue.copy()
+    setup(adata)
+    model = NH2ST(adata, **SMALL)
+    try:
+        monkeypatch.setattr(_threads, "available_cores", lambda: 1)
+        torch.set_num_threads(2)
+        model.train(max_epochs=1, progress=False)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        model.get_predicted_expression(adata)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dataloader_workers_compute_with_one_thread():
+    loader = DataLoader(_ThreadReport(), batch_size=1, num_workers=1, worker_init_fn=_threads.single_thread_worker)
+    for torch_threads, blas_threads in (b[0].tolist() for b in loader):
+        assert torch_threads == 1 and blas_threads == 1
+
+
+def test_the_training_loaders_use_the_single_thread_worker_init(tissue):
+    from st_predict.train import NH2STDataModule
+
+    dm = NH2STDataModule(np.arange(20), np.arange(20, 30), collate=list, val_collate=list, batch_size=4,
+                         num_workers=1)
+    assert dm.train_dataloader().worker_init_fn is _threads.single_thread_worker
+    assert dm.val_dataloader().worker_init_fn is _threads.single_thread_worker
