@@ -7,39 +7,11 @@ import torch
 pytest.importorskip("wsidata")
 pytest.importorskip("lazyslide")
 
-import tifffile
-from helpers import SMALL, setup
+from helpers import BLOBS, SMALL, setup
+from helpers import slide_tissue as _tissue
+from helpers import write_slide as _write_slide
 
 from st_predict import NH2ST
-
-BLOBS = ((0.35, 0.40, 0.18), (0.70, 0.65, 0.12))  # (centre y, centre x, radius) as fractions of the side
-
-
-def _tissue(size: int, seed: int = 0) -> np.ndarray:
-    """White background, two round purple blobs with a fine texture (stripes every 16 px + noise)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = np.full((size, size, 3), 242, np.uint8)
-    stripes = (np.sin(np.arange(size) * 2 * np.pi / 16) * 40).astype(np.int16)
-    for cy, cx, r in BLOBS:
-        m = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
-        tex = np.array([150, 80, 160], np.int16) + stripes[None, :, None] + rng.integers(-20, 20, (size, size, 3))
-        img[m] = tex[m].clip(0, 255).astype(np.uint8)
-    return img
-
-
-def _write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3) -> str:
-    """Tiled, zlib-compressed pyramidal TIFF, levels as successive IFDs (how OpenSlide reads them)."""
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        level = img
-        for i in range(levels):
-            kw = {}
-            if mpp is not None:
-                kw = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
-            tw.write(level, tile=(128, 128), compression="zlib", photometric="rgb",
-                     subfiletype=0 if i == 0 else 1, **kw)
-            level = level[::2, ::2]
-    return str(path)
 
 
 def _model_with_pixel_size(tissue) -> NH2ST:
