@@ -103,6 +103,8 @@ def _read_image(path: Path) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated data, unknown format, bad header
+        raise ValueError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
     finally:
         Image.MAX_IMAGE_PIXELS = old
 

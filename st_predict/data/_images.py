@@ -67,7 +67,13 @@ class _TiffLevel:
         return self._array
 
     def __getitem__(self, key):
-        return self._open()[key]
+        try:
+            return self._open()[key]
+        except Exception as err:  # a tile cut off or corrupted: found only when its pixels are read
+            raise ValueError(
+                f"Could not read pixels {key} of the image {self.path}: {type(err).__name__}: {err} (a truncated "
+                "or corrupted file?)"
+            ) from err
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None, "_pid": None}
@@ -114,9 +120,13 @@ def read_fullres_image(path: str | os.PathLike, level: int = 0):
 
         return _read_image(path)
     import dask.array as da
+    import tifffile
     from dask.base import tokenize
 
-    view = _TiffLevel(path, series=0, level=level)
+    try:
+        view = _TiffLevel(path, series=0, level=level)
+    except (tifffile.TiffFileError, OSError, KeyError, IndexError) as err:  # a broken header or IFD
+        raise ValueError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
     # tiles are the natural unit (a patch reads only the tiles under it); strips of a few rows are
     # grouped into chunks of about 256 rows
     chunks = tuple(

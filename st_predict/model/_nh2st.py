@@ -29,6 +29,7 @@ from st_predict.module import NH2STModule
 from st_predict.nn import load_trunk_weights
 from st_predict.pp import (
     check_expression,
+    check_sections_have_counts,
     make_patch_reader,
     normalize_expression,
     patch_size_pixels,
@@ -175,6 +176,10 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         setup = self.registry_["setup_args"]
         if adata is not None:
             libraries = spot_libraries(adata, setup["library_key"])
+            check_sections_have_counts(
+                self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), libraries,
+                f"adata.layers[{setup['layer']!r}]" if setup.get("layer") else "adata.X",
+            )
             genes = select_genes(
                 self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), adata.var_names, libraries,
                 n_top=n_genes, genes=genes, is_count_data=setup["is_count_data"],
@@ -291,6 +296,12 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             ``False``: already normalised values, used as they are.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        if adata.is_view:
+            raise ValueError(
+                "setup_anndata got a view of an AnnData (e.g. adata[mask]), which it cannot register: pass "
+                "adata[mask].copy(), or st_predict.data.select_sections(adata, [...]) for whole sections "
+                "(it keeps only their images)."
+            )
         if adata.n_obs == 0:
             raise ValueError("The AnnData is empty (n_obs == 0): there are no spots to train on.")
         if adata.n_vars == 0:
@@ -307,7 +318,9 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         size = patch_size_pixels(adata, libraries, patch_size, patch_size_um)
         make_patch_reader(adata, spatial_key, image_key, library_key, size, out_size=32)  # validates
         anndata_fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=is_count_data),
+            # counts are checked by check_expression above (which accepts float counts with rounding
+            # noise); scvi's own check would warn about those
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)

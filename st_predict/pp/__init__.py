@@ -1,6 +1,6 @@
 """Preprocessing: gene selection, normalisation, spatial neighbours, spot patches."""
 
-from ._genes import check_expression, normalize_expression, select_genes
+from ._genes import check_expression, check_sections_have_counts, normalize_expression, select_genes
 from ._neighbors import spatial_knn
 from ._patches import (
     PIXEL_SIZE_KEY,
@@ -15,6 +15,7 @@ from ._patches import (
 __all__ = [
     "PIXEL_SIZE_KEY",
     "check_expression",
+    "check_sections_have_counts",
     "make_patch_reader",
     "normalize_expression",
     "patch_size_pixels",

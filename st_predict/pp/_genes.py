@@ -16,6 +16,22 @@ def _as_csr(x):
     return x.tocsr() if sparse.issparse(x) else sparse.csr_matrix(np.asarray(x))
 
 
+#: Float counts within this of a whole number (and no more negative than minus this) are counts with
+#: rounding noise (e.g. written by a tool that stores counts as float32 after arithmetic).
+COUNT_TOLERANCE = 1e-3
+
+
+def _counts_csr(x) -> sparse.csr_matrix:
+    """A float64 CSR copy of counts, rounded to whole numbers (rounding noise removed; the caller's
+    matrix is untouched)."""
+    out = _as_csr(x).astype(np.float64)  # astype copies
+    if out.data.size:
+        np.rint(out.data, out=out.data)
+        np.maximum(out.data, 0, out=out.data)
+        out.eliminate_zeros()
+    return out
+
+
 def check_expression(matrix, where: str, is_count_data: bool = True) -> None:
     """Raise a ``ValueError`` naming ``where`` if ``matrix`` holds NaN/inf, or, for counts, negative
     or non-integer values."""
@@ -28,18 +44,39 @@ def check_expression(matrix, where: str, is_count_data: bool = True) -> None:
     if n_bad:
         raise ValueError(f"{where} holds {n_bad} NaN or infinite values; expression must be finite.")
     if is_count_data:
-        n_neg = int((data < 0).sum())
+        n_neg = int((data < -COUNT_TOLERANCE).sum())
         if n_neg:
             raise ValueError(
                 f"{where} holds {n_neg} negative values, but counts were expected (is_count_data=True)."
             )
         if np.issubdtype(data.dtype, np.floating):
-            n_frac = int((data != np.round(data)).sum())
+            off = np.abs(data - np.round(data))
+            n_frac = int((off > COUNT_TOLERANCE).sum())
             if n_frac:
                 raise ValueError(
                     f"{where} holds {n_frac} non-integer values, but raw counts were expected. If it is "
                     "already log-normalised, pass is_count_data=False to setup_anndata."
                 )
+            n_noise = int((off > 0).sum())
+            if n_noise:
+                logger.info(
+                    "%s holds %d counts with rounding noise (at most %.2g from a whole number): they are "
+                    "used rounded.", where, n_noise, float(off.max()),
+                )
+
+
+def check_sections_have_counts(matrix, libraries, where: str) -> None:
+    """Raise a ``ValueError`` naming the sections whose expression is all zero (nothing to learn or
+    normalise: an empty or misread section)."""
+    x = _as_csr(matrix)
+    libraries = np.asarray(libraries).astype(str)
+    totals = {lib: float(np.abs(x[libraries == lib]).sum()) for lib in np.unique(libraries)}
+    empty = [lib for lib, total in totals.items() if total == 0]
+    if empty:
+        raise ValueError(
+            f"{where} is all zero in section(s) {', '.join(repr(str(lib)) for lib in empty)}: drop them, or check that "
+            "their expression was read."
+        )
 
 
 def normalize_expression(
@@ -53,9 +90,9 @@ def normalize_expression(
     (``"selected_genes"``, the authors' code). Without counts: the selected columns as they are.
     Spots with a library size of 0 get 0.
     """
-    x = _as_csr(counts).astype(np.float64)
     if not is_count_data:
-        return np.asarray(x[:, gene_idx].toarray(), dtype=np.float32)
+        return np.asarray(_as_csr(counts)[:, gene_idx].toarray(), dtype=np.float32)
+    x = _counts_csr(counts)
     sub = x[:, gene_idx]
     if library_size == "all_genes":
         lib = np.asarray(x.sum(1)).ravel()
@@ -95,7 +132,7 @@ def select_genes(
         return genes
     if n_top < 1:
         raise ValueError(f"n_genes must be >= 1, got {n_top}.")
-    x = _as_csr(counts)
+    x = _counts_csr(counts) if is_count_data else _as_csr(counts)
     libraries = np.asarray(libraries).astype(str)
     present = np.ones(x.shape[1], dtype=bool)
     for lib in np.unique(libraries):
