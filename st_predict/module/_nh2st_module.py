@@ -95,6 +95,9 @@ class NH2STModule(nn.Module):
         ``False`` drops both InfoNCE terms (ablation); only the translator's MSE trains the model.
     symmetric_nce
         Symmetric (both anchors) InfoNCE instead of the paper's pathology-anchored Eq. 2.
+    gather_negatives
+        Under DDP, InfoNCE negatives from every process's batch (gathered with gradients), not only
+        this process's: the negatives of single-process training with the global batch.
     temperature
         InfoNCE temperature ``tau``.
     lambda_query, lambda_neighbor
@@ -147,6 +150,7 @@ class NH2STModule(nn.Module):
         hypergraph_norm: Literal["rw", "sym"] = "rw",
         contrastive: bool = True,
         symmetric_nce: bool = False,
+        gather_negatives: bool = False,
         temperature: float = 0.05,
         lambda_query: float = 1.0,
         lambda_neighbor: float = 0.5,
@@ -188,6 +192,7 @@ class NH2STModule(nn.Module):
         self.n_neighbors = n_neighbors if use_neighbor_branch else 0
         self.contrastive = contrastive
         self.symmetric_nce = symmetric_nce
+        self.gather_negatives = gather_negatives
         self.temperature = temperature
         self.lambda_query = lambda_query
         self.lambda_neighbor = lambda_neighbor
@@ -380,7 +385,7 @@ class NH2STModule(nn.Module):
             else:
                 ctx_p, ctx_g = hp_s.unsqueeze(1), hg_s.unsqueeze(1)
             zp, zg = self._attend(self.attn_query, hp_s, hg_s, ctx_p, ctx_g)
-            out["nce_query"] = info_nce(zp, zg, self.temperature, self.symmetric_nce)
+            out["nce_query"] = info_nce(zp, zg, self.temperature, self.symmetric_nce, self.gather_negatives)
             out["z_path"], out["z_gene"] = zp, zg
             if self.use_neighbor_branch:
                 h_nodes = h_all[node_map]  # (B, V, N)
@@ -391,7 +396,7 @@ class NH2STModule(nn.Module):
                 else:
                     ctx_p, ctx_g = hp_n.unsqueeze(1), hg_n.unsqueeze(1)
                 zp_n, zg_n = self._attend(self.attn_neighbor, hp_n, hg_n, ctx_p, ctx_g)
-                out["nce_neighbor"] = info_nce(zp_n, zg_n, self.temperature, self.symmetric_nce)
+                out["nce_neighbor"] = info_nce(zp_n, zg_n, self.temperature, self.symmetric_nce, self.gather_negatives)
         out["loss"] = out["mse"] + self.lambda_query * out["nce_query"] + self.lambda_neighbor * out["nce_neighbor"]
         return out
 

@@ -11,6 +11,7 @@ def info_nce(
     positive: torch.Tensor,
     temperature: float = 0.05,
     symmetric: bool = False,
+    gather: bool = False,
 ) -> torch.Tensor:
     r"""InfoNCE between two batches of paired embeddings (NH2ST Eq. 2).
 
@@ -33,6 +34,11 @@ def info_nce(
     symmetric
         If ``True``, average the loss with pathology anchors and the loss with gene anchors
         (CLIP style). The paper's Eq. 2 is one-directional (``False``).
+    gather
+        Under ``torch.distributed`` (e.g. Lightning's DDP), compare each anchor with the other
+        modality's rows of **every** process's batch (gathered with gradients), not only its own:
+        ``world_size x B`` candidates instead of ``B``. All processes must have batches of the same size.
+        Without an initialised process group it changes nothing.
 
     Returns
     -------
@@ -50,9 +56,31 @@ def info_nce(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    logits = F.normalize(anchor, dim=-1) @ F.normalize(positive, dim=-1).T / temperature
+    a, p = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
     target = torch.arange(anchor.shape[0], device=anchor.device)
+    if gather and _world_size() > 1:
+        import torch.distributed as dist
+
+        target = target + dist.get_rank() * anchor.shape[0]
+        loss = F.cross_entropy(a @ _gather_with_grad(p).T / temperature, target)
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy(p @ _gather_with_grad(a).T / temperature, target))
+        return loss
+    logits = a @ p.T / temperature
     loss = F.cross_entropy(logits, target)
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
     return loss
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every process, in rank order; gradients flow back to each process's rows."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
