@@ -96,8 +96,9 @@ class NH2STModule(nn.Module):
     symmetric_nce
         Symmetric (both anchors) InfoNCE instead of the paper's pathology-anchored Eq. 2.
     gather_negatives
-        Under DDP, InfoNCE negatives from every process's batch (gathered with gradients), not only
-        this process's: the negatives of single-process training with the global batch.
+        Under DDP, training InfoNCE negatives from every process's batch (gathered with gradients), not
+        only this process's: the negatives of single-process training with the global batch.
+        Validation batches (of unequal sizes across processes) keep their own.
     temperature
         InfoNCE temperature ``tau``.
     lambda_query, lambda_neighbor
@@ -385,7 +386,7 @@ class NH2STModule(nn.Module):
             else:
                 ctx_p, ctx_g = hp_s.unsqueeze(1), hg_s.unsqueeze(1)
             zp, zg = self._attend(self.attn_query, hp_s, hg_s, ctx_p, ctx_g)
-            out["nce_query"] = info_nce(zp, zg, self.temperature, self.symmetric_nce, self.gather_negatives)
+            out["nce_query"] = info_nce(zp, zg, self.temperature, self.symmetric_nce, self.gather_negatives and self.training)
             out["z_path"], out["z_gene"] = zp, zg
             if self.use_neighbor_branch:
                 h_nodes = h_all[node_map]  # (B, V, N)
@@ -396,7 +397,7 @@ class NH2STModule(nn.Module):
                 else:
                     ctx_p, ctx_g = hp_n.unsqueeze(1), hg_n.unsqueeze(1)
                 zp_n, zg_n = self._attend(self.attn_neighbor, hp_n, hg_n, ctx_p, ctx_g)
-                out["nce_neighbor"] = info_nce(zp_n, zg_n, self.temperature, self.symmetric_nce, self.gather_negatives)
+                out["nce_neighbor"] = info_nce(zp_n, zg_n, self.temperature, self.symmetric_nce, self.gather_negatives and self.training)
         out["loss"] = out["mse"] + self.lambda_query * out["nce_query"] + self.lambda_neighbor * out["nce_neighbor"]
         return out
 

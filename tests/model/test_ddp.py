@@ -50,7 +50,9 @@ else:
 rank = int(os.environ.get("LOCAL_RANK", 0))
 truth = normalize_expression(test.X, test.var_names.get_indexer(model.genes_))
 res = {"rank": rank, "pcc": float(evaluate(model.get_predicted_expression(test).to_numpy(), truth)["pcc"]),
-       "best_epoch": model.best_epoch_, "val_pcc": [float(v) for v in model.history["validation_pcc"].iloc[:, 0]],
+       "best_epoch": model.best_epoch_,
+       # Lightning's loggers write on rank 0 only: the history is rank 0's
+       "val_pcc": [float(v) for v in model.history["validation_pcc"].iloc[:, 0]] if rank == 0 else None,
        "trunk_sum": float(sum(p.double().sum() for p in model.module.trunk.parameters())), **seen}
 if rank == 0:
     model.save(os.path.join(out, mode), overwrite=True)
@@ -79,9 +81,11 @@ def test_ddp_on_two_cpu_processes_trains_as_well_as_one(tmp_path):
         assert [r["rank"] for r in ranks] == [0, 1]
         r0, r1 = ranks
         assert r0["world"] == 2 and r0["unused"] == [] and r1["unused"] == []
-        # both processes end with the same weights, the same best epoch and validation curve, the same cache
+        # both processes end with the same weights (of the same best epoch) and the same neighbour cache;
+        # the validation PCC (each process scores its share of the validation section, then the mean) is
+        # logged every epoch
         assert r0["trunk_sum"] == r1["trunk_sum"] and r0["best_epoch"] == r1["best_epoch"]
-        assert r0["val_pcc"] == r1["val_pcc"] and len(r0["val_pcc"]) == 6
+        assert len(r0["val_pcc"]) == 6 and r1["val_pcc"] is None
         assert r0["cache_sum"] == r1["cache_sum"]
         # as good as single-process training on the held-out section, within noise
         assert r0["pcc"] > 0.5 * single["pcc"] and abs(r0["pcc"] - single["pcc"]) < 0.1, (mode, r0, single)
