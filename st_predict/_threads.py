@@ -4,7 +4,7 @@ Torch and the BLAS libraries start as many threads as the machine has cores, and
 cores even inside a container or a CPU affinity mask that allows fewer. With more busy threads than
 cores, OpenMP's spinning threads slowed training here by more than 10x (``benchmarks/README.md``).
 So st_predict lowers (never raises) torch's and BLAS's thread counts to the usable cores before it
-trains or predicts, and DataLoader worker processes run torch and OpenCV with one thread each.
+trains or predicts, and DataLoader worker processes run torch with one thread each.
 """
 
 from __future__ import annotations
@@ -52,17 +52,12 @@ def limit_threads() -> int:
 
 
 def single_thread_worker(worker_id: int) -> None:
-    """``worker_init_fn`` for DataLoader workers: torch and OpenCV compute with one thread each, so that
-    workers and the main process do not fight over the cores.
+    """``worker_init_fn`` for DataLoader workers: torch computes with one thread in each worker (as
+    torch's own worker set-up also does), so that workers and the main process do not fight over the
+    cores.
 
-    BLAS/OpenMP pools are not touched here: resizing them in a process forked from one whose pools
-    were busy deadlocked (threadpoolctl's ``threadpool_limits`` hung a worker in the test suite), and
-    the workers only crop and decode images.
+    Other pools are not touched here: resizing BLAS (threadpoolctl) or OpenCV thread pools in a
+    process forked from one whose pools had been busy deadlocked the worker (both seen in the test
+    suite), and the workers only crop and decode images.
     """
     torch.set_num_threads(1)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
