@@ -41,13 +41,12 @@ def read_input(path: str, section_key: str = "section", image_element: str | Non
                table: str = "table", fullres_image: str | None = None, sample: list[str] | None = None) -> tuple:
     """Read ``path`` into an AnnData; returns ``(adata, library_key, image_key)`` for
     :meth:`~st_predict.NH2ST.setup_anndata`."""
-    import anndata as ad
 
     p = Path(path)
     if not p.exists():
         raise _BadInput(f"input {path!r} does not exist")
     if p.is_file() and p.suffix == ".h5ad":
-        adata = ad.read_h5ad(p)
+        adata = _read_h5ad(p)
         if section_key in adata.obs:
             return adata, section_key, None
         libs = list(adata.uns.get("spatial", {}))
@@ -81,6 +80,22 @@ def read_input(path: str, section_key: str = "section", image_element: str | Non
         f"cannot read {path!r}: expected an .h5ad file, a SpatialData .zarr store, a HER2ST-layout folder "
         "(counts/, spots/, images/), a Space Ranger output folder (spatial/) or a HEST-1k folder (st/, wsis/)"
     )
+
+
+def _progress(args) -> bool:
+    """Progress bars only on a terminal: redirected to a log file they would fill it with redraws."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _read_h5ad(path: Path, **kwargs):
+    """``anndata.read_h5ad`` with a one-line error for a file that is not a readable .h5ad."""
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path, **kwargs)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise _BadInput(f"{path} is not a readable .h5ad file (truncated or corrupted?): {first}") from err
 
 
 def _read(args) -> tuple:
@@ -167,7 +182,7 @@ def _cmd_train(args) -> int:
         validation = validation[0]
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
                 devices=args.devices, validation=validation, train_size=args.train_size, lr=args.lr,
-                best_epoch=True if validation is not None else None, progress=not args.quiet,
+                best_epoch=True if validation is not None else None, progress=_progress(args),
                 checkpoint_dir=checkpoint_dir, resume=args.resume)
     model.save(str(out), overwrite=True)
     history = {k: v.iloc[:, 0].astype(float).tolist() for k, v in (model.history or {}).items()
@@ -253,6 +268,12 @@ def _cmd_predict(args) -> int:
 
     out = _model_and_output(args, ".h5ad")
     adata, library_key, found_key = _read(args)
+    if args.sections:
+        from st_predict.data import select_sections
+
+        if library_key is None:
+            raise _BadInput("--sections needs a section column (--section-key)")
+        adata = select_sections(adata, args.sections, library_key)
     model = NH2ST.load(args.model, accelerator=args.accelerator)
     setup = model.adata_manager.registry["setup_args"] if model.adata_manager is not None else {}
     saved_key = setup.get("image_key")
@@ -260,7 +281,7 @@ def _cmd_predict(args) -> int:
     images = next(iter(adata.uns.get("spatial", {}).values()), {}).get("images", {})
     if image_key not in images:
         image_key = _image_key(adata, library_key, None, None)
-    df = model.predict(adata, key_added=args.key_added, batch_size=args.batch_size, progress=not args.quiet,
+    df = model.predict(adata, key_added=args.key_added, batch_size=args.batch_size, progress=_progress(args),
                        library_key=library_key, image_key=image_key)
     _out_of_core_images_to_lowres(adata)
     with _staged_file(out) as staged:
@@ -277,7 +298,7 @@ def _cmd_predict_slide(args) -> int:
         raise _BadInput(f"slide {args.slide} does not exist")
     model = NH2ST.load(args.model, accelerator=args.accelerator)
     sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, patch_size_um=args.patch_size_um,
-                                batch_size=args.batch_size, key_added=args.key_added, progress=not args.quiet,
+                                batch_size=args.batch_size, key_added=args.key_added, progress=_progress(args),
                                 num_workers=args.num_workers, image_key=args.image_element)
     import spatialdata
 
@@ -313,13 +334,12 @@ def _measured(adata, genes, layer: str | None, normalized: bool):
 
 
 def _cmd_evaluate(args) -> int:
-    import anndata as ad
     import pandas as pd
 
     path = Path(args.predictions)
     if not path.is_file():
         raise _BadInput(f"{args.predictions!r} is not a file (expected the .h5ad written by st-predict predict)")
-    adata = ad.read_h5ad(path)
+    adata = _read_h5ad(path)
     if args.key not in adata.obsm:
         raise _BadInput(f"adata.obsm has no predictions {args.key!r} (keys: {list(adata.obsm)})")
     pred = adata.obsm[args.key]
@@ -331,13 +351,34 @@ def _cmd_evaluate(args) -> int:
     else:
         sections = np.full(adata.n_obs, "all")
     with _staged_folder(Path(args.out), args.overwrite, ("metrics.json", "metrics.md", "pcc_distribution_*.png")) as out:
-        rows = _write_evaluation(args, path, pred, truth, sections, out)
+        meta = adata.uns.get("st_predict", {})
+        training = meta.get(args.key, {}).get("training_sections") if isinstance(meta, dict) else None
+        training = [str(t) for t in training] if training is not None else None
+        rows = _write_evaluation(args, path, pred, truth, sections, out, training)
     out = Path(args.out)
     print(f"Wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(rows)} PCC distribution figure(s)")
     return 0
 
 
-def _write_evaluation(args, path, pred, truth, sections, out: Path) -> list:
+def _nanmean(values) -> float | None:
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else None
+
+
+def _json_safe(obj):
+    """NaN and inf as null: strict JSON, which every JSON reader parses."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _write_evaluation(args, path, pred, truth, sections, out: Path, training) -> list:
     import matplotlib.pyplot as plt
     import pandas as pd
 
@@ -354,17 +395,34 @@ def _write_evaluation(args, path, pred, truth, sections, out: Path) -> list:
         ax = pcc_distribution(p, t, title=f"Per-gene PCC, section {sec}")
         ax.figure.savefig(out / f"pcc_distribution_{sec}.png", dpi=110, bbox_inches="tight")
         plt.close(ax.figure)
+    trained_on = set(training or [])
+    for r in rows:
+        r["trained_on"] = r["section"] in trained_on
+    held_out = [r["pcc"] for r in rows if not r["trained_on"]]
+    seen = [r["pcc"] for r in rows if r["trained_on"]]
     result = {
         "predictions": str(path), "key": args.key, "sections": rows,
-        "pcc_mean_over_sections": float(np.nanmean([r["pcc"] for r in rows])),
+        "training_sections": sorted(trained_on) if training is not None else None,
+        # the headline: sections the model did not train on (a training section's score is optimistic)
+        "pcc_mean_over_sections": _nanmean(held_out),
+        "pcc_mean_over_training_sections_optimistic": _nanmean(seen),
         "pcc_pooled_optimistic": pooled_pcc(preds, truths),
-        "note": "pcc: per-gene PCC within each section, mean over genes (NaN genes counted in n_nan_genes). "
+        "note": "pcc: per-gene PCC within each section, mean over genes (NaN genes are left out of the mean and "
+        "counted in n_nan_genes). pcc_mean_over_sections covers only sections the model did not train on "
+        "(trained_on: false); sections it trained on score optimistically and are reported apart. "
         "pcc_top50 and pcc_pooled_optimistic are optimistic variants, reported for comparison with papers.",
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    lines = ["| section | PCC | MSE | MAE | NaN genes | spots | top-50 PCC (optimistic) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['section']} | {r['pcc']:.3f} | {r['mse']:.4f} | {r['mae']:.4f} | {r['n_nan_genes']} | "
-              f"{r['n_spots']} | {r['pcc_top50']:.3f} |" for r in rows]
+    if training is None:
+        result["note"] += " The predictions do not say which sections the model trained on (written by an older st_predict)."
+    (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
+    lines = ["| section | trained on | PCC | MSE | MAE | NaN genes | spots | top-50 PCC (optimistic) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['section']} | {'yes' if r['trained_on'] else 'no'} | {r['pcc']:.3f} | {r['mse']:.4f} | "
+              f"{r['mae']:.4f} | {r['n_nan_genes']} | {r['n_spots']} | {r['pcc_top50']:.3f} |" for r in rows]
+    headline = result["pcc_mean_over_sections"]
+    lines += ["", f"Mean PCC over held-out sections: {'n/a (every section was a training section)' if headline is None else f'{headline:.3f}'}"]
+    if seen:
+        lines += [f"Mean PCC over the {len(seen)} training section(s), optimistic: {result['pcc_mean_over_training_sections_optimistic']:.3f}"]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
@@ -420,9 +478,21 @@ def _add_input_options(p) -> None:
     p.add_argument("--sample", nargs="+", default=None, help="HEST-1k input: sample id(s) (default: the only one)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an option's help only where it says something: not when the help text
+    already gives it, nor for required options, flags or options without a default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.required or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``st-predict`` argument parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="st-predict",
         description="Predict spatially resolved gene expression from H&E slides with NH2ST. "
@@ -483,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help=_INPUT_HELP)
     p.add_argument("--out", required=True, help="output .h5ad")
     _add_input_options(p)
+    p.add_argument("--sections", nargs="+", default=None,
+                   help="predict these sections only (default: all); e.g. the ones the model did not train on")
     p.add_argument("--key-added", default="nh2st", help="obsm key of the predictions")
     p.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")

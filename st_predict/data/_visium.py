@@ -84,7 +84,9 @@ def _check_fullres_size(image, image_file: Path, scalefactors: Mapping, hires: n
 def _read_one(
     path: PathLike, library_id: str | None, fullres_image_file: PathLike | None, counts_file: str, kwargs: dict
 ) -> ad.AnnData:
-    import squidpy as sq
+    from st_predict._deps import import_squidpy
+
+    sq = import_squidpy()
 
     root = _check_outs(Path(path), counts_file)
     lib = str(library_id) if library_id is not None else _library_id_from_h5(root / counts_file, root)

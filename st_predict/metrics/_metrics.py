@@ -85,15 +85,54 @@ def pooled_pcc(preds: Sequence[pd.DataFrame], truths: Sequence[pd.DataFrame]) ->
     return _mean_of_best(pcc_per_gene(p, t))
 
 
-def evaluate(pred, truth, top_k: int = 50) -> dict[str, float]:
-    """Metrics of one section.
+def evaluate(
+    pred,
+    truth=None,
+    top_k: int = 50,
+    *,
+    key: str = "nh2st",
+    layer: str | None = None,
+    is_count_data: bool = True,
+    library_key: str | None = None,
+) -> dict[str, float] | pd.DataFrame:
+    """Metrics of one section: ``evaluate(pred, truth)``, or straight from an AnnData,
+    ``evaluate(adata, key="nh2st")``.
 
-    Returns ``pcc`` (mean over genes of the per-gene PCC; NaN genes excluded from the mean and
+    Returns ``pcc`` (mean over genes of the per-gene PCC; NaN genes are left out of the mean and
     counted in ``n_nan_genes``), ``mse`` and ``mae`` over spots x genes, ``n_genes``, ``n_spots``, and
     the **optimistic** ``pcc_top50`` (:func:`top_k_pcc` with ``k = top_k``; the key keeps its name
     for other ``top_k``), labelled as such wherever st_predict reports it.
+
+    Parameters
+    ----------
+    pred
+        Predictions (spots x genes array or DataFrame), or an AnnData whose ``obsm[key]`` holds them
+        (as :meth:`~st_predict.NH2ST.predict` writes) and whose ``X`` (or ``layers[layer]``) holds the
+        measured expression.
+    truth
+        Measured expression on the predictions' scale (``log1p`` counts per 10k), same shape. Not
+        given with an AnnData: taken from it and normalised as the model's targets are
+        (:func:`~st_predict.pp.normalize_expression`; ``is_count_data=False`` if it is already).
+    top_k
+        Genes in the optimistic ``pcc_top50``.
+    key, layer, is_count_data
+        AnnData input: where the predictions and the measured expression are.
+    library_key
+        AnnData input: an ``obs`` column of sections. The result is then a DataFrame with a row per
+        section (per-section PCC is the honest number; one PCC over several sections is not) and a
+        ``trained_on`` column from what :meth:`~st_predict.NH2ST.predict` recorded.
     """
+    from anndata import AnnData
+
+    if isinstance(pred, AnnData):
+        if truth is not None:
+            raise TypeError("evaluate(adata, ...) takes the measured expression from adata: do not pass truth.")
+        return _evaluate_anndata(pred, key, layer, is_count_data, library_key, top_k)
+    if truth is None:
+        raise TypeError("evaluate(pred, truth): pass the measured expression, or an AnnData as the first argument.")
     p, t = _as_array(pred), _as_array(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"Predictions {p.shape} and measured expression {t.shape} differ in shape.")
     r = pcc_per_gene(p, t)
     n_nan = int(np.isnan(r).sum())
     return {
@@ -105,3 +144,33 @@ def evaluate(pred, truth, top_k: int = 50) -> dict[str, float]:
         "n_spots": int(p.shape[0]),
         "pcc_top50": _mean_of_best(r, top_k),
     }
+
+
+def _evaluate_anndata(adata, key, layer, is_count_data, library_key, top_k):
+    from st_predict.pp import normalize_expression
+
+    if key not in adata.obsm:
+        raise KeyError(f"adata.obsm has no predictions {key!r} (it has: {list(adata.obsm)}); run model.predict first.")
+    pred = adata.obsm[key]
+    if not isinstance(pred, pd.DataFrame):
+        raise TypeError(f"adata.obsm[{key!r}] must be a spots x genes DataFrame (as model.predict writes it).")
+    missing = [g for g in pred.columns if g not in adata.var_names]
+    if missing:
+        raise KeyError(f"{len(missing)} predicted genes are not in adata.var_names, e.g. {missing[:5]}.")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"adata.layers has no {layer!r} (it has: {list(adata.layers)}).")
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    truth = normalize_expression(matrix, adata.var_names.get_indexer(pred.columns), is_count_data=is_count_data)
+    truth = pd.DataFrame(truth, index=adata.obs_names, columns=pred.columns)
+    if library_key is None:
+        return evaluate(pred, truth, top_k)
+    if library_key not in adata.obs:
+        raise KeyError(f"{library_key!r} is not a column of adata.obs.")
+    meta = adata.uns.get("st_predict", {})
+    trained = set(meta.get(key, {}).get("training_sections", []) if isinstance(meta, dict) else [])
+    sections = adata.obs[library_key].astype(str).to_numpy()
+    rows = {}
+    for sec in pd.unique(sections):
+        m = sections == sec
+        rows[sec] = {**evaluate(pred.to_numpy()[m], truth.to_numpy()[m], top_k), "trained_on": sec in trained}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(library_key)

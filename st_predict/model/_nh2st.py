@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup calls rich.pretty without importing it)
 import torch
 from anndata import AnnData
 from scipy.spatial import cKDTree
@@ -205,6 +208,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         self._data: _TrainingData | None = None
         self._predict_adata: AnnData | None = None
         self.validation_: dict | None = None
+        self.train_sections_: list[str] | None = None
         self.best_epoch_: int | None = None
         self.train_settings_: dict | None = None
         self.init_params_ = self._get_init_params(locals())  # ``genes`` and ``model_kwargs`` resolved
@@ -535,6 +539,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             )
         data = self._training_data()
         train_idx, val_idx, self.validation_ = split_validation(data.libraries, cfg["validation"], train_size, settings.seed)
+        self.train_sections_ = [str(s) for s in pd.unique(np.asarray(data.libraries)[train_idx])]
         if len(train_idx) < cfg["batch_size"]:
             if batch_size is not None or len(train_idx) < 2:
                 raise ValueError(
@@ -585,10 +590,14 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         trainer_kwargs.setdefault("log_every_n_steps", 1)  # the plan logs epoch means only
         trainer_kwargs.setdefault("precision", resolve_precision(cfg["precision"], device))
         self.train_settings_ = {**cfg, "train_size": train_size, "precision": trainer_kwargs["precision"]}
-        out = super().train(
-            max_epochs=cfg["max_epochs"], accelerator=accelerator, devices=devices, datamodule=datamodule,
-            plan_kwargs=plan, callbacks=callbacks, **trainer_kwargs,
-        )
+        with warnings.catch_warnings(), _without_lightning_tips():
+            # a frozen trunk is in eval mode on purpose; Lightning's pytree deprecation is not ours
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            out = super().train(
+                max_epochs=cfg["max_epochs"], accelerator=accelerator, devices=devices, datamodule=datamodule,
+                plan_kwargs=plan, callbacks=callbacks, **trainer_kwargs,
+            )
         self.best_epoch_ = keeper.best_epoch if keeper is not None else None
         return out
 
@@ -896,9 +905,12 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
 
-        This is the only change made to ``adata``. Works on AnnData with an image and spot positions
-        but no expression (``n_vars == 0``). ``library_key``, ``image_key``, ``spatial_key`` and
-        ``tta`` may be given as in :meth:`get_predicted_expression`. Returns the DataFrame.
+        Also records, in ``adata.uns["st_predict"][key_added]``, the sections the model trained on
+        (``training_sections``) and validated on (``validation_sections``), so that scoring can keep
+        them apart from held-out sections (``st-predict evaluate`` does). These are the only changes
+        made to ``adata``. Works on AnnData with an image and spot positions but no expression
+        (``n_vars == 0``). ``library_key``, ``image_key``, ``spatial_key`` and ``tta`` may be given as
+        in :meth:`get_predicted_expression`. Returns the DataFrame.
         """
         target = adata
         if target is None:
@@ -910,6 +922,12 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             spatial_key=spatial_key, tta=tta,
         )
         target.obsm[key_added] = df
+        meta = dict(target.uns.get("st_predict", {})) if isinstance(target.uns.get("st_predict"), Mapping) else {}
+        meta[key_added] = {
+            "training_sections": list(self.train_sections_ or []),
+            "validation_sections": [str(s) for s in ((self.validation_ or {}).get("sections") or [])],
+        }
+        target.uns["st_predict"] = meta
         logger.info("Added predicted expression of %d genes to adata.obsm[%r].", df.shape[1], key_added)
         return df
 
@@ -1015,12 +1033,32 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             load_arg = None if has_adata else False
         del saved
         token = _LOADING.set(True)
+        scvi_log = logging.getLogger("scvi")
+        level = scvi_log.level
+        scvi_log.setLevel(max(level, logging.WARNING))  # scvi-tools logs "File ... already downloaded" on every load
         try:
             model = super().load(dir_path, adata=load_arg, accelerator=accelerator, device=device, prefix=prefix, **kwargs)
         finally:
             _LOADING.reset(token)
+            scvi_log.setLevel(level)
         model._predict_adata = predict_only
         return model
+
+
+class _DropLightningTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_lightning_tips():
+    """Lightning advertises a logging service ("Tip: ... litlogger") at every fit: not news to a user."""
+    target, drop = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _DropLightningTips()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 def _check_save_format(saved: Mapping, path: str) -> None:

@@ -225,7 +225,7 @@ def predict_slide(
         from tqdm.auto import tqdm
 
         print(f"{len(tiles)} tiles of {patch_um:g} um every {pitch:g} um on {name}")
-        loader = tqdm(loader, desc="Predicting tiles", unit="batch")
+        loader = tqdm(loader, desc="Predicting tiles", unit="batch", disable=None)  # None: off when not a terminal
     tta = model.tta_ if tta is None else bool(tta)
     module = model.module.eval()
     device = next(module.parameters()).device

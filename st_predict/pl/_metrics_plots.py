@@ -188,10 +188,11 @@ def _curve(values, key: str) -> tuple[np.ndarray, np.ndarray]:
         values = values.iloc[:, 0]
     if isinstance(values, pd.Series):
         y = values.to_numpy(dtype=np.float64)
+        # Lightning's history counts epochs from 0; the plot (like the progress bar) from 1
         x = values.index.to_numpy() if pd.api.types.is_numeric_dtype(values.index) else np.arange(len(y))
-        return np.asarray(x, dtype=np.float64), y
+        return np.asarray(x, dtype=np.float64) + 1, y
     y = np.asarray(values, dtype=np.float64).ravel()
-    return np.arange(len(y), dtype=np.float64), y
+    return np.arange(1, len(y) + 1, dtype=np.float64), y
 
 
 def training_curves(

@@ -1,4 +1,4 @@
-"""Plots of predicted expression on the tissue (on top of squidpy's ``spatial_scatter``)."""
+"""Plots of predicted expression on the tissue: an AnnData for scanpy/squidpy, and predicted vs measured."""
 
 from __future__ import annotations
 
@@ -78,13 +78,19 @@ def predicted_vs_measured(
     library_id: str | None = None,
     library_key: str | None = None,
     save: str | None = None,
-    **kwargs,
+    title: str | None = None,
+    cmap: str = "viridis",
+    margin: float = 0.05,
 ):
-    """Predicted (top row) and measured (bottom row) expression of ``genes`` on the tissue, drawn by
-    :func:`squidpy.pl.spatial_scatter` over the H&E image. ``measured`` is a spots x genes
-    DataFrame on the same scale as the predictions. Returns the matplotlib figure."""
+    """Predicted (top row) and measured (bottom row) expression of ``genes`` on the H&E of one section.
+
+    Each gene has **one colour scale** for its two panels (from the lower to the higher of both sides'
+    extremes) and a colour bar labelled with the scale (``log1p`` counts per 10k); the predicted panel's
+    title gives the gene's Pearson correlation with the measured values across the spots. The view is
+    cropped to the spots (plus ``margin`` of their extent). ``measured`` is a spots x genes DataFrame on
+    the predictions' scale; ``title`` says, for example, how the genes were chosen. Returns the figure.
+    """
     import matplotlib.pyplot as plt
-    import squidpy as sq
 
     genes = list(genes)
     plot = predictions_to_anndata(adata, key, measured=measured, genes=genes)
@@ -93,14 +99,56 @@ def predicted_vs_measured(
         if len(libs) != 1:
             raise ValueError(f"adata has {len(libs)} sections; pass library_id= (and library_key=).")
         library_id = libs[0]
-    colors = [f"{g} predicted" for g in genes] + [f"{g} measured" for g in genes]
-    kwargs.setdefault("cmap", "viridis")
-    kwargs.setdefault("size", 1.2)
-    sq.pl.spatial_scatter(
-        plot, color=colors, library_id=library_id, library_key=library_key, img_res_key="lowres",
-        ncols=len(genes), wspace=0.05, **kwargs,
-    )
-    fig = plt.gcf()
+    if library_id not in plot.uns["spatial"]:
+        raise KeyError(f"No section {library_id!r} in adata.uns['spatial'] (it has: {list(plot.uns['spatial'])}).")
+    mask = np.ones(plot.n_obs, bool)
+    if library_key is not None:
+        mask = plot.obs[library_key].astype(str).to_numpy() == str(library_id)
+        if not mask.any():
+            raise ValueError(f"No spot has {library_key} == {library_id!r}.")
+    entry = plot.uns["spatial"][library_id]
+    image = entry["images"].get("lowres")
+    scale = float(entry["scalefactors"].get("tissue_lowres_scalef", 1.0))
+    xy = np.asarray(plot.obsm["spatial"], dtype=float)[mask] * scale
+    diameter = float(entry["scalefactors"].get("spot_diameter_fullres", 0.0)) * scale
+    lo, hi = xy.min(0), xy.max(0)
+    pad = margin * (hi - lo).max() + diameter
+    x0, x1, y0, y1 = lo[0] - pad, hi[0] + pad, lo[1] - pad, hi[1] + pad
+    if image is not None:  # stay on the image
+        x0, y0 = max(x0, 0.0), max(y0, 0.0)
+        x1, y1 = min(x1, image.shape[1]), min(y1, image.shape[0])
+    n = len(genes)
+    width = 3.4
+    height = width * (y1 - y0) / max(x1 - x0, 1e-9)
+    fig, axes = plt.subplots(2, n, figsize=(width * n + 1.2 * n, 2 * height + 1.0), squeeze=False,
+                             constrained_layout=True)
+    # marker area in points^2 for a spot of the real diameter (at least a small dot)
+    pts_per_px = width * 72 / max(x1 - x0, 1e-9)
+    size = max((diameter * pts_per_px) ** 2, 4.0) if diameter > 0 else 12.0
+    for j, gene in enumerate(genes):
+        pred = np.asarray(plot[mask, f"{gene} predicted"].X).ravel()
+        meas = np.asarray(plot[mask, f"{gene} measured"].X).ravel()
+        vmin, vmax = float(min(pred.min(), meas.min())), float(max(pred.max(), meas.max()))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.corrcoef(pred, meas)[0, 1] if pred.std() > 0 and meas.std() > 0 else np.nan
+        for i, (values, label) in enumerate(((pred, "predicted"), (meas, "measured"))):
+            ax = axes[i, j]
+            if image is not None:
+                ax.imshow(image)
+            points = ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap=cmap, vmin=vmin, vmax=vmax, s=size, linewidths=0)
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y1, y0)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            pcc = "n/a" if np.isnan(r) else f"{r:.2f}"
+            ax.set_title(f"{gene} {label}" + (f"\nPCC with measured: {pcc}" if i == 0 else ""), fontsize=10)
+            if j == 0:
+                ax.set_ylabel(label)
+        bar = fig.colorbar(points, ax=axes[:, j], shrink=0.7)
+        bar.set_label("log1p(counts per 10k)")
+    if title is not None:
+        fig.suptitle(title)
     if save is not None:
         fig.savefig(save, dpi=110, bbox_inches="tight")
     return fig

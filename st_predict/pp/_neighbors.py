@@ -16,7 +16,9 @@ def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
     throw-away AnnData, so the user's object is not touched. Raises a ``ValueError`` naming every
     section with fewer than ``K + 1`` spots.
     """
-    import squidpy as sq
+    from st_predict._deps import import_squidpy
+
+    sq = import_squidpy()
 
     coords = np.asarray(coords, dtype=np.float64)
     libraries = pd.Categorical(np.asarray(libraries).astype(str))

@@ -152,7 +152,7 @@ def test_training_curves_one_line_per_term_with_history_values(tmp_path):
         train, val = lines[f"{term} (train)"], lines[f"{term} (validation)"]
         np.testing.assert_array_equal(train.get_ydata(), history[f"train_{term}"].iloc[:, 0].to_numpy())
         np.testing.assert_array_equal(val.get_ydata(), history[f"validation_{term}"].iloc[:, 0].to_numpy())
-        np.testing.assert_array_equal(train.get_xdata(), [0, 1, 2, 3])
+        np.testing.assert_array_equal(train.get_xdata(), [1, 2, 3, 4])  # epochs counted from 1, as the bar does
         assert train.get_linestyle() == "-" and val.get_linestyle() == "--"
         assert train.get_color() == val.get_color()
     assert len({lines[f"{t} (train)"].get_color() for t in ("loss", "mse", "nce_query")}) == 3
@@ -200,4 +200,4 @@ def test_training_curves_of_an_nh2st_model(tissue):
     for t in terms:
         for p in ("train", "validation"):
             np.testing.assert_array_equal(lines[f"{t} ({p})"].get_ydata(), model.history[f"{p}_{t}"].iloc[:, 0])
-            np.testing.assert_array_equal(lines[f"{t} ({p})"].get_xdata(), [0, 1])
+            np.testing.assert_array_equal(lines[f"{t} ({p})"].get_xdata(), [1, 2])  # epochs counted from 1

@@ -33,6 +33,25 @@ def test_predictions_to_anndata_is_plottable(predicted):
 
 def test_predicted_vs_measured_figure(predicted, tmp_path):
     sec, genes, measured = predicted
-    fig = predicted_vs_measured(sec, genes[:2], measured, save=str(tmp_path / "fig.png"))
-    assert len([ax for ax in fig.axes if ax.get_title()]) == 4
+    # the tissue's spots cover only part of the image: the figure crops to them
+    keep = (sec.obsm["spatial"][:, 0] < 200) & (sec.obsm["spatial"][:, 1] < 200)
+    sec, measured = sec[keep].copy(), measured.loc[keep]
+    fig = predicted_vs_measured(sec, genes[:2], measured, title="two genes", save=str(tmp_path / "fig.png"))
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 4
+    for gene in genes[:2]:
+        pred_ax = next(ax for ax in panels if ax.get_title().startswith(f"{gene} predicted"))
+        meas_ax = next(ax for ax in panels if ax.get_title() == f"{gene} measured")
+        # one colour scale per gene, spanning both sides
+        lo = min(sec.obsm["nh2st"][gene].min(), measured[gene].min())
+        hi = max(sec.obsm["nh2st"][gene].max(), measured[gene].max())
+        assert pred_ax.collections[0].get_clim() == meas_ax.collections[0].get_clim() == pytest.approx((lo, hi))
+        r = np.corrcoef(sec.obsm["nh2st"][gene], measured[gene])[0, 1]
+        assert f"PCC with measured: {r:.2f}" in pred_ax.get_title()
+        # cropped to the spots (the image is 352 px wide; the spots reach x < 200)
+        assert pred_ax.get_xlim()[1] < 260 and pred_ax.get_ylim()[0] < 260
+        assert not pred_ax.get_xticks().size and not pred_ax.get_xlabel()
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == "log1p(counts per 10k)"]
+    assert len(bars) == 2
+    assert fig._suptitle.get_text() == "two genes"
     assert (tmp_path / "fig.png").stat().st_size > 10_000

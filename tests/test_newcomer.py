@@ -1,0 +1,151 @@
+"""A newcomer's first hour: honest scoring from the command line and in Python, strict JSON, readable
+help, one-line errors for corrupt files, quiet logs."""
+
+import json
+import logging
+import warnings
+
+import numpy as np
+import pytest
+
+from st_predict._cli import build_parser, main
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
+
+SMALL_TRAIN = ["--patch-size", "32", "--image-size", "32", "--weights", "random", "--n-genes", "30", "--epochs", "2",
+               "--model-kwargs", '{"latent_dim": 64, "n_heads": 4}', "--quiet"]
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from st_predict.data import synthetic_tissue
+
+    root = tmp_path_factory.mktemp("newcomer")
+    data = root / "tissue.h5ad"
+    synthetic_tissue(n_sections=3, n_rows=10, n_cols=10, n_genes=60).write_h5ad(data)
+    assert main(["train", str(data), "--out", str(root / "model"), "--sections", "S0", "S1", *SMALL_TRAIN]) == 0
+    return root, data
+
+
+def test_evaluate_marks_training_sections_and_keeps_them_out_of_the_headline(run, capsys):
+    root, data = run
+    assert main(["predict", str(root / "model"), str(data), "--out", str(root / "all.h5ad"), "--quiet"]) == 0
+    assert main(["evaluate", str(root / "all.h5ad"), "--out", str(root / "eval")]) == 0
+    printed = capsys.readouterr().out
+    metrics = _strict_json((root / "eval" / "metrics.json").read_text())
+    rows = {r["section"]: r for r in metrics["sections"]}
+    assert metrics["training_sections"] == ["S0", "S1"]
+    assert [rows[s]["trained_on"] for s in ("S0", "S1", "S2")] == [True, True, False]
+    assert metrics["pcc_mean_over_sections"] == pytest.approx(rows["S2"]["pcc"])  # the held-out section only
+    assert metrics["pcc_mean_over_training_sections_optimistic"] == pytest.approx(
+        np.mean([rows["S0"]["pcc"], rows["S1"]["pcc"]]))
+    assert "| S0 | yes |" in printed and "| S2 | no |" in printed
+    assert f"Mean PCC over held-out sections: {rows['S2']['pcc']:.3f}" in printed
+
+
+def test_predict_sections_and_a_headline_with_no_held_out_section_is_null(run, capsys):
+    root, data = run
+    out = root / "s01.h5ad"
+    assert main(["predict", str(root / "model"), str(data), "--sections", "S0", "S1", "--out", str(out), "--quiet"]) == 0
+    import anndata as ad
+
+    pred = ad.read_h5ad(out)
+    assert sorted(pred.obs["section"].unique()) == ["S0", "S1"] and set(pred.uns["spatial"]) == {"S0", "S1"}
+    assert main(["evaluate", str(out), "--out", str(root / "eval01")]) == 0
+    text = (root / "eval01" / "metrics.json").read_text()
+    metrics = _strict_json(text)  # no bare NaN
+    assert metrics["pcc_mean_over_sections"] is None
+    assert "n/a (every section was a training section)" in capsys.readouterr().out
+
+
+def test_evaluate_takes_an_anndata_and_normalises_the_truth_itself(run):
+    import anndata as ad
+
+    from st_predict import NH2ST
+    from st_predict.metrics import evaluate
+    from st_predict.pp import normalize_expression
+
+    root, data = run
+    adata = ad.read_h5ad(data)
+    model = NH2ST.load(root / "model")
+    model.predict(adata)
+    assert adata.uns["st_predict"]["nh2st"]["training_sections"] == ["S0", "S1"]
+    pred = adata.obsm["nh2st"]
+    truth = normalize_expression(adata.X, adata.var_names.get_indexer(pred.columns))
+    assert evaluate(adata, key="nh2st") == evaluate(pred, truth)
+    per_section = evaluate(adata, key="nh2st", library_key="section")
+    assert list(per_section.index) == ["S0", "S1", "S2"] and list(per_section["trained_on"]) == [True, True, False]
+    s2 = (adata.obs["section"] == "S2").to_numpy()
+    assert per_section.loc["S2", "pcc"] == pytest.approx(evaluate(pred[s2], truth[s2])["pcc"])
+    with pytest.raises(KeyError, match="no predictions 'other'"):
+        evaluate(adata, key="other")
+    with pytest.raises(TypeError, match="pass the measured expression"):
+        evaluate(pred)
+
+
+def test_help_gives_each_default_once_and_none_for_required_options():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "(default: None)" not in text, name
+        for line in text.splitlines():
+            assert line.count("(default:") <= 1, (name, line)
+    import re
+
+    train = sub.choices["train"].format_help()
+
+    def option_help(flag):
+        return " ".join(re.search(rf"\n  {flag}\s+(.*?)\n  -", train, re.S).group(1).split())
+
+    assert option_help("--out OUT") == "folder for the saved model"  # required: no default shown
+    assert option_help("--section-key SECTION_KEY").count("default:") == 1
+    assert "(default: 250)" in option_help("--n-genes N_GENES")  # a real default is still shown
+
+
+def test_corrupt_h5ad_and_model_files_get_one_line_errors(run, tmp_path, capsys):
+    root, data = run
+    bad = tmp_path / "bad.h5ad"
+    bad.write_bytes(data.read_bytes()[:5000])
+    assert main(["predict", str(root / "model"), str(bad), "--out", str(tmp_path / "p.h5ad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.h5ad is not a readable .h5ad file" in err
+    import shutil
+
+    shutil.copytree(root / "model", tmp_path / "model")
+    raw = (tmp_path / "model" / "model.pt").read_bytes()
+    (tmp_path / "model" / "model.pt").write_bytes(raw[: len(raw) // 2])
+    assert main(["predict", str(tmp_path / "model"), str(data), "--out", str(tmp_path / "q.h5ad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.pt is not a readable saved model" in err
+
+
+def test_loading_and_training_are_quiet_and_view_anndata_setup_works(run, caplog, capsys):
+    from st_predict import NH2ST
+
+    root, data = run
+    with caplog.at_level(logging.INFO):
+        model = NH2ST.load(root / "model")
+    assert "already downloaded" not in caplog.text
+    import anndata as ad
+    from helpers import SMALL, setup
+
+    adata = ad.read_h5ad(data)
+    setup(adata)
+    model = NH2ST(adata, **{**SMALL, "trunk": "frozen"})
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        model.train(max_epochs=1, progress=False)
+    messages = [str(w.message) for w in seen] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "eval mode" in m or "LeafSpec" in m or "litlogger" in m], messages
+    capsys.readouterr()
+    model.view_anndata_setup()  # scvi-tools' habit; needs rich.pretty
+    assert "X" in capsys.readouterr().out  # the registry's summary table was printed
