@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -72,9 +73,9 @@ def run_demo(
           f"({test.n_obs} spots). Patches {patch} px -> {model.module.image_size} px, ResNet18 trained end to end.")
     print(model.summary_string)
     t_fit = time.perf_counter()
-    model.train(max_epochs=epochs)
+    model.train(max_epochs=epochs, progress=sys.stderr.isatty())
     t_fit = time.perf_counter() - t_fit
-    pred = model.predict(test, key_added="nh2st", progress=True)
+    pred = model.predict(test, key_added="nh2st", progress=sys.stderr.isatty())  # no bar redraws in a log file
     genes = model.genes_
     truth = pd.DataFrame(
         normalize_expression(test.X, test.var_names.get_indexer(genes)), index=test.obs_names, columns=genes
@@ -82,8 +83,7 @@ def run_demo(
     train_mean = normalize_expression(train.X, train.var_names.get_indexer(genes)).mean(0)
     metrics = {"nh2st": evaluate(pred, truth), "per_gene_mean": evaluate(np.tile(train_mean, (test.n_obs, 1)), truth)}
     # context for the score: ridge regression on the same trunk's (untrained) features, same fold, same genes
-    from st_predict.benchmark import run_benchmark
-    from st_predict.benchmark import RidgeProbe
+    from st_predict.benchmark import RidgeProbe, run_benchmark
 
     t_ridge = time.perf_counter()
     ridge = run_benchmark(adata, {"ridge": RidgeProbe}, section_key="section", folds=[test_section],
