@@ -100,9 +100,11 @@ def test_user_adata_only_gains_documented_keys(split):
             assert a.uns["spatial"][lib]["scalefactors"] == entry["scalefactors"]
         assert set(a.layers) == set(b.layers) and set(a.obsp) == set(b.obsp)
 
-    same(train, before_train, new_obsm={"nh2st"}, new_uns={"_scvi_uuid", "_scvi_manager_uuid"})
-    same(test, before_test, new_obsm={"nh2st_test"})
+    same(train, before_train, new_obsm={"nh2st"}, new_uns={"_scvi_uuid", "_scvi_manager_uuid", "st_predict"})
+    same(test, before_test, new_obsm={"nh2st_test"}, new_uns={"st_predict"})
     assert train.obsm["nh2st"].columns.tolist() == model.genes_
+    # what predict records beside the predictions: the sections the model trained on
+    assert test.uns["st_predict"]["nh2st_test"]["training_sections"] == model.train_sections_ == ["S0", "S1"]
 
 
 def test_save_load_roundtrip(split, tmp_path):
