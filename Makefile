@@ -28,4 +28,4 @@ docs: install
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache docs/_build docs/generated docs/tutorials
+	rm -rf $(VENV) demo_output .pytest_cache docs/_build docs/generated docs/tutorials docs/cli.md

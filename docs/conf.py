@@ -48,6 +48,11 @@ def _sync_tutorials() -> list[str]:
 
 _tutorials = _sync_tutorials()
 
+# -- Command-line reference: docs/cli.md (gitignored) is written from the argparse parser at every build
+from st_predict._cli import cli_reference_markdown  # noqa: E402
+
+(HERE / "cli.md").write_text(cli_reference_markdown())
+
 # -- General configuration -----------------------------------------------------------------------
 extensions = [
     "myst_nb",

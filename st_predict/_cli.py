@@ -147,16 +147,19 @@ def _out_of_core_images_to_lowres(adata, max_side: int = 2000) -> None:
 
 # -- subcommands -------------------------------------------------------------------------------------
 def _cmd_train(args) -> int:
+    # arguments are checked before the heavy imports (scvi-tools, torch): a typo fails in a second
+    out = Path(args.out)
+    checkpoint_dir = args.checkpoint_dir or (out / "checkpoints" if args.resume else None)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise _BadInput(f"output folder {out} exists and is not empty; pass --overwrite (or --resume)")
+    if not Path(args.input).exists():
+        raise _BadInput(f"input {args.input!r} does not exist")
     import scvi
     import torch
 
     from st_predict import NH2ST
     from st_predict.data import select_sections
 
-    out = Path(args.out)
-    checkpoint_dir = args.checkpoint_dir or (out / "checkpoints" if args.resume else None)
-    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
-        raise _BadInput(f"output folder {out} exists and is not empty; pass --overwrite (or --resume)")
     adata, library_key, found_key = _read(args)
     if args.sections:
         if library_key is None:
@@ -264,9 +267,11 @@ def _staged_folder(out: Path, overwrite: bool, produces: tuple[str, ...]):
 
 
 def _cmd_predict(args) -> int:
+    out = _model_and_output(args, ".h5ad")  # before the heavy imports
+    if not Path(args.input).exists():
+        raise _BadInput(f"input {args.input!r} does not exist")
     from st_predict import NH2ST
 
-    out = _model_and_output(args, ".h5ad")
     adata, library_key, found_key = _read(args)
     if args.sections:
         from st_predict.data import select_sections
@@ -291,11 +296,11 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_predict_slide(args) -> int:
-    from st_predict import NH2ST
-
-    out = _model_and_output(args, ".zarr")
+    out = _model_and_output(args, ".zarr")  # before the heavy imports
     if not Path(args.slide).exists():
         raise _BadInput(f"slide {args.slide} does not exist")
+    from st_predict import NH2ST
+
     model = NH2ST.load(args.model, accelerator=args.accelerator)
     sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, patch_size_um=args.patch_size_um,
                                 batch_size=args.batch_size, key_added=args.key_added, progress=_progress(args),
@@ -636,6 +641,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def cli_reference_markdown(width: int = 100) -> str:
+    """The command-line reference as Markdown: every subcommand's ``--help``, taken from the parser
+    itself (the docs build writes it to ``docs/cli.md``, so the page cannot drift from the code)."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps to the terminal width
+    try:
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parts = [
+            "# Command line\n",
+            "`st-predict` runs the jobs of the Python API from a shell. Bad input ends with one `error:` line "
+            f"and exit code {EXIT_BAD_INPUT}; no command overwrites an output without `--overwrite`.\n",
+            "```text", parser.format_help().rstrip(), "```\n",
+        ]
+        for name, p in sub.choices.items():
+            parts += [f"## st-predict {name}\n", "```text", p.format_help().rstrip(), "```\n"]
+        return "\n".join(parts)
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,3 +61,10 @@ def single_thread_worker(worker_id: int) -> None:
     suite), and the workers only crop and decode images.
     """
     torch.set_num_threads(1)
+
+
+def interactive() -> bool:
+    """Whether progress bars have a reader: a terminal, or a Jupyter kernel (not a log file)."""
+    import sys
+
+    return sys.stderr.isatty() or "ipykernel" in sys.modules

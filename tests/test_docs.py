@@ -77,8 +77,13 @@ def test_docs_build(tmp_path):
         "changelog",
         "user_guide/nh2st",
         "user_guide/evaluation",
+        "cli",
     ):
         assert (html / f"{page}.html").is_file(), page
+    cli = (html / "cli.html").read_text()  # written from the parser at build time
+    for command in ("train", "predict", "predict-slide", "evaluate", "benchmark", "demo"):
+        assert f"st-predict {command}" in cli, command
+    assert "--resume" in cli and "--sections" in cli
     nh2st = (html / "generated" / "st_predict.NH2ST.html").read_text()
     for method in ("setup_anndata", "train", "predict", "get_predicted_expression", "save", "load"):
         assert f"NH2ST.{method}" in nh2st, method

@@ -149,3 +149,29 @@ def test_loading_and_training_are_quiet_and_view_anndata_setup_works(run, caplog
     capsys.readouterr()
     model.view_anndata_setup()  # scvi-tools' habit; needs rich.pretty
     assert "X" in capsys.readouterr().out  # the registry's summary table was printed
+
+
+def test_cli_reference_is_written_from_the_parser():
+    from st_predict._cli import cli_reference_markdown
+
+    text = cli_reference_markdown()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    for name, p in sub.choices.items():
+        assert f"## st-predict {name}" in text
+        for action in p._actions:  # every option of every command is on the page
+            for flag in action.option_strings:
+                assert flag in text, (name, flag)
+
+
+def test_argument_errors_come_before_the_heavy_imports(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from st_predict._cli import main; "
+            "rc = main(['predict', 'no_model', 'missing.h5ad', '--out', 'x.h5ad']); "
+            "rc2 = main(['train', 'missing.h5ad', '--out', 'm']); "
+            "print(rc, rc2, 'scvi' in sys.modules, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.stdout.split() == ["2", "2", "False", "False"], proc.stdout + proc.stderr
+    assert "no saved model at no_model" in proc.stderr and "input 'missing.h5ad' does not exist" in proc.stderr

@@ -71,3 +71,13 @@ def test_the_training_loaders_use_the_single_thread_worker_init(tissue):
                          num_workers=1)
     assert dm.train_dataloader().worker_init_fn is _threads.single_thread_worker
     assert dm.val_dataloader().worker_init_fn is _threads.single_thread_worker
+
+
+def test_progress_bars_only_where_someone_reads_them(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert not _threads.interactive()  # a log file
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert _threads.interactive()  # a terminal

@@ -26,7 +26,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
 from st_predict._constants import PREDICTED_KEY, REGISTRY_KEYS
-from st_predict._threads import limit_threads
+from st_predict._threads import interactive, limit_threads
 from st_predict.model._docstrings import nh2st_dsp
 from st_predict.module import NH2STModule
 from st_predict.nn import load_trunk_weights
@@ -433,7 +433,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         trunk_features: torch.Tensor | None = None,
         num_workers: int = 0,
         embed_batch_size: int = 16,
-        progress: bool = True,
+        progress: bool | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
         plan_kwargs: dict | None = None,
@@ -502,7 +502,8 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         embed_batch_size
             Patches per trunk call when filling a cache.
         progress
-            Progress bars for embedding and training.
+            Progress bars for embedding and training (default: on a terminal or in a notebook, not when
+            the output goes to a log file).
         checkpoint_dir
             Folder for Lightning checkpoints of the whole training state (weights, optimiser,
             schedule, epoch, random number generators): ``last.ckpt`` after every epoch and, with a
@@ -527,6 +528,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         }
         cfg = self.resolve_train_settings(**given)
         limit_threads()
+        progress = interactive() if progress is None else bool(progress)
         if self.module.contrastive and cfg["batch_size"] < 2:
             raise ValueError(
                 f"batch_size={cfg['batch_size']} is too small for a contrastive loss (needs >= 2 spots per batch: "
@@ -828,7 +830,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int = 64,
         tta: bool | None = None,
         key_added: str = "nh2st",
-        progress: bool = True,
+        progress: bool | None = None,
         num_workers: int | None = None,
         image_key: str | None = None,
         library_id: str | None = None,
@@ -865,7 +867,7 @@ class NH2ST(UnsupervisedTrainingMixin, BaseModelClass):
             Name of the table (``sdata.tables[key_added]``); the tiles are the shapes
             ``f"{key_added}_tiles"`` and the tissue polygons ``f"{key_added}_tissues"``.
         progress
-            Print the tile count and show a progress bar.
+            Print the tile count and show a progress bar (default: on a terminal or in a notebook).
         num_workers
             DataLoader worker processes that read and resize tiles while the network runs
             (default: none on 4 cores or fewer, where they slow the network down; otherwise half

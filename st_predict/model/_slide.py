@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._threads import limit_threads, single_thread_worker
+from st_predict._threads import interactive, limit_threads, single_thread_worker
 
 if TYPE_CHECKING:
     from ._nh2st import NH2ST
@@ -167,7 +167,7 @@ def predict_slide(
     batch_size: int = 64,
     tta: bool | None = None,
     key_added: str = "nh2st",
-    progress: bool = True,
+    progress: bool | None = None,
     num_workers: int | None = None,
     image_key: str | None = None,
     library_id: str | None = None,
@@ -221,6 +221,8 @@ def predict_slide(
     # workers read and resize the next batches while the network runs on this one
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          worker_init_fn=single_thread_worker)
+    if progress is None:
+        progress = interactive()
     if progress:
         from tqdm.auto import tqdm
 
