@@ -321,25 +321,10 @@ def _cmd_predict_slide(args) -> int:
     return 0
 
 
-def _measured(adata, genes, layer: str | None, normalized: bool):
-    import pandas as pd
-
-    from st_predict.pp import normalize_expression
-
-    if adata.n_vars == 0:
-        raise _BadInput("the AnnData has no measured expression (n_vars == 0) to evaluate against")
-    missing = [g for g in genes if g not in adata.var_names]
-    if missing:
-        raise _BadInput(f"{len(missing)} predicted genes are not measured, e.g. {missing[:5]}")
-    x = adata.layers[layer] if layer else adata.X
-    if layer and layer not in adata.layers:
-        raise _BadInput(f"adata.layers has no {layer!r}")
-    values = normalize_expression(x, adata.var_names.get_indexer(genes), is_count_data=not normalized)
-    return pd.DataFrame(values, index=adata.obs_names, columns=list(genes))
-
-
 def _cmd_evaluate(args) -> int:
     import pandas as pd
+
+    from st_predict.metrics import measured_expression
 
     path = Path(args.predictions)
     if not path.is_file():
@@ -350,7 +335,7 @@ def _cmd_evaluate(args) -> int:
     pred = adata.obsm[args.key]
     if not isinstance(pred, pd.DataFrame):
         raise _BadInput(f"adata.obsm[{args.key!r}] is not a DataFrame of predicted genes")
-    truth = _measured(adata, list(pred.columns), args.layer, args.normalized)
+    truth = measured_expression(adata, list(pred.columns), args.layer, is_count_data=not args.normalized)
     if args.section_key in adata.obs:
         sections = adata.obs[args.section_key].astype(str).to_numpy()
     else:

@@ -1,5 +1,5 @@
 """Metrics for predicted spatial expression."""
 
-from ._metrics import evaluate, pcc_per_gene, pooled_pcc, top_k_pcc
+from ._metrics import evaluate, measured_expression, pcc_per_gene, pooled_pcc, top_k_pcc
 
-__all__ = ["evaluate", "pcc_per_gene", "pooled_pcc", "top_k_pcc"]
+__all__ = ["evaluate", "measured_expression", "pcc_per_gene", "pooled_pcc", "top_k_pcc"]

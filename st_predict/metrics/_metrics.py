@@ -146,22 +146,32 @@ def evaluate(
     }
 
 
-def _evaluate_anndata(adata, key, layer, is_count_data, library_key, top_k):
+def measured_expression(adata, genes: Sequence[str], layer: str | None = None, is_count_data: bool = True) -> pd.DataFrame:
+    """The measured expression of ``genes`` in ``adata`` (``X`` or ``layers[layer]``) on the model's
+    scale (:func:`~st_predict.pp.normalize_expression`: ``log1p`` counts per 10k, or as it is with
+    ``is_count_data=False``), as a spots x genes DataFrame to score predictions against."""
     from st_predict.pp import normalize_expression
 
-    if key not in adata.obsm:
-        raise KeyError(f"adata.obsm has no predictions {key!r} (it has: {list(adata.obsm)}); run model.predict first.")
-    pred = adata.obsm[key]
-    if not isinstance(pred, pd.DataFrame):
-        raise TypeError(f"adata.obsm[{key!r}] must be a spots x genes DataFrame (as model.predict writes it).")
-    missing = [g for g in pred.columns if g not in adata.var_names]
+    if adata.n_vars == 0:
+        raise ValueError("The AnnData has no measured expression (n_vars == 0) to evaluate against.")
+    genes = [str(g) for g in genes]
+    missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(f"{len(missing)} predicted genes are not in adata.var_names, e.g. {missing[:5]}.")
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"adata.layers has no {layer!r} (it has: {list(adata.layers)}).")
     matrix = adata.layers[layer] if layer is not None else adata.X
-    truth = normalize_expression(matrix, adata.var_names.get_indexer(pred.columns), is_count_data=is_count_data)
-    truth = pd.DataFrame(truth, index=adata.obs_names, columns=pred.columns)
+    values = normalize_expression(matrix, adata.var_names.get_indexer(genes), is_count_data=is_count_data)
+    return pd.DataFrame(values, index=adata.obs_names, columns=genes)
+
+
+def _evaluate_anndata(adata, key, layer, is_count_data, library_key, top_k):
+    if key not in adata.obsm:
+        raise KeyError(f"adata.obsm has no predictions {key!r} (it has: {list(adata.obsm)}); run model.predict first.")
+    pred = adata.obsm[key]
+    if not isinstance(pred, pd.DataFrame):
+        raise TypeError(f"adata.obsm[{key!r}] must be a spots x genes DataFrame (as model.predict writes it).")
+    truth = measured_expression(adata, pred.columns, layer, is_count_data)
     if library_key is None:
         return evaluate(pred, truth, top_k)
     if library_key not in adata.obs:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._threads import interactive, limit_threads, single_thread_worker
+from st_predict._threads import available_cores, interactive, limit_threads, single_thread_worker
 
 if TYPE_CHECKING:
     from ._nh2st import NH2ST
@@ -153,7 +153,7 @@ def default_num_workers() -> int:
     network's threads and whole-slide prediction got 20 % slower (``benchmarks/her2st_slide.py``).
     With more cores, half of them (at most 8) read, the rest run the network's threads.
     """
-    n = os.cpu_count() or 1
+    n = available_cores()  # the cores this process may use, as for the thread limits
     return 0 if n <= 4 else min(8, n // 2)
 
 
