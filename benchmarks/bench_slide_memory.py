@@ -70,7 +70,7 @@ def _predict(path: str, model_dir: str) -> dict:
     model = NH2ST.load(model_dir)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     t = time.perf_counter()
-    sdata = model.predict_slide(path, patch_size_um=160.0, pitch_um=200.0, tta=False, progress=False)
+    sdata = model.predict_slide(path, tile_size_um=160.0, pitch_um=200.0, tta=False, progress=False)
     seconds = time.perf_counter() - t
     n = sdata.tables["nh2st"].n_obs
     return {"tiles": int(n), "seconds": round(seconds, 1), "tiles_per_s": round(n / seconds, 1),

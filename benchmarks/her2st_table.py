@@ -50,7 +50,9 @@ def _run(args) -> dict:
     else:
         methods = {m: f for m, f in methods.items() if not m.startswith("recipe:")}
     adata = read_her2st(args.data, sections=args.sections)
-    return run_benchmark(adata, methods, folds=args.folds, weights=args.weights, seed=args.seed, out_dir=args.out)
+    # the frozen-feature baselines (ridge, ST-Net-style, BLEEP-style) on a 224 px trunk, as in the published table
+    return run_benchmark(adata, methods, folds=args.folds, image_size=224, weights=args.weights, seed=args.seed,
+                         out_dir=args.out)
 
 
 def all_methods(epochs=None, seed=0) -> dict:

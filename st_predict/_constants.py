@@ -1,4 +1,4 @@
-"""Keys that st_predict reads from and writes to AnnData."""
+"""Keys that st_predict reads from and writes to AnnData, and the defaults every entry point shares."""
 
 from typing import NamedTuple
 
@@ -11,7 +11,15 @@ class _RegistryKeys(NamedTuple):
 
 REGISTRY_KEYS = _RegistryKeys()
 
-#: Default ``adata.obsm`` key for predicted expression.
+#: Default ``adata.obsm`` key (and whole-slide table name) for predicted expression.
 PREDICTED_KEY = "nh2st"
 #: Default obs column of sections written by st_predict's readers and the synthetic generator.
 SECTION_KEY = "section"
+#: Default patch side in full-resolution pixels (``setup_anndata(patch_size=)``).
+PATCH_SIZE_PX = 224
+#: Default number of predicted genes (``NH2ST(n_genes=)``).
+N_GENES = 250
+#: Default patches per forward pass when predicting (spots and whole-slide tiles alike).
+PREDICT_BATCH_SIZE = 64
+#: Default trunk weights (``NH2ST(weights=)``).
+DEFAULT_WEIGHTS = "imagenet"

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from st_predict._constants import PATCH_SIZE_PX, PREDICTED_KEY, SECTION_KEY
+from st_predict._errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,10 +63,10 @@ def run_demo(
     sections = list(adata.obs["section"].cat.categories)
     test_section = test_section or sections[0]
     if test_section not in sections:
-        raise ValueError(f"test_section={test_section!r} is not one of the sections {sections}.")
+        raise InputError(f"test_section={test_section!r} is not one of the sections {sections}.")
     train = select_sections(adata, [s for s in sections if s != test_section])  # images shared, not copied
     test = select_sections(adata, [test_section])
-    patch = 224 if kind == "her2st" else 32
+    patch = PATCH_SIZE_PX if kind == "her2st" else 32
     kwargs = {} if kind == "her2st" else {"n_genes": 100, "image_size": 32}
     if image_size is not None:
         kwargs["image_size"] = image_size
@@ -75,7 +78,7 @@ def run_demo(
     t_fit = time.perf_counter()
     model.train(max_epochs=epochs, progress=sys.stderr.isatty())
     t_fit = time.perf_counter() - t_fit
-    pred = model.predict(test, key_added="nh2st", progress=sys.stderr.isatty())  # no bar redraws in a log file
+    pred = model.predict(test, key_added=PREDICTED_KEY, progress=sys.stderr.isatty())  # no bar redraws in a log file
     genes = model.genes_
     truth = pd.DataFrame(
         normalize_expression(test.X, test.var_names.get_indexer(genes)), index=test.obs_names, columns=genes
@@ -86,7 +89,7 @@ def run_demo(
     from st_predict.benchmark import RidgeProbe, run_benchmark
 
     t_ridge = time.perf_counter()
-    ridge = run_benchmark(adata, {"ridge": RidgeProbe}, section_key="section", folds=[test_section],
+    ridge = run_benchmark(adata, {"ridge": RidgeProbe}, library_key=SECTION_KEY, folds=[test_section],
                           n_genes=len(genes), patch_size=patch, image_size=model.module.image_size,
                           weights=weights, seed=seed)
     row = ridge["rows"][0]
@@ -108,7 +111,7 @@ def run_demo(
     # genes to show: the most variable in the *training* sections (not picked by test performance)
     train_var = normalize_expression(train.X, train.var_names.get_indexer(genes)).var(0)
     show = [genes[i] for i in np.argsort(-train_var)[:4]]
-    predicted_vs_measured(test, show, truth, key="nh2st", library_id=test_section,
+    predicted_vs_measured(test, show, truth, key=PREDICTED_KEY, library_id=test_section,
                           title=f"Held-out section {test_section}: the {len(show)} genes most variable in the "
                           "training sections", save=str(outdir / "predicted_vs_measured.png"))
     m, b, r = metrics["nh2st"], metrics["per_gene_mean"], metrics["ridge_frozen_trunk"]

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from st_predict._errors import InputError, InputTypeError
+
 
 def crop_boxes(centers: np.ndarray, scale: float, patch_size: float) -> np.ndarray:
     """Integer crop boxes ``(n, 4) = [y0, x0, y1, x1]`` in image pixels.
@@ -36,7 +38,7 @@ def _to_uint8_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.shape[-1] < 3:
-        raise ValueError(f"Expected an RGB image with >= 3 channels, got {arr.shape[-1]}.")
+        raise InputError(f"Expected an RGB image with >= 3 channels, got {arr.shape[-1]}.")
     arr = arr[..., :3]
     if arr.dtype == np.uint8:
         return arr
@@ -141,8 +143,7 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
     return out
 
 
-
-def random_dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 flips/90-degree rotations of every item of ``x`` (``(U, C, H, W)``), identity first."""
     views = []
     for flip in (False, True):
@@ -167,7 +168,7 @@ def stain_jitter(x: torch.Tensor, strength: float = 0.05, generator: torch.Gener
     if strength <= 0:
         return x
     if x.dtype != torch.uint8:
-        raise TypeError(f"stain_jitter expects uint8 patches, got {x.dtype}.")
+        raise InputTypeError(f"stain_jitter expects uint8 patches, got {x.dtype}.")
     n = x.shape[0]
 
     def uniform(*shape):
@@ -181,3 +182,14 @@ def stain_jitter(x: torch.Tensor, strength: float = 0.05, generator: torch.Gener
     od = torch.einsum("udhw,dc->uchw", stains, rgb_from_hed)
     rgb = (256.0 * torch.exp(-od) - 1.0) * (1 + uniform(n, 1, 1, 1))
     return rgb.round().clamp(0, 255).to(torch.uint8)
+
+
+def downsample(img, max_side: int) -> tuple[np.ndarray, float]:
+    """Every ``step``-th pixel of ``img`` (numpy or lazy), ``step`` the smallest that brings the longer
+    side to at most ``max_side``; returns the in-memory copy and its scale (``1 / step``)."""
+    h, w = img.shape[:2]
+    step = max(1, int(np.ceil(max(h, w) / max_side)))
+    small = np.asarray(img[::step, ::step])
+    if small.dtype != np.uint8 and small.max() > 1.0:
+        small = small.astype(np.uint8)
+    return small, 1.0 / step

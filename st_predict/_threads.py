@@ -1,16 +1,20 @@
-"""Thread defaults: never more compute threads than the cores this process may use.
+"""Thread limits: never more compute threads than the cores this process may use, and only while
+st_predict computes.
 
 Torch and the BLAS libraries start as many threads as the machine has cores, and count the host's
 cores even inside a container or a CPU affinity mask that allows fewer. With more busy threads than
 cores, OpenMP's spinning threads slowed training here by more than 10x (``benchmarks/README.md``).
-So st_predict lowers (never raises) torch's and BLAS's thread counts to the usable cores before it
-trains or predicts, and DataLoader worker processes run torch with one thread each.
+So while st_predict trains or predicts (:func:`thread_limits`) torch's and BLAS's thread counts are
+lowered (never raised) to the usable cores, and put back as they were afterwards; DataLoader worker
+processes run torch with one thread each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -33,22 +37,28 @@ def available_cores() -> int:
     return max(1, cores)
 
 
-def limit_threads() -> int:
-    """Lower torch's intra-op threads and the BLAS/OpenMP pools to :func:`available_cores` if they
-    are above it (a lower setting of the user's stays). Returns torch's thread count."""
-    cores = available_cores()
-    if torch.get_num_threads() > cores:
-        logger.info("Using %d torch threads (the cores available to this process), not %d.", cores,
-                    torch.get_num_threads())
-        torch.set_num_threads(cores)
-    try:
-        from threadpoolctl import threadpool_info, threadpool_limits
+@contextlib.contextmanager
+def thread_limits() -> Iterator[int]:
+    """Inside the block, torch's intra-op threads and the BLAS/OpenMP pools are at most
+    :func:`available_cores` (a lower setting of the user's stays); on exit they are what they were.
+    Yields torch's thread count inside."""
+    from threadpoolctl import threadpool_info, threadpool_limits
 
+    cores = available_cores()
+    before = torch.get_num_threads()
+    limiter = None
+    try:
+        if before > cores:
+            logger.debug("Using %d torch threads (the cores available to this process), not %d.", cores, before)
+            torch.set_num_threads(cores)
         if any(pool.get("num_threads", 0) > cores for pool in threadpool_info()):
-            threadpool_limits(limits=cores)
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        pass
-    return torch.get_num_threads()
+            limiter = threadpool_limits(limits=cores)
+        yield torch.get_num_threads()
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def single_thread_worker(worker_id: int) -> None:

@@ -161,15 +161,60 @@ def test_train_recipe_and_section_validation(tmp_path):
     assert main(["train", str(data), "--out", str(tmp_path / "r"), "--validation", "random", "--quiet", *small]) == 2
 
 
-def test_train_resume_checkpoints_into_the_output_and_reruns(tmp_path, capsys):
+_CLI = """
+import os, signal, sys, warnings
+warnings.filterwarnings("ignore")
+from st_predict._cli import main
+from st_predict.train import EpochCheckpoint
+
+if sys.argv[1] == "killed":  # dies right after the checkpoint of the second epoch, as if pre-empted
+    real = EpochCheckpoint.on_train_epoch_end
+
+    def write_then_die(self, trainer, pl_module):
+        real(self, trainer, pl_module)
+        if trainer.current_epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    EpochCheckpoint.on_train_epoch_end = write_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _cli_run(mode, *argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _CLI, mode, *argv], capture_output=True, text=True, timeout=600)
+
+
+def _weights(folder):
+    import torch
+
+    saved = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)["model_state_dict"]
+    return {k: v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.slow
+def test_train_resume_continues_an_interrupted_run_to_the_uninterrupted_weights(tmp_path, capsys):
+    import torch
+
     from st_predict.data import synthetic_tissue
 
     data = tmp_path / "tissue.h5ad"
     synthetic_tissue(n_sections=2, n_rows=8, n_cols=8, n_genes=40).write_h5ad(data)
-    argv = ["train", str(data), "--out", str(tmp_path / "m"), "--resume", *SMALL_TRAIN]
-    assert main(argv) == 0  # the first run: nothing to resume yet
-    assert (tmp_path / "m" / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "m" / "model.pt").is_file()
-    assert main(argv) == 0  # the same command again resumes (here: from the finished run) into the same folder
+    small = [*SMALL_TRAIN, "--epochs", "4"]  # the last --epochs counts
+    plain = _cli_run("plain", "train", str(data), "--out", str(tmp_path / "plain"), *small)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    argv = ["train", str(data), "--out", str(tmp_path / "m"), "--resume", *small]
+    killed = _cli_run("killed", *argv)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = torch.load(tmp_path / "m" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and not (tmp_path / "m" / "model.pt").exists()
+    resumed = _cli_run("resumed", *argv)  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "m")
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
     # without --resume a non-empty output folder is refused
     assert main(["train", str(data), "--out", str(tmp_path / "m"), *SMALL_TRAIN]) == 2
     assert "pass --overwrite (or --resume)" in capsys.readouterr().err
@@ -222,3 +267,65 @@ def test_commands_never_overwrite_or_leave_half_outputs(trained, tmp_path, capsy
     assert not (tmp_path / "eval2").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.startswith(".pred.h5ad")]
     assert not leftovers, leftovers
+
+
+def test_bugs_show_their_traceback_and_bad_input_one_line(trained, tmp_path, monkeypatch, capsys):
+    """Issue 15: an error inside a command that is not about the input (here injected into the output
+    step of predict, after the model ran) prints its traceback and exits 1, even a ValueError from a
+    dependency; bad input prints one line and exits 2; --debug adds the traceback to bad input."""
+    import st_predict.data
+
+    root, data = trained
+    predict = ["predict", str(root / "model"), str(data), "--out", str(tmp_path / "p.h5ad"), "--quiet"]
+    for error in (RuntimeError("injected bug"), ValueError("a dependency's own check")):
+        def broken(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(st_predict.data, "downsample_images", broken)
+        assert main(predict) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and f"{type(error).__name__}: {error}" in err
+        assert "internal error" in err
+        assert not (tmp_path / "p.h5ad").exists()  # nothing half-written
+    missing = ["predict", str(root / "model"), str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "q.h5ad")]
+    assert main(missing) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"st-predict predict: error: input {str(tmp_path / 'missing.h5ad')!r} does not exist"]
+    for argv in (["--debug", *missing], [*missing, "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "MissingFileError" in err
+        assert err.strip().splitlines()[-1].startswith("st-predict predict: error: input")
+
+
+def test_old_option_names_still_work_and_say_what_replaced_them(trained, tmp_path, capsys):
+    root, data = trained
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", str(root / "model"), str(data), "--out", str(out), "--quiet"]) == 0
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "e"), "--section-key", "section"]) == 0
+    assert "--section-key is deprecated" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert [r["section"] for r in metrics["sections"]] == ["S0", "S1", "S2"]  # the column was used
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    from st_predict import __version__
+
+    assert __version__ in capsys.readouterr().out
+
+
+def test_every_command_shares_the_defaults():
+    """The same option has the same default in every command that has it (from one place)."""
+    from st_predict._constants import PREDICT_BATCH_SIZE
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    defaults: dict[str, set] = {}
+    for p in sub.choices.values():
+        for action in p._actions:
+            if action.option_strings and action.dest not in ("help", "func"):
+                defaults.setdefault(action.option_strings[0], set()).add(repr(action.default))
+    shared = {flag: d for flag, d in defaults.items() if len(d) > 1 and flag != "--batch-size" and flag != "--out"}
+    assert not shared, shared
+    assert sub.choices["predict"].get_default("batch_size") == sub.choices["predict-slide"].get_default("batch_size")
+    assert sub.choices["predict"].get_default("batch_size") == PREDICT_BATCH_SIZE

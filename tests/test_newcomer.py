@@ -106,7 +106,7 @@ def test_help_gives_each_default_once_and_none_for_required_options():
         return " ".join(re.search(rf"\n  {flag}\s+(.*?)\n  -", train, re.S).group(1).split())
 
     assert option_help("--out OUT") == "folder for the saved model"  # required: no default shown
-    assert option_help("--section-key SECTION_KEY").count("default:") == 1
+    assert option_help("--library-key LIBRARY_KEY").count("default:") == 1
     assert "(default: 250)" in option_help("--n-genes N_GENES")  # a real default is still shown
 
 

@@ -21,34 +21,18 @@ def test_usable_cores_follow_the_affinity_mask():
     assert 1 <= _threads.available_cores() <= len(os.sched_getaffinity(0))
 
 
-def test_threads_are_lowered_to_the_usable_cores_but_never_raised(monkeypatch):
+def test_thread_limits_apply_inside_and_are_restored(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.setattr(_threads, "available_cores", lambda: 1)
         torch.set_num_threads(2)
-        assert _threads.limit_threads() == 1 and torch.get_num_threads() == 1
+        with _threads.thread_limits() as inside:
+            assert inside == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
         monkeypatch.setattr(_threads, "available_cores", lambda: 64)
-        assert _threads.limit_threads() == 1  # a lower setting stays
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_training_and_prediction_apply_the_limit(tissue, monkeypatch):
-    from helpers import SMALL, setup
-
-    from st_predict import NH2ST
-
-    before = torch.get_num_threads()
-    adata = tissue.copy()
-    setup(adata)
-    model = NH2ST(adata, **SMALL)
-    try:
-        monkeypatch.setattr(_threads, "available_cores", lambda: 1)
-        torch.set_num_threads(2)
-        model.train(max_epochs=1, progress=False)
-        assert torch.get_num_threads() == 1
-        torch.set_num_threads(2)
-        model.get_predicted_expression(adata)
+        torch.set_num_threads(1)
+        with _threads.thread_limits() as inside:
+            assert inside == 1  # a lower setting stays: never raised
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from anndata import AnnData
 
+from st_predict._errors import InputError
+from st_predict._settings import TrainingSettings
 from st_predict.nn import info_nce
 
 
@@ -162,13 +164,25 @@ class BLEEPRetrieval:
         return (w.unsqueeze(-1) * self.y_[idx]).sum(1).numpy()
 
 
-def _fold_patches(adata: AnnData, setup: dict, out_size: int) -> torch.Tensor:
-    """uint8 patches ``(n, 3, out_size, out_size)`` of every spot of ``adata`` (patch size of the setup)."""
-    from st_predict.pp import make_patch_reader, patch_size_pixels, spot_libraries
+def with_patch(setup: dict, patch: dict | None) -> dict:
+    """``setup`` (:meth:`~st_predict.NH2ST.setup_anndata` arguments) with the patch of ``patch``
+    (``patch_size`` or ``patch_size_um``) in place of its own, if given."""
+    if not patch or not ({"patch_size", "patch_size_um"} & set(patch)):
+        return {**setup, **(patch or {})}
+    base = {k: v for k, v in setup.items() if k not in ("patch_size", "patch_size_um")}
+    return {**base, **patch}
 
+
+def _fold_patches(fold: Fold, adata: AnnData, setup: dict, out_size: int) -> torch.Tensor:
+    """uint8 patches ``(n, 3, out_size, out_size)`` of every spot of ``adata``, the patch of ``setup``
+    resolved on the fold's training sections (as a model set up on them would)."""
+    from st_predict.pp import PatchGeometry, make_patch_reader, spot_libraries
+
+    geometry = PatchGeometry.resolve(fold.train, spot_libraries(fold.train, setup["library_key"]),
+                                     setup.get("patch_size"), setup.get("patch_size_um"))
     libs = spot_libraries(adata, setup["library_key"])
-    size = patch_size_pixels(adata, libs, setup["patch_size"], setup.get("patch_size_um"))
-    reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"], size, out_size)
+    reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
+                               geometry.pixels_for(adata, libs), out_size)
     return reader.read(np.arange(adata.n_obs))
 
 
@@ -200,10 +214,7 @@ class SmallCNN:
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), head)
 
     def _setup(self, fold: Fold) -> dict:
-        setup = dict(fold.extra["setup"])
-        if self.patch_size is not None:
-            setup.update(patch_size=self.patch_size, patch_size_um=None)
-        return setup
+        return with_patch(fold.extra["setup"], None if self.patch_size is None else {"patch_size": self.patch_size})
 
     def _input(self, patches: torch.Tensor) -> torch.Tensor:
         return ((patches.float() / 255.0 - self.cmean_) / self.cstd_).contiguous(memory_format=torch.channels_last)
@@ -211,7 +222,7 @@ class SmallCNN:
     def fit(self, fold: Fold) -> None:
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
-        x = _fold_patches(fold.train, self._setup(fold), self.image_size)
+        x = _fold_patches(fold, fold.train, self._setup(fold), self.image_size)
         y = torch.as_tensor(fold.y_train, dtype=torch.float32)
         self.mu_, sd = y.mean(0), y.std(0)
         self.sd_ = torch.where(sd > 1e-6, sd, torch.ones_like(sd))
@@ -224,7 +235,7 @@ class SmallCNN:
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = len(x) // self.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(f"{len(x)} training spots are fewer than one batch of {self.batch_size}.")
+            raise InputError(f"{len(x)} training spots are fewer than one batch of {self.batch_size}.")
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.epochs * steps_per_epoch,
                                                     pct_start=0.1)
         self.net_.train()
@@ -243,14 +254,10 @@ class SmallCNN:
 
     @torch.no_grad()
     def predict(self, fold: Fold) -> np.ndarray:
-        x = _fold_patches(fold.test, self._setup(fold), self.image_size)
+        x = _fold_patches(fold, fold.test, self._setup(fold), self.image_size)
         self.net_.eval()
         out = torch.cat([self.net_(self._input(x[s : s + 256])) for s in range(0, len(x), 256)])
         return (out * self.sd_ + self.mu_).numpy()
-
-
-_TRAIN_ARGS = {"max_epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup", "lr_step_size",
-               "lr_gamma", "augment", "validation", "best_epoch", "precision", "batches", "center_sections"}
 
 
 def _inner_fold(fold: Fold, val_section: str) -> Fold:
@@ -291,12 +298,12 @@ class NH2STMethod:
         self.seed, self.model_kwargs, self.setup = seed, model_kwargs, dict(setup or {})
         self.train_kwargs = {"max_epochs": epochs, "batch_size": batch_size, **(train_kwargs or {})}
         if select is not None and len(select) != 1:
-            raise ValueError(f"select takes one setting to choose, got {list(select)}.")
+            raise InputError(f"select takes one setting to choose, got {list(select)}.")
         self.select = select
 
     def _with(self, name: str, value) -> NH2STMethod:
         train_kwargs, model_kwargs = dict(self.train_kwargs), dict(self.model_kwargs)
-        if name in _TRAIN_ARGS:
+        if name in TrainingSettings.names():
             train_kwargs[name] = value
         else:
             model_kwargs[name] = value
@@ -309,7 +316,7 @@ class NH2STMethod:
             ((name, values),) = self.select.items()
             sections = list(dict.fromkeys(fold.groups.tolist()))
             if len(sections) < 2:
-                raise ValueError("Selecting a setting needs at least two training sections.")
+                raise InputError("Selecting a setting needs at least two training sections.")
             inner = _inner_fold(fold, sections[-1])
             y_val = fold.y_train[fold.groups == sections[-1]]
             scores = {}
@@ -337,9 +344,9 @@ class NH2STMethod:
 
         scvi.settings.seed = self.seed
         torch.manual_seed(self.seed)
-        setup = {**fold.extra["setup"], **self.setup}
+        setup = with_patch(fold.extra["setup"], self.setup)
         if self.setup and self.frozen:
-            raise ValueError("A frozen NH2ST shares the runner's trunk features: its setup cannot differ.")
+            raise InputError("A frozen NH2ST shares the runner's trunk features: its setup cannot differ.")
         train = fold.train.copy() if fold.train.is_view else fold.train
         NH2ST.setup_anndata(train, **setup)
         kwargs = {"weights": "random", **self.model_kwargs, "genes": fold.genes}

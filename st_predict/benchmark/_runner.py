@@ -14,8 +14,22 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from st_predict._constants import SECTION_KEY
-from st_predict.benchmark._methods import (
+from st_predict._constants import N_GENES, PATCH_SIZE_PX, SECTION_KEY
+from st_predict._errors import InputError, MissingKeyError
+from st_predict._settings import DEFAULT
+from st_predict.data import select_sections
+from st_predict.metrics import evaluate, pooled_pcc
+from st_predict.nn import build_resnet18_trunk, load_trunk_weights, prepare_patches
+from st_predict.pp import (
+    PatchGeometry,
+    make_patch_reader,
+    normalize_expression,
+    section_pixel_sizes,
+    select_genes,
+    spot_libraries,
+)
+
+from ._methods import (
     BLEEPRetrieval,
     Fold,
     MeanBaseline,
@@ -24,10 +38,6 @@ from st_predict.benchmark._methods import (
     SmallCNN,
     STNetRegressor,
 )
-from st_predict.data import select_sections
-from st_predict.metrics import evaluate, pooled_pcc
-from st_predict.nn import build_resnet18_trunk, load_trunk_weights, prepare_patches
-from st_predict.pp import make_patch_reader, normalize_expression, select_genes, spot_libraries
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +73,12 @@ def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Calla
 
 
 @torch.inference_mode()
-def _trunk_fmaps(adata, setup, image_size, weights, batch_size=16):
+def _trunk_fmaps(adata, setup, geometry: PatchGeometry, image_size, weights, batch_size=16):
     trunk = build_resnet18_trunk().eval()
     source = load_trunk_weights(trunk, weights)
+    libraries = spot_libraries(adata, setup["library_key"])
     reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
-                               setup["patch_size"], image_size)
+                               geometry.pixels_for(adata, libraries), image_size)
     out = None
     for s in range(0, adata.n_obs, batch_size):
         idx = np.arange(s, min(s + batch_size, adata.n_obs))
@@ -81,17 +92,19 @@ def _trunk_fmaps(adata, setup, image_size, weights, batch_size=16):
 def run_benchmark(
     adata: AnnData,
     methods: Mapping[str, Callable[[], object]] | None = None,
-    section_key: str = SECTION_KEY,
+    library_key: str = SECTION_KEY,
     group_key: str | None = None,
     folds: Sequence[str] | None = None,
-    n_genes: int = 250,
+    n_genes: int = N_GENES,
     image_key: str = "hires",
     spatial_key: str = "spatial",
-    patch_size: float = 224,
-    image_size: int = 224,
+    patch_size: float = PATCH_SIZE_PX,
+    patch_size_um: float | None = None,
+    image_size: int | None = None,
     weights: str | None = "imagenet",
     seed: int = 0,
     out_dir: str | Path | None = None,
+    section_key: str | None = None,
 ) -> dict:
     """Leave-one-section-out evaluation of several methods on one AnnData.
 
@@ -115,24 +128,28 @@ def run_benchmark(
     methods
         ``name -> factory`` of methods with ``fit(fold)`` / ``predict(fold)`` (default:
         :func:`default_methods`).
-    section_key
+    library_key
         ``obs`` column of sections (libraries).
     group_key
-        ``obs`` column to hold out by (e.g. patient); default: ``section_key``.
+        ``obs`` column to hold out by (e.g. patient); default: ``library_key``.
     folds
         Values of the hold-out column to run (default: all of them).
     n_genes
         Genes per fold, chosen on its training sections.
-    image_key, spatial_key, patch_size
-        As in :meth:`~st_predict.NH2ST.setup_anndata`.
+    image_key, spatial_key, patch_size, patch_size_um
+        As in :meth:`~st_predict.NH2ST.setup_anndata`. The patch is resolved once, on all sections
+        (:class:`~st_predict.pp.PatchGeometry`: micrometres where the pixel sizes are known), and every
+        method of every fold crops that patch.
     image_size
-        Side of the patches fed to the trunk.
+        Side of the patches fed to the shared frozen trunk (default: the ``"default"`` recipe's).
     weights
         Trunk weights (``"imagenet"``, a file, or ``"random"``).
     seed
         Seed of every method.
     out_dir
         Where to write ``results.json`` and ``results.md``.
+    section_key
+        Deprecated name of ``library_key``.
 
     Returns a dict with per-fold rows, a summary (mean ± std over folds) and run metadata; with
     ``out_dir`` also writes ``results.json`` and ``results.md``.
@@ -142,31 +159,42 @@ def run_benchmark(
 
     import st_predict
 
+    if section_key is not None:
+        import warnings
+
+        warnings.warn("run_benchmark(section_key=) is deprecated: use library_key=.", FutureWarning, stacklevel=2)
+        library_key = section_key
+    section_key = library_key
+    image_size = DEFAULT.network.image_size if image_size is None else image_size
     t_start = time.perf_counter()
     methods = dict(methods) if methods is not None else default_methods(seed=seed)
     for key in {section_key, group_key or section_key}:
         if key not in adata.obs:
-            raise KeyError(f"adata.obs[{key!r}] is missing (the column of sections / hold-out groups).")
+            raise MissingKeyError(f"adata.obs[{key!r}] is missing (the column of sections / hold-out groups).")
     group_key = group_key or section_key
     groups_all = adata.obs[group_key].astype(str).to_numpy()
     sections_all = adata.obs[section_key].astype(str).to_numpy()
     groups = [str(g) for g in pd.unique(groups_all)]
     if len(groups) < 2:
-        raise ValueError(f"adata.obs[{group_key!r}] has {len(groups)} value(s); hold-out needs at least 2.")
+        raise InputError(f"adata.obs[{group_key!r}] has {len(groups)} value(s); hold-out needs at least 2.")
     per_section = pd.crosstab(sections_all, groups_all).gt(0).sum(axis=1)
     if (per_section > 1).any():
-        raise ValueError(
+        raise InputError(
             f"Sections {list(per_section.index[per_section > 1])} span several values of adata.obs[{group_key!r}]; "
             "each section must belong to one hold-out group."
         )
     folds = list(folds) if folds is not None else groups
     unknown = [f for f in folds if f not in groups]
     if unknown:
-        raise ValueError(f"Folds {unknown} are not values of adata.obs[{group_key!r}] ({groups}).")
-    setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, "patch_size": patch_size}
+        raise InputError(f"Folds {unknown} are not values of adata.obs[{group_key!r}] ({groups}).")
+    # the patch, resolved once on every section: every method of every fold crops the same tissue area
+    geometry = PatchGeometry.resolve(adata, sections_all, patch_size, patch_size_um)
+    known = all(v is not None for v in section_pixel_sizes(adata, sections_all).values())
+    patch = {"patch_size_um": geometry.size_um} if known and geometry.size_um else {"patch_size": geometry.size_px}
+    setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, **patch}
     torch.manual_seed(seed)
     t = time.perf_counter()
-    fmaps, trunk_state, weights_source = _trunk_fmaps(adata, setup, image_size, weights)
+    fmaps, trunk_state, weights_source = _trunk_fmaps(adata, setup, geometry, image_size, weights)
     seconds_features = time.perf_counter() - t
     pooled = fmaps.mean((2, 3)).numpy()
     spot_libraries(adata, section_key)  # checks the section column
@@ -217,6 +245,7 @@ def run_benchmark(
         "seeing the results); pcc_pooled: per-gene PCC over the held-out spots of all folds concatenated, on the "
         "genes every fold predicts. Both inflate performance; reported only for comparison with papers.",
         "hold_out_key": group_key, "folds": folds, "n_genes": n_genes, "seed": seed, "weights": weights_source,
+        "patch": str(geometry), "image_size": image_size,
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads",
         "versions": {"st_predict": st_predict.__version__, "torch": torch.__version__, "scvi-tools": scvi.__version__,
                      "scikit-learn": sklearn.__version__},

@@ -2,17 +2,23 @@
 
 from ._her2st import fetch_her2st, read_her2st
 from ._hest import read_hest
+from ._read import InputData, choose_image_key, downsample_images, read_h5ad, read_input
 from ._sections import concat_sections, select_sections
 from ._spatialdata import from_spatialdata
 from ._synthetic import synthetic_spatialdata, synthetic_tissue
 from ._visium import read_visium
 
 __all__ = [
+    "InputData",
+    "choose_image_key",
     "concat_sections",
+    "downsample_images",
     "fetch_her2st",
     "from_spatialdata",
+    "read_h5ad",
     "read_her2st",
     "read_hest",
+    "read_input",
     "read_visium",
     "select_sections",
     "synthetic_spatialdata",

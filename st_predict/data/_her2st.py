@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import sparse
 
 from st_predict._constants import SECTION_KEY
+from st_predict._errors import InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def fetch_her2st(path: str | os.PathLike | None = None, timeout: float = 30.0) -
 def _find_image(root: Path, section: str) -> Path:
     hits = sorted((root / "images").glob(f"{section}_*.jpg")) + sorted((root / "images").glob(f"{section}.jpg"))
     if not hits:
-        raise FileNotFoundError(f"No H&E image for section {section!r} in {root / 'images'} (expected '{section}_*.jpg').")
+        raise MissingFileError(f"No H&E image for section {section!r} in {root / 'images'} (expected '{section}_*.jpg').")
     return hits[0]
 
 
@@ -104,7 +105,7 @@ def _read_image(path: Path) -> np.ndarray:
             with Image.open(path) as im:
                 return np.asarray(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated data, unknown format, bad header
-        raise ValueError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
+        raise InputError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
@@ -138,29 +139,29 @@ def read_her2st(
     """
     root = Path(path)
     if not (root / "counts").is_dir():
-        raise FileNotFoundError(f"{root} has no 'counts' folder; is it a HER2ST-format folder?")
+        raise MissingFileError(f"{root} has no 'counts' folder; is it a HER2ST-format folder?")
     available = sorted(p.name[: -len(".tsv.gz")] for p in (root / "counts").glob("*.tsv.gz"))
     sections = list(sections) if sections is not None else available
     missing = [s for s in sections if s not in available]
     if missing or not sections:
-        raise FileNotFoundError(f"Sections {missing or sections} not found in {root / 'counts'} (have {available}).")
+        raise MissingFileError(f"Sections {missing or sections} not found in {root / 'counts'} (have {available}).")
     adatas, uns = [], {}
     for sec in sections:
         cnt = pd.read_csv(root / "counts" / f"{sec}.tsv.gz", sep="\t", index_col=0)
         cnt.index = cnt.index.astype(str)
         spots_file = root / "spots" / f"{sec}_selection.tsv"
         if not spots_file.is_file():
-            raise FileNotFoundError(f"Section {sec!r} has no spot file {spots_file}.")
+            raise MissingFileError(f"Section {sec!r} has no spot file {spots_file}.")
         pos = pd.read_csv(spots_file, sep="\t")
         for col in ("x", "y", "pixel_x", "pixel_y"):
             if col not in pos:
-                raise ValueError(f"{spots_file} lacks column {col!r}.")
+                raise InputError(f"{spots_file} lacks column {col!r}.")
         pos.index = pos["x"].round().astype(int).astype(str) + "x" + pos["y"].round().astype(int).astype(str)
         if pos.index.duplicated().any():
-            raise ValueError(f"{spots_file} lists spot ids twice: {list(pos.index[pos.index.duplicated()][:3])}.")
+            raise InputError(f"{spots_file} lists spot ids twice: {list(pos.index[pos.index.duplicated()][:3])}.")
         no_pos = cnt.index.difference(pos.index)
         if len(no_pos):
-            raise ValueError(f"Section {sec!r}: {len(no_pos)} spots have counts but no position, e.g. {list(no_pos[:3])}.")
+            raise InputError(f"Section {sec!r}: {len(no_pos)} spots have counts but no position, e.g. {list(no_pos[:3])}.")
         dropped = pos.index.difference(cnt.index)
         if len(dropped):
             logger.info("Section %s: %d spots of the spot file have no counts and are dropped.", sec, len(dropped))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from st_predict._constants import SECTION_KEY
+from st_predict._errors import InputError, MissingFileError, MissingKeyError
 
 from ._images import read_fullres_image
 from ._sections import concat_sections
@@ -27,15 +28,15 @@ def _spot_centres(adata: ad.AnnData, h5ad: Path) -> np.ndarray:
         coords = adata.obsm["spatial"]
         coords = np.asarray(coords.to_numpy() if isinstance(coords, pd.DataFrame) else coords, dtype=np.float64)
         if coords.ndim != 2 or coords.shape[1] < 2:
-            raise ValueError(f"{h5ad}: obsm['spatial'] must be (n_spots, 2), got shape {coords.shape}.")
+            raise InputError(f"{h5ad}: obsm['spatial'] must be (n_spots, 2), got shape {coords.shape}.")
         coords = coords[:, :2]
     elif {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(adata.obs):
         coords = adata.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     else:
-        raise KeyError(f"{h5ad} has no obsm['spatial'] (nor obs 'pxl_col_in_fullres'/'pxl_row_in_fullres').")
+        raise MissingKeyError(f"{h5ad} has no obsm['spatial'] (nor obs 'pxl_col_in_fullres'/'pxl_row_in_fullres').")
     bad = ~np.isfinite(coords).all(1)
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"{h5ad}: {int(bad.sum())} spots have NaN/inf coordinates, e.g. {list(adata.obs_names[bad][:3])}."
         )
     return np.ascontiguousarray(coords)
@@ -44,23 +45,23 @@ def _spot_centres(adata: ad.AnnData, h5ad: Path) -> np.ndarray:
 def _read_sample(h5ad: Path, sample_id: str, wsi: Path, metadata: Path) -> ad.AnnData:
     missing = [str(p) for p in (h5ad, wsi, metadata) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"HEST sample {sample_id!r}: missing {', '.join(missing)} (layout: {_LAYOUT}).")
+        raise MissingFileError(f"HEST sample {sample_id!r}: missing {', '.join(missing)} (layout: {_LAYOUT}).")
     meta = json.loads(metadata.read_text())
     if not isinstance(meta, dict):
-        raise ValueError(f"{metadata} must hold a JSON object, got {type(meta).__name__}.")
+        raise InputError(f"{metadata} must hold a JSON object, got {type(meta).__name__}.")
     adata = ad.read_h5ad(h5ad)
     coords = _spot_centres(adata, h5ad)
     image = read_fullres_image(wsi)
     h, w = int(image.shape[0]), int(image.shape[1])
     meta_w, meta_h = meta.get("fullres_px_width"), meta.get("fullres_px_height")
     if meta_w is not None and meta_h is not None and (int(meta_w), int(meta_h)) != (w, h):
-        raise ValueError(
+        raise InputError(
             f"HEST sample {sample_id!r}: level 0 of {wsi} is {w}x{h} px (width x height) but {metadata} says "
             f"fullres_px_width x fullres_px_height = {meta_w}x{meta_h}."
         )
     outside = (coords[:, 0] < 0) | (coords[:, 0] >= w) | (coords[:, 1] < 0) | (coords[:, 1] >= h)
     if outside.mean() > 0.5:
-        raise ValueError(
+        raise InputError(
             f"HEST sample {sample_id!r}: {int(outside.sum())} of {len(coords)} spot centres of {h5ad} lie outside "
             f"the {w}x{h} px image {wsi} (obsm['spatial'] must be level-0 pixels, x = column, y = row)."
         )
@@ -140,9 +141,9 @@ def read_hest(
     path = Path(root_or_h5ad)
     if path.is_file():
         if path.suffix != ".h5ad":
-            raise ValueError(f"{path} is neither a HEST folder nor an .h5ad file.")
+            raise InputError(f"{path} is neither a HEST folder nor an .h5ad file.")
         if sample_id is not None and (not isinstance(sample_id, str) or sample_id != path.stem):
-            raise ValueError(
+            raise InputError(
                 f"sample_id={sample_id!r} does not match the h5ad file {path.name}; pass the HEST folder instead."
             )
         root = path.parent.parent if path.parent.name == "st" else path.parent
@@ -152,13 +153,13 @@ def read_hest(
             Path(metadata_file) if metadata_file else root / "metadata" / f"{sid}.json",
         )
     if not path.is_dir():
-        raise FileNotFoundError(f"HEST folder or h5ad file {path} does not exist.")
+        raise MissingFileError(f"HEST folder or h5ad file {path} does not exist.")
     if not (path / "st").is_dir():
-        raise FileNotFoundError(f"{path} has no 'st' folder; is it a HEST-1k folder ({_LAYOUT})?")
+        raise MissingFileError(f"{path} has no 'st' folder; is it a HEST-1k folder ({_LAYOUT})?")
     available = sorted(p.stem for p in (path / "st").glob("*.h5ad"))
     if sample_id is None:
         if len(available) != 1:
-            raise ValueError(
+            raise InputError(
                 f"{path / 'st'} holds {len(available)} samples {available[:20]}; pass sample_id= (one id or a list)."
             )
         sample_id = available[0]
@@ -166,11 +167,11 @@ def read_hest(
     missing = [s for s in ids if s not in available]
     if missing or not ids:
         more = f" ... ({len(available)} in all)" if len(available) > 20 else ""
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"HEST samples {missing or ids} not found in {path / 'st'} (have {available[:20]}{more})."
         )
     if len(ids) > 1 and (wsi_file is not None or metadata_file is not None):
-        raise ValueError("wsi_file= / metadata_file= name one sample's files; read several samples without them.")
+        raise InputError("wsi_file= / metadata_file= name one sample's files; read several samples without them.")
     adatas = [
         _read_sample(
             path / "st" / f"{s}.h5ad", s, Path(wsi_file) if wsi_file else path / "wsis" / f"{s}.tif",

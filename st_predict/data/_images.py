@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from st_predict._errors import InputError, MissingFileError
+
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".qptiff")
 _OPEN_LOCK = threading.Lock()
 
@@ -35,11 +37,11 @@ class _TiffLevel:
         self.path, self.series, self.level = str(path), int(series), int(level)
         with tifffile.TiffFile(self.path) as tf:
             if not tf.series:
-                raise ValueError(f"{path} holds no image series.")
+                raise InputError(f"{path} holds no image series.")
             levels = tf.series[self.series].levels
             if not 0 <= self.level < len(levels):
                 shapes = [tuple(lv.shape) for lv in levels]
-                raise ValueError(f"{path} has {len(levels)} pyramid levels {shapes}; level={level} does not exist.")
+                raise InputError(f"{path} has {len(levels)} pyramid levels {shapes}; level={level} does not exist.")
             self.axes = levels[self.level].axes
             store = tf.series[self.series].aszarr(level=self.level)
             try:
@@ -70,7 +72,7 @@ class _TiffLevel:
         try:
             return self._open()[key]
         except Exception as err:  # a tile cut off or corrupted: found only when its pixels are read
-            raise ValueError(
+            raise InputError(
                 f"Could not read pixels {key} of the image {self.path}: {type(err).__name__}: {err} (a truncated "
                 "or corrupted file?)"
             ) from err
@@ -86,7 +88,7 @@ def _as_rgb_uint8(arr, path: Path, axes: str):
     axes = axes.upper()
     extra = [i for i, a in enumerate(axes) if a not in "YXS"]
     if any(arr.shape[i] != 1 for i in extra):
-        raise ValueError(
+        raise InputError(
             f"{path}: expected a 2D RGB image, got axes {axes!r} with shape {tuple(arr.shape)} (several planes)."
         )
     arr = arr[tuple(0 if i in extra else slice(None) for i in range(len(axes)))]
@@ -95,12 +97,12 @@ def _as_rgb_uint8(arr, path: Path, axes: str):
         arr, axes = da.stack([arr] * 3, axis=-1), axes + "S"  # greyscale
     arr = arr.transpose([axes.index("Y"), axes.index("X"), axes.index("S")])
     if arr.shape[2] not in (3, 4):
-        raise ValueError(f"{path}: expected 3 (RGB) or 4 (RGBA) channels, got {arr.shape[2]} (axes {axes!r}).")
+        raise InputError(f"{path}: expected 3 (RGB) or 4 (RGBA) channels, got {arr.shape[2]} (axes {axes!r}).")
     arr = arr[..., :3]
     if arr.dtype == np.uint16:
         arr = (arr // 257).astype(np.uint8)
     elif arr.dtype != np.uint8:
-        raise ValueError(f"{path}: expected a uint8 (or uint16) RGB image, got dtype {arr.dtype}.")
+        raise InputError(f"{path}: expected a uint8 (or uint16) RGB image, got dtype {arr.dtype}.")
     return arr
 
 
@@ -114,7 +116,7 @@ def read_fullres_image(path: str | os.PathLike, level: int = 0):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Image file {path} does not exist.")
+        raise MissingFileError(f"Image file {path} does not exist.")
     if path.suffix.lower() not in _TIFF_SUFFIXES:
         from ._her2st import _read_image
 
@@ -126,7 +128,7 @@ def read_fullres_image(path: str | os.PathLike, level: int = 0):
     try:
         view = _TiffLevel(path, series=0, level=level)
     except (tifffile.TiffFileError, OSError, KeyError, IndexError) as err:  # a broken header or IFD
-        raise ValueError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
+        raise InputError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
     # tiles are the natural unit (a patch reads only the tiles under it); strips of a few rows are
     # grouped into chunks of about 256 rows
     chunks = tuple(

@@ -8,6 +8,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from st_predict._errors import InputError, MissingKeyError
+
 
 def _image_array(element):
     """Full-resolution level of an image element as a lazy ``(y, x, c)`` dask array."""
@@ -21,7 +23,7 @@ def _image_array(element):
         element = next(iter(node.data_vars.values())) if hasattr(node, "data_vars") else node
     dims = tuple(element.dims)
     if set(dims) != {"c", "y", "x"}:
-        raise ValueError(f"Expected a 2D image element with dims (c, y, x), got {dims}.")
+        raise InputError(f"Expected a 2D image element with dims (c, y, x), got {dims}.")
     return element.transpose("y", "x", "c").data
 
 
@@ -68,18 +70,18 @@ def from_spatialdata(
         Key of the image inside ``uns["spatial"][region]["images"]``.
     """
     if table_key not in sdata.tables:
-        raise KeyError(f"SpatialData has no table {table_key!r} (tables: {list(sdata.tables)}).")
+        raise MissingKeyError(f"SpatialData has no table {table_key!r} (tables: {list(sdata.tables)}).")
     table = sdata.tables[table_key]
     attrs = table.uns.get("spatialdata_attrs")
     if not attrs:
-        raise ValueError(f"Table {table_key!r} has no uns['spatialdata_attrs'] (region, region_key, instance_key).")
+        raise InputError(f"Table {table_key!r} has no uns['spatialdata_attrs'] (region, region_key, instance_key).")
     region_key, instance_key = attrs["region_key"], attrs["instance_key"]
     regions = [str(r) for r in pd.unique(table.obs[region_key].astype(str))]
     coords = np.full((table.n_obs, 2), np.nan)
     uns = {}
     for region in regions:
         if region not in sdata.shapes and region not in sdata.points:
-            raise KeyError(f"Region {region!r} of table {table_key!r} is not a shapes/points element.")
+            raise MissingKeyError(f"Region {region!r} of table {table_key!r} is not a shapes/points element.")
         shapes = sdata.shapes[region] if region in sdata.shapes else sdata.points[region].compute()
         if isinstance(image_key, Mapping):
             img_name = image_key.get(region)
@@ -92,13 +94,13 @@ def from_spatialdata(
             own = set(get_transformation(element, get_all=True))
             candidates = [n for n, im in sdata.images.items() if own & set(get_transformation(im, get_all=True))]
             if len(candidates) != 1:
-                raise ValueError(
+                raise InputError(
                     f"Region {region!r} shares a coordinate system with {len(candidates)} images {candidates}; "
                     "pass image_key= (a name or a {region: name} mapping) to pick its H&E image."
                 )
             img_name = candidates[0]
         if img_name not in sdata.images:
-            raise KeyError(f"Image {img_name!r} for region {region!r} is not in the SpatialData (images: {list(sdata.images)}).")
+            raise MissingKeyError(f"Image {img_name!r} for region {region!r} is not in the SpatialData (images: {list(sdata.images)}).")
         image = sdata.images[img_name]
         from spatialdata.transformations import get_transformation
 
@@ -107,10 +109,10 @@ def from_spatialdata(
         cs = coordinate_system
         if cs is None:
             if not shared:
-                raise ValueError(f"Region {region!r} and image {img_name!r} share no coordinate system.")
+                raise InputError(f"Region {region!r} and image {img_name!r} share no coordinate system.")
             cs = "global" if "global" in shared else sorted(shared)[0]
         elif cs not in shared:
-            raise ValueError(f"Region {region!r} and image {img_name!r} are not both in coordinate system {cs!r}.")
+            raise InputError(f"Region {region!r} and image {img_name!r} are not both in coordinate system {cs!r}.")
         element = sdata.shapes[region] if region in sdata.shapes else sdata.points[region]
         a_pts = _affine_xy(element, cs)
         a_img = _affine_xy(image, cs)
@@ -118,7 +120,7 @@ def from_spatialdata(
         inv = np.linalg.inv(a_img)
         if not (np.allclose(inv[0, 1], 0) and np.allclose(inv[1, 0], 0) and np.allclose(inv[:2, 2], 0)
                 and np.isclose(inv[0, 0], inv[1, 1])):
-            raise ValueError(
+            raise InputError(
                 f"Image {img_name!r} maps to {cs!r} by more than an isotropic scale ({a_img.tolist()}); "
                 "this is not supported yet."
             )
@@ -132,7 +134,7 @@ def from_spatialdata(
         ids = table.obs.loc[sel, instance_key].astype(str)
         absent = ids[~ids.isin(pos.index)]
         if len(absent):
-            raise KeyError(f"{len(absent)} table rows of region {region!r} have no shape, e.g. {list(absent[:3])}.")
+            raise MissingKeyError(f"{len(absent)} table rows of region {region!r} have no shape, e.g. {list(absent[:3])}.")
         coords[sel] = pos.loc[ids.to_numpy()].to_numpy()
         scalefactors = {f"tissue_{uns_image_key}_scalef": float(inv[0, 0])}
         if "radius" in getattr(shapes, "columns", []):

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from st_predict._constants import SECTION_KEY
+from st_predict._errors import InputError
 
 # Colours (RGB, 0-255) of the tissue programs: stroma (pink), tumour (purple), fat/lumen (pale).
 _PROGRAM_COLOURS = np.array(
@@ -71,7 +72,7 @@ def synthetic_tissue(
     ``scalefactors`` (``tissue_hires_scalef = 1.0``, ``spot_diameter_fullres``).
     """
     if not 1 <= n_programs <= len(_PROGRAM_COLOURS):
-        raise ValueError(f"n_programs must be in [1, {len(_PROGRAM_COLOURS)}], got {n_programs}.")
+        raise InputError(f"n_programs must be in [1, {len(_PROGRAM_COLOURS)}], got {n_programs}.")
     rng = np.random.default_rng(seed)
     h, w = (n_rows + 1) * spot_spacing, (n_cols + 1) * spot_spacing
     base = rng.normal(0.0, 1.0, n_genes)

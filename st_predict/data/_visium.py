@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from st_predict._constants import SECTION_KEY
+from st_predict._errors import InputError, InputTypeError, MissingFileError, MissingKeyError
 
 from ._images import read_fullres_image
 from ._sections import concat_sections
@@ -41,7 +42,7 @@ def _library_id_from_h5(counts: Path, root: Path) -> str:
 def _check_outs(root: Path, counts_file: str) -> Path:
     """The folder holding the counts and ``spatial/`` (``root`` or ``root/outs``), with every file checked."""
     if not root.is_dir():
-        raise FileNotFoundError(f"Space Ranger output folder {root} does not exist.")
+        raise MissingFileError(f"Space Ranger output folder {root} does not exist.")
     if not (root / counts_file).exists() and (root / "outs" / counts_file).exists():
         root = root / "outs"
     spatial = root / "spatial"
@@ -55,7 +56,7 @@ def _check_outs(root: Path, counts_file: str) -> Path:
             hint = " (only tissue_positions.parquet is there: Visium HD output is not supported)"
         missing.append(f"{spatial / 'tissue_positions.csv'} or tissue_positions_list.csv{hint}")
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{root} is not a complete Space Ranger output ('outs') folder; missing: "
             + ", ".join(map(str, missing))
             + "."
@@ -73,7 +74,7 @@ def _check_fullres_size(image, image_file: Path, scalefactors: Mapping, hires: n
     exp_h, exp_w = h * float(scalef), w * float(scalef)
     # Space Ranger rounds the hires image's size; allow a pixel (and 1%) of slack
     if abs(exp_h - hh) > 1 + 0.01 * hh or abs(exp_w - hw) > 1 + 0.01 * hw:
-        raise ValueError(
+        raise InputError(
             f"Library {lib!r}: the full-resolution image {image_file} is {w}x{h} px (width x height), but "
             f"spatial/tissue_hires_image.png is {hw}x{hh} px with tissue_hires_scalef={scalef:g}, which implies "
             f"a full-resolution image of about {hw / scalef:.0f}x{hh / scalef:.0f} px. Pass the image Space "
@@ -92,7 +93,7 @@ def _read_one(
     lib = str(library_id) if library_id is not None else _library_id_from_h5(root / counts_file, root)
     image_file = Path(fullres_image_file) if fullres_image_file is not None else None
     if image_file is not None and not image_file.is_file():
-        raise FileNotFoundError(f"Full-resolution image {image_file} (library {lib!r}) does not exist.")
+        raise MissingFileError(f"Full-resolution image {image_file} (library {lib!r}) does not exist.")
     with warnings.catch_warnings():
         # 10x matrices name genes by symbol, which repeat (e.g. paralogues): made unique below
         warnings.filterwarnings("ignore", message="Variable names are not unique", category=UserWarning)
@@ -105,7 +106,7 @@ def _read_one(
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     bad = ~np.isfinite(coords).all(1)
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"Library {lib!r}: {int(bad.sum())} barcodes of {root / counts_file} have no row in "
             f"{root / 'spatial'}/tissue_positions*.csv, e.g. {list(adata.obs_names[bad][:3])}."
         )
@@ -173,17 +174,17 @@ def read_visium(
     """
     if isinstance(path, Mapping):
         if library_id is not None:
-            raise ValueError("library_id= cannot be combined with a {library_id: path} mapping.")
+            raise InputError("library_id= cannot be combined with a {library_id: path} mapping.")
         if fullres_image_file is not None and not isinstance(fullres_image_file, Mapping):
-            raise TypeError(
+            raise InputTypeError(
                 "With a {library_id: path} mapping, fullres_image_file must be a mapping with the same keys."
             )
         images = dict(fullres_image_file or {})
         unknown = sorted(set(map(str, images)) - set(map(str, path)))
         if unknown:
-            raise KeyError(f"fullres_image_file names libraries that path does not: {unknown}.")
+            raise MissingKeyError(f"fullres_image_file names libraries that path does not: {unknown}.")
         adatas = [_read_one(p, str(lib), images.get(lib), counts_file, kwargs) for lib, p in path.items()]
         return concat_sections(adatas)
     if isinstance(fullres_image_file, Mapping):
-        raise TypeError("fullres_image_file must be one file when path is one folder.")
+        raise InputTypeError("fullres_image_file must be one file when path is one folder.")
     return _read_one(path, library_id, fullres_image_file, counts_file, kwargs)

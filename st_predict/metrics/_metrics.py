@@ -21,6 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from st_predict._constants import PREDICTED_KEY
+from st_predict._errors import InputError, InputTypeError, MissingKeyError
+
 
 def _as_array(x) -> np.ndarray:
     return x.to_numpy(dtype=np.float64) if isinstance(x, pd.DataFrame) else np.asarray(x, dtype=np.float64)
@@ -31,7 +34,7 @@ def pcc_per_gene(pred, truth) -> np.ndarray:
     constant (e.g. a gene never detected in the section)."""
     p, t = _as_array(pred), _as_array(truth)
     if p.shape != t.shape:
-        raise ValueError(f"pred {p.shape} and truth {t.shape} differ in shape.")
+        raise InputError(f"pred {p.shape} and truth {t.shape} differ in shape.")
     pc, tc = p - p.mean(0), t - t.mean(0)
     denom = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -45,7 +48,7 @@ def top_k_pcc(pred, truth, k: int = 50) -> float:
     chosen after seeing the results). NaN genes are never among them. Reported by several papers;
     use :func:`evaluate`'s ``pcc`` for an honest number."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}.")
+        raise InputError(f"k must be >= 1, got {k}.")
     return _mean_of_best(pcc_per_gene(pred, truth), k)
 
 
@@ -68,18 +71,18 @@ def pooled_pcc(preds: Sequence[pd.DataFrame], truths: Sequence[pd.DataFrame]) ->
         One spots x genes DataFrame per section, with gene names as columns.
     """
     if len(preds) != len(truths) or not preds:
-        raise ValueError(f"Give one truth per prediction (got {len(preds)} predictions, {len(truths)} truths).")
+        raise InputError(f"Give one truth per prediction (got {len(preds)} predictions, {len(truths)} truths).")
     genes = None
     for df in [*preds, *truths]:
         if not isinstance(df, pd.DataFrame):
-            raise TypeError("pooled_pcc needs DataFrames with gene names as columns.")
+            raise InputTypeError("pooled_pcc needs DataFrames with gene names as columns.")
         cols = pd.Index(df.columns)
         genes = cols if genes is None else genes.intersection(cols, sort=False)
     if len(genes) == 0:
-        raise ValueError("No gene is shared by every section's predictions and truths.")
+        raise InputError("No gene is shared by every section's predictions and truths.")
     for i, (p, t) in enumerate(zip(preds, truths, strict=True)):
         if p.shape[0] != t.shape[0]:
-            raise ValueError(f"Section {i}: {p.shape[0]} predicted spots but {t.shape[0]} measured spots.")
+            raise InputError(f"Section {i}: {p.shape[0]} predicted spots but {t.shape[0]} measured spots.")
     p = np.concatenate([_as_array(df[genes]) for df in preds])
     t = np.concatenate([_as_array(df[genes]) for df in truths])
     return _mean_of_best(pcc_per_gene(p, t))
@@ -90,7 +93,7 @@ def evaluate(
     truth=None,
     top_k: int = 50,
     *,
-    key: str = "nh2st",
+    key: str = PREDICTED_KEY,
     layer: str | None = None,
     is_count_data: bool = True,
     library_key: str | None = None,
@@ -132,7 +135,7 @@ def evaluate(
         raise TypeError("evaluate(pred, truth): pass the measured expression, or an AnnData as the first argument.")
     p, t = _as_array(pred), _as_array(truth)
     if p.shape != t.shape:
-        raise ValueError(f"Predictions {p.shape} and measured expression {t.shape} differ in shape.")
+        raise InputError(f"Predictions {p.shape} and measured expression {t.shape} differ in shape.")
     r = pcc_per_gene(p, t)
     n_nan = int(np.isnan(r).sum())
     return {
@@ -153,13 +156,13 @@ def measured_expression(adata, genes: Sequence[str], layer: str | None = None, i
     from st_predict.pp import normalize_expression
 
     if adata.n_vars == 0:
-        raise ValueError("The AnnData has no measured expression (n_vars == 0) to evaluate against.")
+        raise InputError("The AnnData has no measured expression (n_vars == 0) to evaluate against.")
     genes = [str(g) for g in genes]
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
-        raise KeyError(f"{len(missing)} predicted genes are not in adata.var_names, e.g. {missing[:5]}.")
+        raise MissingKeyError(f"{len(missing)} predicted genes are not in adata.var_names, e.g. {missing[:5]}.")
     if layer is not None and layer not in adata.layers:
-        raise KeyError(f"adata.layers has no {layer!r} (it has: {list(adata.layers)}).")
+        raise MissingKeyError(f"adata.layers has no {layer!r} (it has: {list(adata.layers)}).")
     matrix = adata.layers[layer] if layer is not None else adata.X
     values = normalize_expression(matrix, adata.var_names.get_indexer(genes), is_count_data=is_count_data)
     return pd.DataFrame(values, index=adata.obs_names, columns=genes)
@@ -167,15 +170,15 @@ def measured_expression(adata, genes: Sequence[str], layer: str | None = None, i
 
 def _evaluate_anndata(adata, key, layer, is_count_data, library_key, top_k):
     if key not in adata.obsm:
-        raise KeyError(f"adata.obsm has no predictions {key!r} (it has: {list(adata.obsm)}); run model.predict first.")
+        raise MissingKeyError(f"adata.obsm has no predictions {key!r} (it has: {list(adata.obsm)}); run model.predict first.")
     pred = adata.obsm[key]
     if not isinstance(pred, pd.DataFrame):
-        raise TypeError(f"adata.obsm[{key!r}] must be a spots x genes DataFrame (as model.predict writes it).")
+        raise InputTypeError(f"adata.obsm[{key!r}] must be a spots x genes DataFrame (as model.predict writes it).")
     truth = measured_expression(adata, pred.columns, layer, is_count_data)
     if library_key is None:
         return evaluate(pred, truth, top_k)
     if library_key not in adata.obs:
-        raise KeyError(f"{library_key!r} is not a column of adata.obs.")
+        raise MissingKeyError(f"{library_key!r} is not a column of adata.obs.")
     meta = adata.uns.get("st_predict", {})
     trained = set(meta.get(key, {}).get("training_sections", []) if isinstance(meta, dict) else [])
     sections = adata.obs[library_key].astype(str).to_numpy()

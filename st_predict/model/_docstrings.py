@@ -1,5 +1,6 @@
-"""Docstring sharing (docrep, as scvi-tools): the network's parameters are documented once, in
-:class:`~st_predict.module.NH2STModule`, and reused by :class:`~st_predict.NH2ST`."""
+"""Docstring sharing (docrep, as scvi-tools): each setting is documented once, in
+:class:`~st_predict.module.NetworkSettings` and :class:`~st_predict.train.TrainingSettings`, and reused
+by :class:`~st_predict.NH2ST` and :meth:`~st_predict.NH2ST.train`."""
 
 from __future__ import annotations
 
@@ -7,19 +8,17 @@ import inspect
 
 import docrep
 
-from st_predict.module import NH2STModule
+from st_predict._settings import NetworkSettings, TrainingSettings
 
 nh2st_dsp = docrep.DocstringProcessor()
 
 
-def _module_parameters() -> str:
-    """The Parameters section of :class:`NH2STModule`, without ``n_genes`` (the model sets it)."""
-    nh2st_dsp.get_sections(inspect.cleandoc(NH2STModule.__doc__), "nh2st_module", ["Parameters"])
-    text = nh2st_dsp.params["nh2st_module.parameters"]
-    head, sep, rest = text.partition("\nlatent_dim\n")
-    if not head.startswith("n_genes") or not sep:
-        raise RuntimeError("NH2STModule's docstring must document n_genes, then latent_dim, first.")
-    return "latent_dim\n" + rest
+def _parameters(cls, key: str) -> str:
+    """The Parameters section of ``cls``'s docstring, indented to sit under a ``**kwargs`` entry (the
+    placeholder is indented by 4 in the dedented docstring; the lines after the first follow it)."""
+    nh2st_dsp.get_sections(inspect.cleandoc(cls.__doc__), key, ["Parameters"])
+    return nh2st_dsp.params[f"{key}.parameters"].replace("\n", "\n    ")
 
 
-nh2st_dsp.params["nh2st_module.model_parameters"] = _module_parameters()
+nh2st_dsp.params["network_settings"] = _parameters(NetworkSettings, "network_settings")
+nh2st_dsp.params["training_settings"] = _parameters(TrainingSettings, "training_settings")

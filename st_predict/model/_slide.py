@@ -9,18 +9,22 @@ predictions (one float32 per tile and gene) go into one array allocated up front
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._threads import available_cores, interactive, limit_threads, single_thread_worker
+from st_predict._constants import PREDICT_BATCH_SIZE, PREDICTED_KEY
+from st_predict._errors import InputError, InputTypeError, MissingFileError, MissingKeyError
+from st_predict._threads import available_cores, interactive, single_thread_worker, thread_limits
 
-if TYPE_CHECKING:
-    from ._nh2st import NH2ST
+#: what the slide readers raise for a file they cannot read as a slide (OpenSlide's and tifffile's
+#: errors derive from these; wsidata raises ValueError when no reader accepts the file)
+_UNREADABLE = (OSError, ValueError, KeyError, IndexError)
 
 
 def _wsi_stack():
@@ -60,18 +64,18 @@ def _from_spatialdata(sdata, image_key: str | None, name: str) -> OpenedSlide:
     keys = list(sdata.images)
     if image_key is None:
         if len(keys) != 1:
-            raise ValueError(
+            raise InputError(
                 f"{name} has {len(keys)} image elements ({', '.join(keys) or 'none'}): pass image_key= to "
                 "choose the H&E."
             )
         image_key = keys[0]
     if image_key not in sdata.images:
-        raise KeyError(f"{name} has no image element {image_key!r} (it has: {', '.join(keys) or 'none'}).")
+        raise MissingKeyError(f"{name} has no image element {image_key!r} (it has: {', '.join(keys) or 'none'}).")
     try:
         # a SpatialData of this one element: the user's object gets no tiles, tissues or tables
         wsi = wsidata.open_wsi(SpatialData(images={image_key: sdata.images[image_key]}), image_key=image_key)
     except ValueError as err:
-        raise ValueError(f"Image element {image_key!r} of {name} cannot be read as an H&E slide: {err}") from err
+        raise InputError(f"Image element {image_key!r} of {name} cannot be read as an H&E slide: {err}") from err
     return OpenedSlide(wsi, f"{name} image {image_key!r}")
 
 
@@ -79,14 +83,14 @@ def _from_anndata(adata, image_key: str | None, library_id: str | None) -> Opene
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
 
-    from st_predict.pp._patches import section_images, section_pixel_sizes
+    from st_predict.pp import section_images, section_pixel_sizes
 
     spatial = adata.uns.get("spatial")
     if not isinstance(spatial, Mapping) or not spatial:
-        raise KeyError("The AnnData has no image: expected adata.uns['spatial'][library_id]['images'].")
+        raise MissingKeyError("The AnnData has no image: expected adata.uns['spatial'][library_id]['images'].")
     if library_id is None:
         if len(spatial) != 1:
-            raise ValueError(
+            raise InputError(
                 f"adata.uns['spatial'] has {len(spatial)} libraries ({', '.join(map(str, spatial))}): pass "
                 "library_id= to choose the slide."
             )
@@ -95,9 +99,9 @@ def _from_anndata(adata, image_key: str | None, library_id: str | None) -> Opene
     images, scales = section_images(adata, libs, image_key or "hires")
     img = np.asarray(images[library_id])
     if img.ndim != 3 or img.shape[2] < 3:
-        raise ValueError(f"The image of library {library_id!r} must be RGB (H, W, 3), got shape {img.shape}.")
+        raise InputError(f"The image of library {library_id!r} must be RGB (H, W, 3), got shape {img.shape}.")
     if img.dtype != np.uint8:
-        raise ValueError(f"The image of library {library_id!r} must be uint8 RGB, got {img.dtype}.")
+        raise InputError(f"The image of library {library_id!r} must be uint8 RGB, got {img.dtype}.")
     scale = scales[library_id]
     pixel_size = section_pixel_sizes(adata, libs)[library_id]
     element = Image2DModel.parse(img[..., :3].transpose(2, 0, 1), dims=("c", "y", "x"))
@@ -126,21 +130,21 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
     if isinstance(slide, str | os.PathLike):
         path = os.fspath(slide)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"Slide file {path!r} does not exist.")
+            raise MissingFileError(f"Slide file {path!r} does not exist.")
         if _is_zarr_store(path):
             import spatialdata
 
             try:
                 sdata = spatialdata.read_zarr(path)
-            except Exception as err:
-                raise ValueError(f"Could not read {path!r} as a SpatialData store: {err}") from err
+            except _UNREADABLE as err:
+                raise InputError(f"Could not read {path!r} as a SpatialData store: {err}") from err
             return _from_spatialdata(sdata, image_key, path)
         try:
             # store=None: no zarr store is created or reused next to the slide
             return OpenedSlide(wsidata.open_wsi(path, store=None), path)
-        except Exception as err:
-            raise ValueError(f"Could not open {path!r} as a whole-slide image: {err}") from err
-    raise TypeError(
+        except _UNREADABLE as err:
+            raise InputError(f"Could not open {path!r} as a whole-slide image: {err}") from err
+    raise InputTypeError(
         "slide must be a path, a wsidata.WSIData, a SpatialData or an AnnData with an image, got "
         f"{type(slide).__name__}."
     )
@@ -157,110 +161,184 @@ def default_num_workers() -> int:
     return 0 if n <= 4 else min(8, n // 2)
 
 
-def predict_slide(
-    model: NH2ST,
-    slide: Any,
-    *,
-    mpp: float | None = None,
-    pitch_um: float | None = None,
-    patch_size_um: float | None = None,
-    batch_size: int = 64,
-    tta: bool | None = None,
-    key_added: str = "nh2st",
-    progress: bool | None = None,
-    num_workers: int | None = None,
-    image_key: str | None = None,
-    library_id: str | None = None,
-):
-    """Predict expression over the tissue of a whole H&E slide; see :meth:`NH2ST.predict_slide`."""
-    _, zs = _wsi_stack()
-    limit_threads()
-    opened = open_slide(slide, image_key=image_key, library_id=library_id)
-    wsi, name = opened.wsi, opened.name
-    if mpp is not None:
-        if not mpp > 0:
-            raise ValueError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
-        wsi.set_mpp(float(mpp))
-    elif opened.mpp is not None:
-        wsi.set_mpp(float(opened.mpp))
-    slide_mpp = wsi.properties.mpp
-    if slide_mpp is None or not np.isfinite(slide_mpp) or slide_mpp <= 0:
-        raise ValueError(
-            f"The slide {name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
-        )
-    patch_um = patch_size_um if patch_size_um is not None else model.patch_size_um_
-    if patch_um is None:
-        raise ValueError(
-            "This model records no physical patch size (its training data had no pixel size): pass "
-            "patch_size_um= (the side of its training patches in micrometres)."
-        )
-    pitch = pitch_um if pitch_um is not None else (model.spot_pitch_um_ or patch_um)
-    if not pitch > 0:
-        raise ValueError(f"pitch_um must be positive, got {pitch!r}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    num_workers = default_num_workers() if num_workers is None else int(num_workers)
-    size = model.module.image_size
-    tile_mpp = float(patch_um) / size  # tiles are read straight at the network's resolution
-    stride = max(1, int(round(pitch / tile_mpp)))
-    tissue_key, tile_key = f"{key_added}_tissues", f"{key_added}_tiles"
-    # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
-    # lazyslide's "auto" picks the level by free memory, which on a large slide means gigabytes
-    level_mpp = [slide_mpp * d for d in wsi.properties.level_downsample]
-    fine_enough = [i for i, m in enumerate(level_mpp) if m <= patch_um / 4]
-    tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
-    zs.pp.find_tissues(wsi, level=tissue_level, key_added=tissue_key)
-    if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
-        raise ValueError(f"No tissue found on the slide {name}.")
-    zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
-                       key_added=tile_key)
-    tiles = wsi.shapes[tile_key]
-    if len(tiles) == 0:
-        raise ValueError(f"No tissue found on the slide {name} (no tile of {patch_um:g} um on tissue).")
-    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
-    # workers read and resize the next batches while the network runs on this one
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         worker_init_fn=single_thread_worker)
-    if progress is None:
-        progress = interactive()
-    if progress:
-        from tqdm.auto import tqdm
+class SlideMixin:
+    """:meth:`predict_slide`: expression maps over whole H&E slides that have no expression."""
 
-        print(f"{len(tiles)} tiles of {patch_um:g} um every {pitch:g} um on {name}")
-        loader = tqdm(loader, desc="Predicting tiles", unit="batch", disable=None)  # None: off when not a terminal
-    tta = model.tta_ if tta is None else bool(tta)
-    module = model.module.eval()
-    device = next(module.parameters()).device
-    pred = np.empty((len(tiles), len(model.genes_)), dtype=np.float32)
-    start = 0
-    with torch.no_grad():
-        for batch in loader:
-            img = batch["image"].permute(0, 3, 1, 2).contiguous()  # (B, 3, size, size) uint8
-            out = module.predict_expression({"patches": img.to(device)}, tta=tta)
-            pred[start:start + len(img)] = out.float().cpu().numpy()
-            start += len(img)
-    if start != len(tiles):  # pragma: no cover - a dataset that lost tiles would be a wsidata bug
-        raise RuntimeError(f"Read {start} tiles of {len(tiles)}.")
-    centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
-    from anndata import AnnData
-    from spatialdata.models import TableModel
+    def predict_slide(
+        self,
+        slide,
+        mpp: float | None = None,
+        pitch_um: float | None = None,
+        tile_size_um: float | None = None,
+        batch_size: int = PREDICT_BATCH_SIZE,
+        tta: bool | None = None,
+        key_added: str = PREDICTED_KEY,
+        progress: bool | None = None,
+        num_workers: int | None = None,
+        image_key: str | None = None,
+        library_id: str | None = None,
+        patch_size_um: float | None = None,
+    ):
+        """Predict expression over the tissue of a whole H&E slide that has no expression.
 
-    obs = pd.DataFrame({"region": pd.Categorical([tile_key] * len(tiles)),
-                        "tile_id": tiles["tile_id"].to_numpy(), "tissue_id": tiles["tissue_id"].to_numpy()},
-                       index=[f"tile_{i}" for i in tiles["tile_id"]])
-    table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(model.genes_)))
-    # tile centres in the slide's level-0 pixels (for an AnnData image: the AnnData's full-resolution
-    # pixels, the frame of its obsm["spatial"], so scanpy/squidpy draw the tiles over its image)
-    table.obsm["spatial"] = centres * opened.to_fullres
-    table.uns["st_predict"] = {
-        "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(patch_um),
-        "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta), "tissue_level": int(tissue_level),
-        "scale": "log1p(counts / library size * 1e4)",
-    }
-    if opened.spatial_uns:
-        lib, entry = next(iter(opened.spatial_uns.items()))
-        scalef = dict(entry.get("scalefactors", {}))
-        scalef["spot_diameter_fullres"] = float(patch_um / slide_mpp * opened.to_fullres)
-        table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
-    wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
-    return wsi
+        Finds the tissue (lazyslide's ``find_tissues``), lays tiles on it every ``pitch_um``
+        micrometres (default: the training data's spot pitch, :attr:`spot_pitch_um_`), each the
+        physical size of the training patches (:attr:`patch_geometry_`), reads them lazily at the
+        network's resolution through wsidata and runs trunk + translator on each batch. Needs
+        ``pip install 'st-predict[wsi]'``.
+
+        Parameters
+        ----------
+        slide
+            A slide file (SVS, NDPI, pyramidal TIFF / OME-TIFF, anything OpenSlide or tiffslide
+            reads), a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` (or the path of
+            its ``.zarr`` store) with an RGB uint8 image element, or an AnnData with a Visium-style
+            image in ``uns["spatial"][library_id]["images"]`` (its µm/px taken from
+            ``metadata["pixel_size_um"]`` and the image's scale factor, as st_predict's readers
+            write them). The input is not modified.
+        mpp
+            Micrometres per level-0 pixel, for a slide whose metadata has none (it overrides the
+            metadata otherwise). SpatialData images carry no µm/px: pass it.
+        pitch_um
+            Distance between tile centres in micrometres; smaller than the spot pitch for denser maps.
+        tile_size_um
+            Tile side in micrometres; default: the training patches' (``patch_geometry_.size_um``).
+            Needed only for a model whose training data had no pixel size.
+        batch_size
+            Tiles per forward pass.
+        tta
+            Average over the 8 flips/rotations of each tile (default: the model's setting).
+        key_added
+            Name of the table (``sdata.tables[key_added]``); the tiles are the shapes
+            ``f"{key_added}_tiles"`` and the tissue polygons ``f"{key_added}_tissues"``.
+        progress
+            Print the tile count and show a progress bar (default: on a terminal or in a notebook).
+        num_workers
+            DataLoader worker processes that read and resize tiles while the network runs
+            (default: none on 4 cores or fewer, where they slow the network down; otherwise half
+            the cores, at most 8; ``0`` reads in this process).
+        image_key
+            The image element of a SpatialData (needed when it has several), or the image of an
+            AnnData (default ``"hires"``).
+        library_id
+            The library of an AnnData whose ``uns["spatial"]`` holds several.
+        patch_size_um
+            Deprecated name of ``tile_size_um``.
+
+        Returns
+        -------
+        The slide as a SpatialData object (:class:`wsidata.WSIData`) with a table of tiles x genes
+        (``X``: predictions on the ``log1p`` scale of counts per 10k, ``obsm["spatial"]``: tile centres
+        in level-0 pixels, ``uns["st_predict"]``: the slide and settings) annotating the tile shapes.
+        The table alone is an AnnData: ``sdata.tables[key_added]``. For an AnnData input its
+        ``obsm["spatial"]`` is in the AnnData's full-resolution pixels and its ``uns["spatial"]``
+        holds the library's images, so ``sc.pl.spatial`` draws the tiles over the H&E.
+        """
+        if patch_size_um is not None:
+            warnings.warn("predict_slide(patch_size_um=) is deprecated: use tile_size_um=.", FutureWarning,
+                          stacklevel=2)
+            tile_size_um = patch_size_um if tile_size_um is None else tile_size_um
+        self._check_if_trained(warn=False)
+        _, zs = _wsi_stack()
+        tile_um = tile_size_um if tile_size_um is not None else self.patch_geometry_.size_um
+        if tile_um is None:
+            raise InputError(
+                "This model records no physical patch size (its training data had no pixel size): pass "
+                "tile_size_um= (the side of its training patches in micrometres)."
+            )
+        if not tile_um > 0:
+            raise InputError(f"tile_size_um must be positive, got {tile_um!r}.")
+        pitch = pitch_um if pitch_um is not None else (self.spot_pitch_um_ or tile_um)
+        if not pitch > 0:
+            raise InputError(f"pitch_um must be positive, got {pitch!r}.")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+        if mpp is not None and not mpp > 0:
+            raise InputError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
+        opened = open_slide(slide, image_key=image_key, library_id=library_id)
+        wsi, name = opened.wsi, opened.name
+        if mpp is not None or opened.mpp is not None:
+            wsi.set_mpp(float(mpp if mpp is not None else opened.mpp))
+        slide_mpp = wsi.properties.mpp
+        if slide_mpp is None or not np.isfinite(slide_mpp) or slide_mpp <= 0:
+            raise InputError(
+                f"The slide {name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
+            )
+        num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        size = self.module.image_size
+        tile_mpp = float(tile_um) / size  # tiles are read straight at the network's resolution
+        stride = max(1, int(round(pitch / tile_mpp)))
+        tissue_key, tile_key = f"{key_added}_tissues", f"{key_added}_tiles"
+        # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
+        # lazyslide's "auto" picks the level by free memory, which on a large slide means gigabytes
+        level_mpp = [slide_mpp * d for d in wsi.properties.level_downsample]
+        fine_enough = [i for i, m in enumerate(level_mpp) if m <= tile_um / 4]
+        tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
+        zs.pp.find_tissues(wsi, level=tissue_level, key_added=tissue_key)
+        if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
+            raise InputError(f"No tissue found on the slide {name}.")
+        zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
+                           key_added=tile_key)
+        tiles = wsi.shapes[tile_key]
+        if len(tiles) == 0:
+            raise InputError(f"No tissue found on the slide {name} (no tile of {tile_um:g} um on tissue).")
+        if progress is None:
+            progress = interactive()
+        if progress:
+            print(f"{len(tiles)} tiles of {tile_um:g} um every {pitch:g} um on {name}")
+        tta = self.tta_ if tta is None else bool(tta)
+        with thread_limits():
+            pred = self._predict_tiles(wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress)
+        centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+        from anndata import AnnData
+        from spatialdata.models import TableModel
+
+        obs = pd.DataFrame({"region": pd.Categorical([tile_key] * len(tiles)),
+                            "tile_id": tiles["tile_id"].to_numpy(), "tissue_id": tiles["tissue_id"].to_numpy()},
+                           index=[f"tile_{i}" for i in tiles["tile_id"]])
+        table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(self.genes_)))
+        # tile centres in the slide's level-0 pixels (for an AnnData image: the AnnData's full-resolution
+        # pixels, the frame of its obsm["spatial"], so scanpy/squidpy draw the tiles over its image)
+        table.obsm["spatial"] = centres * opened.to_fullres
+        table.uns["st_predict"] = {
+            "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(tile_um),
+            "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta), "tissue_level": int(tissue_level),
+            "scale": "log1p(counts / library size * 1e4)",
+        }
+        if opened.spatial_uns:
+            lib, entry = next(iter(opened.spatial_uns.items()))
+            scalef = dict(entry.get("scalefactors", {}))
+            scalef["spot_diameter_fullres"] = float(tile_um / slide_mpp * opened.to_fullres)
+            table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
+        wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
+        return wsi
+
+    def _predict_tiles(self, wsi, tile_key: str, n_tiles: int, batch_size: int, num_workers: int, tta: bool,
+                       progress: bool) -> np.ndarray:
+        """Predictions ``(n_tiles, n_genes)`` of the tiles ``tile_key``, read in batches by wsidata."""
+        size = self.module.image_size
+        dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
+        # workers read and resize the next batches while the network runs on this one
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             worker_init_fn=single_thread_worker)
+        if progress:
+            from tqdm.auto import tqdm
+
+            loader = tqdm(loader, desc="Predicting tiles", unit="batch", disable=None)  # None: off when not a terminal
+        module = self.module
+        was_training = module.training
+        module.eval()
+        pred = np.empty((n_tiles, len(self.genes_)), dtype=np.float32)
+        start = 0
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    img = batch["image"].permute(0, 3, 1, 2).contiguous()  # (B, 3, size, size) uint8
+                    out = module.predict_expression({"patches": img.to(module.device)}, tta=tta)
+                    pred[start:start + len(img)] = out.float().cpu().numpy()
+                    start += len(img)
+        finally:
+            module.train(was_training)
+        if start != n_tiles:  # pragma: no cover - a dataset that lost tiles would be a wsidata bug
+            raise RuntimeError(f"Read {start} tiles of {n_tiles}.")
+        return pred

@@ -24,13 +24,13 @@ distinct spots of the batch (targets and their neighbours, each encoded once):
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from st_predict._imaging import random_dihedral_views
+from st_predict._errors import InputError, MissingKeyError
+from st_predict._imaging import dihedral_views
+from st_predict._settings import NetworkSettings
 from st_predict.nn import (
     CrossAttentionBlock,
     GeneTokenizer,
@@ -51,139 +51,23 @@ class NH2STModule(nn.Module):
     ----------
     n_genes
         Number of predicted genes ``n``.
-    latent_dim
-        Latent size ``N``.
-    image_size
-        Side in pixels of the patches fed to the trunk (multiple of 32). The speed/accuracy knob:
-        64 trains end to end on a laptop CPU in minutes; 224 is the paper's (a GPU job).
-    trunk
-        ``"finetune"`` (trained end to end, as the paper) or ``"frozen"`` (fixed in eval mode;
-        batches carry cached ``fmaps``, the fast path for a pretrained trunk).
-    pooling
-        How the trunk map becomes ``h^p``: ``"avg"`` (global average) or ``"flatten"`` (authors' code).
-    attention
-        ``"cross"`` (NH2ST), ``"self"`` (ablation: each modality attends to itself) or ``"none"``
-        (contrastive loss directly on the encoder outputs).
-    attention_mode
-        ``"vector"``: each modality is one vector, as in Eq. 1 (the softmax over one key is 1).
-        ``"tokens"``: the pooled vector attends over the other modality's tokens (the ``h*w``
-        trunk-map positions and gene-group tokens in the query branch, the ``K+1`` hypergraph node
-        features in the neighbour branch). With tokens the attention weights depend on the query, so
-        some of the query's own modality reaches the refined embedding; the vector form is exact.
-    cross_residual
-        ``False`` (default): Eq. 1 as written, ``z^p = phi(h^p, h^g)`` built from the attended
-        context only, so the two embeddings InfoNCE compares each carry one modality and only the
-        image can match them. ``True``: the authors' code, ``z^p = h^p + phi(...)``; each side then
-        carries its partner's features and InfoNCE is solved without the image (kept for comparison).
-    n_heads
-        Attention heads.
-    share_attention
-        One cross-attention block for both branches (authors' code) instead of one per branch.
-    use_neighbor_branch
-        ``False`` gives the "query branch only" ablation.
-    n_neighbors
-        ``K``: spatial neighbours per spot in the neighbour branch.
-    hyperedge_degree
-        Nodes per hyperedge (self + ``degree - 1`` most similar), at most ``K + 1``.
-    n_hgnn_layers
-        ``L``: (hyper)graph convolution layers.
-    graph
-        ``"hypergraph"`` (NH2ST) or ``"graph"`` (ablation).
-    hypergraph_norm
-        ``"rw"`` (torch_geometric's ``HypergraphConv``) or ``"sym"`` (HGNN).
-    contrastive
-        ``False`` drops both InfoNCE terms (ablation); only the translator's MSE trains the model.
-    symmetric_nce
-        Symmetric (both anchors) InfoNCE instead of the paper's pathology-anchored Eq. 2.
-    gather_negatives
-        Under DDP, training InfoNCE negatives from every process's batch (gathered with gradients), not
-        only this process's: the negatives of single-process training with the global batch.
-        Validation batches (of unequal sizes across processes) keep their own.
-    temperature
-        InfoNCE temperature ``tau``.
-    lambda_query, lambda_neighbor
-        Weights ``lambda_1``, ``lambda_2`` of the query and neighbour contrastive losses (Eq. 5).
-    translator_hidden
-        Hidden width of the translator ``N -> hidden -> n``; 0: a linear translator (ST-Net-style head).
-    activation
-        Nonlinearity inside the ST encoder and the translator (``"none"``: authors' code).
-    dropout
-        Dropout in the MLPs, attention and HGNN.
-    translator_dropout
-        Dropout before the translator's last layer (``None``: ``dropout``).
-    n_gene_tokens
-        Gene-group tokens in ``attention_mode="tokens"``.
-    neighbor_trunk_grad
-        With ``trunk="finetune"``: ``False`` (default) runs only the target spots' patches through the
-        trunk; the neighbour branch reads the other nodes' trunk maps from a no-grad cache that each
-        spot refreshes when it is a target (once per epoch). ``True`` (the paper) runs every node's
-        patch through the trunk with gradient, about 5x the trunk work per step.
-    gene_dropout
-        Dropout of genes at the ST encoder's input during training (a masked gene is set to 0 on the
-        standardised scale, i.e. to its mean; the others are scaled by ``1 / (1 - p)``), independently
-        per spot and node. InfoNCE then has to
-        match the image with the broad expression programme of a spot rather than with gene-level
-        noise that no image can predict. 0: the paper (no masking).
-    standardize_targets
-        Train on per-gene standardised targets: mean and standard deviation of the training spots
-        (:meth:`fit_targets`, saved with the model), so every gene weighs the same in the MSE and in
-        the ST encoder's input; predictions are mapped back to the data's scale. ``False``: the
-        paper (raw ``log1p`` targets).
+    settings
+        The network's settings (:class:`~st_predict.module.NetworkSettings`; default: the defaults,
+        which are the ``"default"`` recipe's).
+    **overrides
+        Settings that replace those of ``settings``, e.g. ``NH2STModule(250, image_size=224)``.
     """
 
-    def __init__(
-        self,
-        n_genes: int,
-        latent_dim: int = 512,
-        image_size: int = 64,
-        trunk: Literal["frozen", "finetune"] = "finetune",
-        pooling: Literal["flatten", "avg"] = "avg",
-        attention: Literal["cross", "self", "none"] = "cross",
-        attention_mode: Literal["vector", "tokens"] = "vector",
-        cross_residual: bool = False,
-        n_heads: int = 8,
-        share_attention: bool = False,
-        use_neighbor_branch: bool = True,
-        n_neighbors: int = 8,
-        hyperedge_degree: int = 4,
-        n_hgnn_layers: int = 2,
-        graph: Literal["hypergraph", "graph"] = "hypergraph",
-        hypergraph_norm: Literal["rw", "sym"] = "rw",
-        contrastive: bool = True,
-        symmetric_nce: bool = False,
-        gather_negatives: bool = False,
-        temperature: float = 0.05,
-        lambda_query: float = 1.0,
-        lambda_neighbor: float = 0.5,
-        translator_hidden: int = 256,
-        activation: Literal["relu", "gelu", "none"] = "relu",
-        dropout: float = 0.0,
-        translator_dropout: float | None = None,
-        n_gene_tokens: int = 16,
-        neighbor_trunk_grad: bool = False,
-        gene_dropout: float = 0.0,
-        standardize_targets: bool = True,
-    ):
+    def __init__(self, n_genes: int, settings: NetworkSettings | None = None, **overrides):
         super().__init__()
-        _check_choice("trunk", trunk, ("frozen", "finetune"))
-        _check_choice("attention", attention, ("cross", "self", "none"))
-        _check_choice("attention_mode", attention_mode, ("vector", "tokens"))
         if n_genes < 1:
-            raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
-        if image_size < 32 or image_size % 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}.")
-        if use_neighbor_branch:
-            if n_neighbors < 1:
-                raise ValueError(f"n_neighbors (K) must be >= 1, got {n_neighbors}.")
-            if not 1 <= hyperedge_degree <= n_neighbors + 1:
-                raise ValueError(
-                    f"hyperedge_degree must be between 1 and K + 1 = {n_neighbors + 1}, got {hyperedge_degree}."
-                )
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if not 0 <= gene_dropout < 1:
-            raise ValueError(f"gene_dropout must be in [0, 1), got {gene_dropout}.")
-        self.gene_dropout = gene_dropout
+            raise InputError(f"n_genes must be >= 1, got {n_genes}.")
+        s = (settings or NetworkSettings()).replace(**overrides)
+        self.settings = s
+        image_size, latent_dim, trunk, pooling = s.image_size, s.latent_dim, s.trunk, s.pooling
+        attention, attention_mode, use_neighbor_branch = s.attention, s.attention_mode, s.use_neighbor_branch
+        n_neighbors, contrastive, dropout = s.n_neighbors, s.contrastive, s.dropout
+        self.gene_dropout = s.gene_dropout
         self.n_genes = n_genes
         self.image_size = image_size
         self.trunk_mode = trunk
@@ -192,13 +76,13 @@ class NH2STModule(nn.Module):
         self.use_neighbor_branch = use_neighbor_branch
         self.n_neighbors = n_neighbors if use_neighbor_branch else 0
         self.contrastive = contrastive
-        self.symmetric_nce = symmetric_nce
-        self.gather_negatives = gather_negatives
-        self.temperature = temperature
-        self.lambda_query = lambda_query
-        self.lambda_neighbor = lambda_neighbor
-        self.neighbor_trunk_grad = neighbor_trunk_grad
-        self.standardize_targets = standardize_targets
+        self.symmetric_nce = s.symmetric_nce
+        self.gather_negatives = s.gather_negatives
+        self.temperature = s.temperature
+        self.lambda_query = s.lambda_query
+        self.lambda_neighbor = s.lambda_neighbor
+        self.neighbor_trunk_grad = s.neighbor_trunk_grad
+        self.standardize_targets = s.standardize_targets
         self.map_size = image_size // 32
         tokens = attention_mode == "tokens" and attention != "none"
 
@@ -211,7 +95,7 @@ class NH2STModule(nn.Module):
             input_norm="fixed" if trunk == "frozen" else "batch",
         )
         self.translator = Translator(
-            latent_dim, translator_hidden, n_genes, activation, dropout if translator_dropout is None else translator_dropout
+            latent_dim, s.translator_hidden, n_genes, s.activation, dropout if s.translator_dropout is None else s.translator_dropout
         )
         self.register_buffer("target_shift", torch.zeros(n_genes))
         self.register_buffer("target_scale", torch.ones(n_genes))
@@ -219,18 +103,18 @@ class NH2STModule(nn.Module):
 
         # modules that only the contrastive terms use exist only when those terms do (no unused
         # trainable parameters, e.g. under DDP)
-        self.gene_encoder = TwoLayerMLP(n_genes, latent_dim, latent_dim, activation, dropout) if contrastive else None
-        self.gene_tokenizer = GeneTokenizer(n_genes, n_gene_tokens, latent_dim) if tokens and contrastive else None
-        block = {"n_heads": n_heads, "dropout": dropout, "residual": cross_residual, "single_key": not tokens}
+        self.gene_encoder = TwoLayerMLP(n_genes, latent_dim, latent_dim, s.activation, dropout) if contrastive else None
+        self.gene_tokenizer = GeneTokenizer(n_genes, s.n_gene_tokens, latent_dim) if tokens and contrastive else None
+        block = {"n_heads": s.n_heads, "dropout": dropout, "residual": s.cross_residual, "single_key": not tokens}
         self.attn_query = CrossAttentionBlock(latent_dim, **block) if contrastive and attention != "none" else None
         if use_neighbor_branch and contrastive:
-            hg = {"n_layers": n_hgnn_layers, "degree": hyperedge_degree, "graph": graph}
-            hg.update(normalization=hypergraph_norm, dropout=dropout)
+            hg = {"n_layers": s.n_hgnn_layers, "degree": s.hyperedge_degree, "graph": s.graph}
+            hg.update(normalization=s.hypergraph_norm, dropout=dropout)
             self.hgnn_path = NeighbourhoodEncoder(latent_dim, **hg)
             self.hgnn_gene = NeighbourhoodEncoder(latent_dim, **hg)
             if attention == "none":
                 self.attn_neighbor = None
-            elif share_attention:
+            elif s.share_attention:
                 self.attn_neighbor = self.attn_query
             else:
                 self.attn_neighbor = CrossAttentionBlock(latent_dim, **block)
@@ -266,9 +150,9 @@ class NH2STModule(nn.Module):
         """
         y = expression.to(self.target_shift.device, torch.float32)
         if y.ndim != 2 or y.shape[1] != self.n_genes:
-            raise ValueError(f"Expected (n_spots, {self.n_genes}) expression, got {tuple(y.shape)}.")
+            raise InputError(f"Expected (n_spots, {self.n_genes}) expression, got {tuple(y.shape)}.")
         if y.shape[0] < 2:
-            raise ValueError(f"Fitting the target scale needs at least 2 spots, got {y.shape[0]}.")
+            raise InputError(f"Fitting the target scale needs at least 2 spots, got {y.shape[0]}.")
         mean = y.mean(0)
         if self.standardize_targets:
             sd = y.std(0)
@@ -291,7 +175,7 @@ class NH2STModule(nn.Module):
     def trunk_features(self, patches: torch.Tensor) -> torch.Tensor:
         """Trunk feature maps ``(U, 512, S/32, S/32)`` of uint8 (or [0, 1] float) RGB ``patches``."""
         if patches.shape[-1] != self.image_size or patches.shape[-2] != self.image_size:
-            raise ValueError(
+            raise InputError(
                 f"Patches are {tuple(patches.shape[-2:])} px but the trunk was built for "
                 f"{self.image_size} px (image_size)."
             )
@@ -305,7 +189,7 @@ class NH2STModule(nn.Module):
         """Trunk maps of every row of the batch, and the live (trunk-computed) maps, if any."""
         patches, cached = batch.get("patches"), batch.get("fmaps")
         if patches is None and cached is None:
-            raise KeyError("A batch needs 'patches' or 'fmaps'.")
+            raise MissingKeyError("A batch needs 'patches' or 'fmaps'.")
         if patches is None:
             return cached, None
         live = self.trunk_features(patches)
@@ -323,7 +207,7 @@ class NH2STModule(nn.Module):
         (test-time augmentation; ``patches`` only).
         """
         if tta and "patches" in batch:
-            views = random_dihedral_views(batch["patches"])
+            views = dihedral_views(batch["patches"])
             out = torch.stack([self.translator(self.path_head(self.trunk_features(v))) for v in views])
             return self.unstandardize(out.mean(0))
         fmaps, _ = self.node_fmaps(batch)
@@ -356,10 +240,10 @@ class NH2STModule(nn.Module):
         node_map = batch["node_map"]
         y = batch["expression"]
         if node_map.ndim != 2 or y.shape[:2] != node_map.shape:
-            raise ValueError(f"node_map {tuple(node_map.shape)} and expression {tuple(y.shape)} disagree.")
+            raise InputError(f"node_map {tuple(node_map.shape)} and expression {tuple(y.shape)} disagree.")
         need_nodes = self.use_neighbor_branch and self.contrastive
         if need_nodes and node_map.shape[1] != self.n_neighbors + 1:
-            raise ValueError(
+            raise InputError(
                 f"The neighbour branch needs K + 1 = {self.n_neighbors + 1} nodes per spot, got {node_map.shape[1]}."
             )
         z = self.standardize(y)
@@ -406,7 +290,3 @@ class NH2STModule(nn.Module):
         out = self.forward(batch)
         return {k: out[k] for k in ("loss", "mse", "nce_query", "nce_neighbor")}
 
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")

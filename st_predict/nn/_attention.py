@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from st_predict._errors import InputError
+
 
 class CrossAttentionBlock(nn.Module):
     r"""Multi-head attention of a query over a context, then a feed-forward layer (pre-norm).
@@ -58,7 +60,7 @@ class CrossAttentionBlock(nn.Module):
     ):
         super().__init__()
         if dim % n_heads:
-            raise ValueError(f"n_heads={n_heads} must divide the latent size {dim}.")
+            raise InputError(f"n_heads={n_heads} must divide the latent size {dim}.")
         self.dim = dim
         self.n_heads = n_heads
         self.dropout = dropout
@@ -108,7 +110,7 @@ class CrossAttentionBlock(nn.Module):
             weights = context.new_ones(b, lq, 1) if return_weights else None
             return self.out_proj(v.reshape(b, lq, self.dim)), weights
         if self.single_key:
-            raise ValueError(f"This attention block was built for one context token (single_key), got {lk}.")
+            raise InputError(f"This attention block was built for one context token (single_key), got {lk}.")
         q = self.q_proj(query).view(b, lq, h, d).transpose(1, 2)
         k = self.k_proj(context).view(b, lk, h, d).transpose(1, 2)
         v = self.v_proj(context).view(b, lk, h, d).transpose(1, 2)

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from st_predict._errors import InputError, MissingFileError
+
 logger = logging.getLogger(__name__)
 
 #: ImageNet channel statistics used to normalise patches for the ResNet18 trunk.
@@ -123,14 +125,14 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
         return f"given state dict (sha256 {digest})"
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"weights={str(weights)!r} is neither 'imagenet', 'random' nor an existing weights file."
         )
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
+        raise InputError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
     _load_resnet_state(trunk, obj, source=str(path))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return f"file {path.name} (sha256 {digest})"
@@ -142,9 +144,9 @@ def _load_resnet_state(trunk: nn.Module, state: Mapping[str, torch.Tensor], sour
     usable = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
     if not usable:
-        raise ValueError(f"No ResNet18 trunk weights found in {source}: none of its keys match.")
+        raise InputError(f"No ResNet18 trunk weights found in {source}: none of its keys match.")
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{source} lacks {len(missing)} ResNet18 trunk tensors (e.g. {missing[:3]}); "
             "is it a ResNet18 checkpoint?"
         )
@@ -177,9 +179,9 @@ class PathologyHead(nn.Module):
     ):
         super().__init__()
         if pooling not in ("flatten", "avg"):
-            raise ValueError(f"pooling must be 'flatten' or 'avg', got {pooling!r}.")
+            raise InputError(f"pooling must be 'flatten' or 'avg', got {pooling!r}.")
         if input_norm not in ("fixed", "batch"):
-            raise ValueError(f"input_norm must be 'fixed' or 'batch', got {input_norm!r}.")
+            raise InputError(f"input_norm must be 'fixed' or 'batch', got {input_norm!r}.")
         self.pooling = pooling
         self.input_norm = input_norm
         in_features = in_channels * map_size * map_size if pooling == "flatten" else in_channels
@@ -256,7 +258,7 @@ class Translator(nn.Sequential):
         dropout: float = 0.0,
     ):
         if hidden < 0:
-            raise ValueError(f"translator_hidden must be >= 0, got {hidden}.")
+            raise InputError(f"translator_hidden must be >= 0, got {hidden}.")
         if hidden == 0:
             super().__init__(nn.Dropout(dropout), nn.Linear(latent_dim, n_genes))
         else:
@@ -287,7 +289,7 @@ class TwoLayerMLP(nn.Sequential):
     ):
         acts = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
         if activation not in acts:
-            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}.")
+            raise InputError(f"activation must be one of {sorted(acts)}, got {activation!r}.")
         super().__init__(
             nn.Linear(in_dim, hidden_dim), acts[activation](), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
         )
@@ -301,7 +303,7 @@ class GeneTokenizer(nn.Module):
     def __init__(self, n_genes: int, n_tokens: int, latent_dim: int):
         super().__init__()
         if not 1 <= n_tokens <= n_genes:
-            raise ValueError(f"n_gene_tokens must be in [1, n_genes={n_genes}], got {n_tokens}.")
+            raise InputError(f"n_gene_tokens must be in [1, n_genes={n_genes}], got {n_tokens}.")
         self.n_tokens = n_tokens
         groups = torch.tensor_split(torch.arange(n_genes), n_tokens)
         self.group = max(len(g) for g in groups)

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from st_predict._errors import InputError
+
 
 def _topk_similar(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``(B, V, k)`` of each node's ``k`` most cosine-similar *other* nodes."""
     n_nodes = x.shape[1]
     if not 0 <= k <= n_nodes - 1:
-        raise ValueError(
+        raise InputError(
             f"Cannot pick {k} similar nodes among the {n_nodes - 1} other nodes of a neighbourhood "
             f"(hyperedge degree {k + 1} > K + 1 = {n_nodes})."
         )
@@ -49,7 +51,7 @@ def knn_hyperedges(x: torch.Tensor, degree: int) -> torch.Tensor:
     """
     batch, n_nodes, _ = x.shape
     if degree < 1:
-        raise ValueError(f"Hyperedge degree must be >= 1, got {degree}.")
+        raise InputError(f"Hyperedge degree must be >= 1, got {degree}.")
     members = _topk_similar(x, degree - 1)  # (B, E=V, degree-1): members of hyperedge j
     incidence = torch.zeros(batch, n_nodes, n_nodes, dtype=x.dtype, device=x.device)
     # incidence[b, members[b, j, m], j] = 1: node members[b, j, m] belongs to hyperedge j
@@ -93,7 +95,7 @@ class HypergraphConv(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, bias: bool = True, normalization: Literal["rw", "sym"] = "rw"):
         super().__init__()
         if normalization not in ("rw", "sym"):
-            raise ValueError(f"normalization must be 'rw' or 'sym', got {normalization!r}.")
+            raise InputError(f"normalization must be 'rw' or 'sym', got {normalization!r}.")
         self.normalization = normalization
         self.lin = nn.Linear(in_dim, out_dim, bias=False)
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
@@ -171,9 +173,9 @@ class NeighbourhoodEncoder(nn.Module):
     ):
         super().__init__()
         if n_layers < 1:
-            raise ValueError(f"n_hgnn_layers must be >= 1, got {n_layers}.")
+            raise InputError(f"n_hgnn_layers must be >= 1, got {n_layers}.")
         if graph not in ("hypergraph", "graph"):
-            raise ValueError(f"graph must be 'hypergraph' or 'graph', got {graph!r}.")
+            raise InputError(f"graph must be 'hypergraph' or 'graph', got {graph!r}.")
         self.graph = graph
         self.degree = degree
         if graph == "hypergraph":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from st_predict._errors import InputError
+
 
 def info_nce(
     anchor: torch.Tensor,
@@ -45,17 +47,17 @@ def info_nce(
     Scalar loss.
     """
     if anchor.ndim != 2 or anchor.shape != positive.shape:
-        raise ValueError(
+        raise InputError(
             f"info_nce expects two (B, D) tensors of the same shape, got {tuple(anchor.shape)} "
             f"and {tuple(positive.shape)}."
         )
     if anchor.shape[0] < 2:
-        raise ValueError(
+        raise InputError(
             f"A contrastive loss needs at least 2 spots in a batch (one positive and one negative); "
             f"got a batch of {anchor.shape[0]}. Use batch_size >= 2 or contrastive=False."
         )
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+        raise InputError(f"temperature must be > 0, got {temperature}.")
     a, p = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
     target = torch.arange(anchor.shape[0], device=anchor.device)
     if gather and _world_size() > 1:

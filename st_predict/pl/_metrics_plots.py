@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from st_predict._constants import PREDICTED_KEY
+from st_predict._errors import InputError, InputTypeError, MissingKeyError
 from st_predict.metrics import pcc_per_gene
 
 _PREFIXES = ("train", "validation")
@@ -24,10 +25,10 @@ def _align(pred: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     """``truth`` reordered to ``pred``'s spots and genes; raises naming what does not match."""
     for name, df in (("pred", pred), ("truth", truth)):
         if not isinstance(df, pd.DataFrame):
-            raise TypeError(f"{name} must be a spots x genes DataFrame, got {type(df).__name__}.")
+            raise InputTypeError(f"{name} must be a spots x genes DataFrame, got {type(df).__name__}.")
         for axis, labels in (("genes (columns)", df.columns), ("spots (index)", df.index)):
             if labels.has_duplicates:
-                raise ValueError(f"{name} has duplicated {axis}: {_missing(labels[labels.duplicated()].unique())}")
+                raise InputError(f"{name} has duplicated {axis}: {_missing(labels[labels.duplicated()].unique())}")
     problems = []
     for axis, p, t in (("genes", pred.columns, truth.columns), ("spots", pred.index, truth.index)):
         only_pred, only_truth = p.difference(t, sort=False), t.difference(p, sort=False)
@@ -36,7 +37,7 @@ def _align(pred: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
         if len(only_truth):
             problems.append(f"{len(only_truth)} {axis} of truth missing from pred: {_missing(only_truth)}")
     if problems:
-        raise KeyError("pred and truth do not align: " + "; ".join(problems))
+        raise MissingKeyError("pred and truth do not align: " + "; ".join(problems))
     return truth.loc[pred.index, pred.columns]
 
 
@@ -114,17 +115,17 @@ def pcc_distribution(
 
     if isinstance(pred, ad.AnnData):
         if key not in pred.obsm:
-            raise KeyError(f"adata.obsm[{key!r}] is missing: run model.predict(adata, key_added={key!r}) first.")
+            raise MissingKeyError(f"adata.obsm[{key!r}] is missing: run model.predict(adata, key_added={key!r}) first.")
         pred = pred.obsm[key]
     if int(n_label) != n_label or n_label < 0:
-        raise ValueError(f"n_label must be a non-negative integer, got {n_label!r}.")
+        raise InputError(f"n_label must be a non-negative integer, got {n_label!r}.")
     truth = _align(pred, truth)
     genes = pred.columns
     r = pd.Series(pcc_per_gene(pred, truth), index=genes, name="pcc")
     valid = r.dropna()
     nan_genes = [g for g, v in r.items() if np.isnan(v)]
     if valid.empty:
-        raise ValueError(f"No gene has a defined PCC: all {len(r)} are constant or non-finite on one side.")
+        raise InputError(f"No gene has a defined PCC: all {len(r)} are constant or non-finite on one side.")
     order = np.argsort(-valid.to_numpy(), kind="stable")
     best = list(valid.index[order[: int(n_label)]])
     n_worst = min(int(n_label), len(valid) - len(best))
@@ -174,7 +175,7 @@ def _history_of(model_or_history) -> Mapping:
         )
     history = model_or_history.history
     if not history:
-        raise ValueError(
+        raise InputError(
             f"{type(model_or_history).__name__}.history is empty: the model is not trained, so there are no "
             f"'train_*' loss terms to plot. Call model.train() first."
         )
@@ -184,7 +185,7 @@ def _history_of(model_or_history) -> Mapping:
 def _curve(values, key: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(values, pd.DataFrame):
         if values.shape[1] != 1:
-            raise ValueError(f"history[{key!r}] has {values.shape[1]} columns; expected one.")
+            raise InputError(f"history[{key!r}] has {values.shape[1]} columns; expected one.")
         values = values.iloc[:, 0]
     if isinstance(values, pd.Series):
         y = values.to_numpy(dtype=np.float64)
@@ -250,7 +251,7 @@ def training_curves(
         if prefix in _PREFIXES and term:
             available[term] = None
     if not available:
-        raise ValueError(
+        raise InputError(
             "The history has no 'train_<term>' or 'validation_<term>' entries to plot "
             f"(keys: {_missing(list(history))})."
         )
@@ -264,7 +265,7 @@ def training_curves(
         terms = list(dict.fromkeys(terms))
         missing = [t for t in terms if t not in available]
         if missing:
-            raise KeyError(f"Loss terms not in the history: {missing}; available: {list(available)}.")
+            raise MissingKeyError(f"Loss terms not in the history: {missing}; available: {list(available)}.")
 
     curves = []
     for i, term in enumerate(terms):
@@ -276,7 +277,7 @@ def training_curves(
     if log:
         bad = [key for key, _, _, y, _, _ in curves if np.any(~(y > 0))]
         if bad:
-            raise ValueError(f"log=True needs positive values, but these have values <= 0 or NaN: {bad}. "
+            raise InputError(f"log=True needs positive values, but these have values <= 0 or NaN: {bad}. "
                              "Leave them out with keys= or use log=False.")
 
     ax = _new_ax(ax, (5.5, 3.8))

@@ -9,15 +9,8 @@ import numpy as np
 import pandas as pd
 
 from st_predict._constants import PREDICTED_KEY
-
-
-def _lowres(img, max_side: int) -> tuple[np.ndarray, float]:
-    h, w = img.shape[:2]
-    step = max(1, int(np.ceil(max(h, w) / max_side)))
-    small = np.asarray(img[::step, ::step])
-    if small.dtype != np.uint8 and small.max() > 1.0:
-        small = small.astype(np.uint8)
-    return small, 1.0 / step
+from st_predict._errors import InputError, InputTypeError, MissingKeyError
+from st_predict._imaging import downsample
 
 
 def predictions_to_anndata(
@@ -36,20 +29,20 @@ def predictions_to_anndata(
     ``"<gene> measured"``.
     """
     if key not in adata.obsm:
-        raise KeyError(f"adata.obsm[{key!r}] is missing: run model.predict(adata, key_added={key!r}) first.")
+        raise MissingKeyError(f"adata.obsm[{key!r}] is missing: run model.predict(adata, key_added={key!r}) first.")
     pred = adata.obsm[key]
     if not isinstance(pred, pd.DataFrame):
-        raise TypeError(f"adata.obsm[{key!r}] must be a DataFrame of predicted genes.")
+        raise InputTypeError(f"adata.obsm[{key!r}] must be a DataFrame of predicted genes.")
     if genes is not None:
         missing = [g for g in genes if g not in pred.columns]
         if missing:
-            raise KeyError(f"Genes not predicted in adata.obsm[{key!r}]: {missing}")
+            raise MissingKeyError(f"Genes not predicted in adata.obsm[{key!r}]: {missing}")
         pred = pred[list(genes)]
     x, names = pred.to_numpy(np.float32), [str(g) for g in pred.columns]
     if measured is not None:
         missing = [g for g in pred.columns if g not in measured.columns]
         if missing:
-            raise KeyError(f"Genes absent from the measured table: {missing[:10]}")
+            raise MissingKeyError(f"Genes absent from the measured table: {missing[:10]}")
         measured = measured.loc[adata.obs_names, pred.columns]
         x = np.concatenate([x, measured.to_numpy(np.float32)], axis=1)
         names = [f"{g} predicted" for g in names] + [f"{g} measured" for g in pred.columns]
@@ -62,7 +55,7 @@ def predictions_to_anndata(
         new_sf = {k: v for k, v in sf.items() if k == "spot_diameter_fullres"}
         images = {}
         if img is not None:
-            small, factor = _lowres(img, max_image_side)
+            small, factor = downsample(img, max_image_side)
             images["lowres"] = small
             new_sf["tissue_lowres_scalef"] = sf.get(f"tissue_{image_key}_scalef", 1.0) * factor
         uns[lib] = {"images": images, "scalefactors": new_sf}
@@ -97,15 +90,15 @@ def predicted_vs_measured(
     if library_id is None:
         libs = list(plot.uns["spatial"])
         if len(libs) != 1:
-            raise ValueError(f"adata has {len(libs)} sections; pass library_id= (and library_key=).")
+            raise InputError(f"adata has {len(libs)} sections; pass library_id= (and library_key=).")
         library_id = libs[0]
     if library_id not in plot.uns["spatial"]:
-        raise KeyError(f"No section {library_id!r} in adata.uns['spatial'] (it has: {list(plot.uns['spatial'])}).")
+        raise MissingKeyError(f"No section {library_id!r} in adata.uns['spatial'] (it has: {list(plot.uns['spatial'])}).")
     mask = np.ones(plot.n_obs, bool)
     if library_key is not None:
         mask = plot.obs[library_key].astype(str).to_numpy() == str(library_id)
         if not mask.any():
-            raise ValueError(f"No spot has {library_key} == {library_id!r}.")
+            raise InputError(f"No spot has {library_key} == {library_id!r}.")
     entry = plot.uns["spatial"][library_id]
     image = entry["images"].get("lowres")
     scale = float(entry["scalefactors"].get("tissue_lowres_scalef", 1.0))

@@ -1,11 +1,11 @@
 """Preprocessing: gene selection, normalisation, spatial neighbours, spot patches."""
 
 from ._genes import check_expression, check_sections_have_counts, normalize_expression, select_genes
+from ._geometry import PatchGeometry, spot_pitch_um
 from ._neighbors import spatial_knn
 from ._patches import (
     PIXEL_SIZE_KEY,
     make_patch_reader,
-    patch_size_pixels,
     section_images,
     section_pixel_sizes,
     spot_coordinates,
@@ -14,15 +14,16 @@ from ._patches import (
 
 __all__ = [
     "PIXEL_SIZE_KEY",
+    "PatchGeometry",
     "check_expression",
     "check_sections_have_counts",
     "make_patch_reader",
     "normalize_expression",
-    "patch_size_pixels",
     "section_images",
     "section_pixel_sizes",
     "select_genes",
     "spatial_knn",
     "spot_coordinates",
     "spot_libraries",
+    "spot_pitch_um",
 ]

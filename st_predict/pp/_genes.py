@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from st_predict._errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,21 +41,21 @@ def check_expression(matrix, where: str, is_count_data: bool = True) -> None:
     if data.size == 0:
         return
     if not np.issubdtype(data.dtype, np.number):
-        raise ValueError(f"{where} has non-numeric dtype {data.dtype}.")
+        raise InputError(f"{where} has non-numeric dtype {data.dtype}.")
     n_bad = int((~np.isfinite(data)).sum()) if np.issubdtype(data.dtype, np.floating) else 0
     if n_bad:
-        raise ValueError(f"{where} holds {n_bad} NaN or infinite values; expression must be finite.")
+        raise InputError(f"{where} holds {n_bad} NaN or infinite values; expression must be finite.")
     if is_count_data:
         n_neg = int((data < -COUNT_TOLERANCE).sum())
         if n_neg:
-            raise ValueError(
+            raise InputError(
                 f"{where} holds {n_neg} negative values, but counts were expected (is_count_data=True)."
             )
         if np.issubdtype(data.dtype, np.floating):
             off = np.abs(data - np.round(data))
             n_frac = int((off > COUNT_TOLERANCE).sum())
             if n_frac:
-                raise ValueError(
+                raise InputError(
                     f"{where} holds {n_frac} non-integer values, but raw counts were expected. If it is "
                     "already log-normalised, pass is_count_data=False to setup_anndata."
                 )
@@ -73,7 +75,7 @@ def check_sections_have_counts(matrix, libraries, where: str) -> None:
     totals = {lib: float(np.abs(x[libraries == lib]).sum()) for lib in np.unique(libraries)}
     empty = [lib for lib, total in totals.items() if total == 0]
     if empty:
-        raise ValueError(
+        raise InputError(
             f"{where} is all zero in section(s) {', '.join(repr(str(lib)) for lib in empty)}: drop them, or check that "
             "their expression was read."
         )
@@ -99,7 +101,7 @@ def normalize_expression(
     elif library_size == "selected_genes":
         lib = np.asarray(sub.sum(1)).ravel()
     else:
-        raise ValueError(f"library_size must be 'all_genes' or 'selected_genes', got {library_size!r}.")
+        raise InputError(f"library_size must be 'all_genes' or 'selected_genes', got {library_size!r}.")
     scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
     dense = sub.toarray() * scale[:, None]
     return np.log1p(dense).astype(np.float32)
@@ -126,19 +128,19 @@ def select_genes(
         missing = [g for g in genes if g not in var_names]
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise ValueError(f"{len(missing)} requested genes are not in adata.var_names: {shown}")
+            raise InputError(f"{len(missing)} requested genes are not in adata.var_names: {shown}")
         if len(set(genes)) != len(genes):
-            raise ValueError("The gene list has duplicates.")
+            raise InputError("The gene list has duplicates.")
         return genes
     if n_top < 1:
-        raise ValueError(f"n_genes must be >= 1, got {n_top}.")
+        raise InputError(f"n_genes must be >= 1, got {n_top}.")
     x = _counts_csr(counts) if is_count_data else _as_csr(counts)
     libraries = np.asarray(libraries).astype(str)
     present = np.ones(x.shape[1], dtype=bool)
     for lib in np.unique(libraries):
         present &= np.asarray((x[libraries == lib] > 0).sum(0)).ravel() > 0
     if not present.any():
-        raise ValueError("No gene is detected in every section; cannot choose genes.")
+        raise InputError("No gene is detected in every section; cannot choose genes.")
     candidates = np.flatnonzero(present)
     norm = normalize_expression(x, candidates, is_count_data=is_count_data)
     means = norm.mean(0)

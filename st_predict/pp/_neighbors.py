@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import anndata as ad
 import numpy as np
 import pandas as pd
+
+from st_predict._errors import InputError
+from st_predict._logging import quiet_logger
 
 
 def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
@@ -26,22 +27,17 @@ def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
     small = counts[counts < n_neighbors + 1]
     if len(small):
         detail = ", ".join(f"{lib!r} has {n}" for lib, n in small.items())
-        raise ValueError(
+        raise InputError(
             f"The neighbour branch needs at least K + 1 = {n_neighbors + 1} spots per section "
             f"(n_neighbors={n_neighbors}); {detail}. Lower n_neighbors or drop the section."
         )
     tmp = ad.AnnData(obs=pd.DataFrame({"library": libraries}, index=[str(i) for i in range(len(coords))]))
     tmp.obsm["spatial"] = coords
     # squidpy reports each graph at INFO through spatialdata's logger: a line per model, not news to a user
-    sd_logger = logging.getLogger("spatialdata._logging")
-    level = sd_logger.level
-    sd_logger.setLevel(max(level, logging.WARNING))
-    try:
+    with quiet_logger("spatialdata._logging"):
         res = sq.gr.spatial_neighbors_knn(
             tmp, spatial_key="spatial", library_key="library", n_neighs=n_neighbors, copy=True
         )
-    finally:
-        sd_logger.setLevel(level)
     dist = res.distances.tocsr()
     dist.sort_indices()
     n = dist.shape[0]
@@ -49,7 +45,7 @@ def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
     rows = np.diff(indptr)
     if (rows != n_neighbors).any():
         bad = int(np.flatnonzero(rows != n_neighbors)[0])
-        raise ValueError(
+        raise InputError(
             f"squidpy returned {rows[bad]} neighbours for spot {bad} instead of {n_neighbors}; "
             "are several spots at identical coordinates?"
         )

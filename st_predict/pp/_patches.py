@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from st_predict._errors import InputError, MissingKeyError
 from st_predict._imaging import PatchReader
 
 
@@ -16,19 +17,19 @@ def spot_libraries(adata: AnnData, library_key: str | None) -> np.ndarray:
     ``adata.uns["spatial"]`` when ``library_key`` is ``None``."""
     if library_key is not None:
         if library_key not in adata.obs:
-            raise KeyError(f"library_key={library_key!r} is not a column of adata.obs.")
+            raise MissingKeyError(f"library_key={library_key!r} is not a column of adata.obs.")
         libs = adata.obs[library_key]
         if libs.isna().any():
-            raise ValueError(f"adata.obs[{library_key!r}] has {int(libs.isna().sum())} missing values.")
+            raise InputError(f"adata.obs[{library_key!r}] has {int(libs.isna().sum())} missing values.")
         return libs.astype(str).to_numpy()
     spatial = adata.uns.get("spatial")
     if not isinstance(spatial, Mapping) or len(spatial) == 0:
-        raise KeyError(
+        raise MissingKeyError(
             "adata.uns['spatial'] is missing: images must be stored Visium-style in "
             "adata.uns['spatial'][library_id]['images'][image_key]."
         )
     if len(spatial) > 1:
-        raise ValueError(
+        raise InputError(
             f"adata.uns['spatial'] has {len(spatial)} libraries ({', '.join(map(str, spatial))}); pass "
             "library_key= naming the obs column that says which section each spot belongs to."
         )
@@ -38,18 +39,18 @@ def spot_libraries(adata: AnnData, library_key: str | None) -> np.ndarray:
 def spot_coordinates(adata: AnnData, spatial_key: str = "spatial") -> np.ndarray:
     """``adata.obsm[spatial_key]`` as a finite ``(n_obs, 2)`` float array (x, y in full-resolution px)."""
     if spatial_key not in adata.obsm:
-        raise KeyError(
+        raise MissingKeyError(
             f"adata.obsm[{spatial_key!r}] is missing: spot centres in full-resolution pixels "
             "(x = column, y = row) are needed."
         )
     coords = adata.obsm[spatial_key]
     coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] < 2:
-        raise ValueError(f"adata.obsm[{spatial_key!r}] must be (n_obs, 2), got shape {coords.shape}.")
+        raise InputError(f"adata.obsm[{spatial_key!r}] must be (n_obs, 2), got shape {coords.shape}.")
     coords = coords[:, :2].astype(np.float64)
     bad = ~np.isfinite(coords).all(1)
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"adata.obsm[{spatial_key!r}] has {int(bad.sum())} spots with NaN/inf coordinates, "
             f"e.g. {list(adata.obs_names[bad][:3])}."
         )
@@ -62,35 +63,35 @@ def section_images(
     """Image array and scale factor of every library, checked."""
     spatial = adata.uns.get("spatial")
     if not isinstance(spatial, Mapping):
-        raise KeyError(
+        raise MissingKeyError(
             "adata.uns['spatial'] is missing: images must be stored Visium-style in "
             f"adata.uns['spatial'][library_id]['images'][{image_key!r}]."
         )
     images, scales = {}, {}
     for lib in pd.unique(libraries):
         if lib not in spatial:
-            raise KeyError(
+            raise MissingKeyError(
                 f"Section {lib!r} has no entry in adata.uns['spatial'] (it has: {', '.join(map(str, spatial))})."
             )
         entry = spatial[lib]
         img = entry.get("images", {}).get(image_key) if isinstance(entry, Mapping) else None
         if img is None:
             have = list(entry.get("images", {})) if isinstance(entry, Mapping) else []
-            raise KeyError(
+            raise MissingKeyError(
                 f"Section {lib!r} has no image adata.uns['spatial'][{lib!r}]['images'][{image_key!r}] "
                 f"(images present: {have})."
             )
         if len(getattr(img, "shape", ())) not in (2, 3):
-            raise ValueError(f"Image of section {lib!r} must be (H, W) or (H, W, C), got shape {img.shape}.")
+            raise InputError(f"Image of section {lib!r} must be (H, W) or (H, W, C), got shape {img.shape}.")
         sf_key = f"tissue_{image_key}_scalef"
         scale = entry.get("scalefactors", {}).get(sf_key)
         if scale is None:
-            raise KeyError(
+            raise MissingKeyError(
                 f"Section {lib!r} lacks adata.uns['spatial'][{lib!r}]['scalefactors'][{sf_key!r}] "
                 "(1.0 for a full-resolution image)."
             )
         if not np.isfinite(scale) or scale <= 0:
-            raise ValueError(f"Scale factor {sf_key!r} of section {lib!r} must be > 0, got {scale}.")
+            raise InputError(f"Scale factor {sf_key!r} of section {lib!r} must be > 0, got {scale}.")
         images[lib], scales[lib] = img, float(scale)
     return images, scales
 
@@ -112,13 +113,13 @@ def make_patch_reader(
     Only the pixels under each patch are read, so a lazy (dask) image stays on disk.
     """
     if adata.n_obs == 0:
-        raise ValueError("The AnnData has no spots (n_obs == 0).")
+        raise InputError("The AnnData has no spots (n_obs == 0).")
     coords = spot_coordinates(adata, spatial_key)
     libraries = spot_libraries(adata, library_key)
     images, scales = section_images(adata, libraries, image_key)
     sizes = patch_size.values() if isinstance(patch_size, Mapping) else [patch_size]
     if any(not s > 0 for s in sizes):
-        raise ValueError(f"patch_size must be > 0, got {patch_size}.")
+        raise InputError(f"patch_size must be > 0, got {patch_size}.")
     reader = PatchReader(images, scales, coords, libraries, patch_size, out_size)
     outside = reader.outside()
     if outside.any():
@@ -130,8 +131,9 @@ def make_patch_reader(
                 f"section {lib!r}: {int(sel.sum())} spots (e.g. {list(adata.obs_names[sel][:3])}) in a "
                 f"{h}x{w} px image"
             )
-        shown = f"{patch_size:g} px" if not isinstance(patch_size, Mapping) else "full-size"
-        raise ValueError(
+        sides = {patch_size[lib] if isinstance(patch_size, Mapping) else patch_size for lib in pd.unique(libraries[outside])}
+        shown = f"{sides.pop():g} px" if len(sides) == 1 else "full-size"
+        raise InputError(
             f"{int(outside.sum())} spots have a {shown} patch that falls outside their image: "
             + "; ".join(parts)
             + f". Check adata.obsm[{spatial_key!r}] (full-resolution pixels, x = column) and the scale factor, "
@@ -160,26 +162,3 @@ def section_pixel_sizes(adata: AnnData, libraries: np.ndarray) -> dict[str, floa
             value = None
         out[str(lib)] = value if value is not None and np.isfinite(value) and value > 0 else None
     return out
-
-
-def patch_size_pixels(
-    adata: AnnData, libraries: np.ndarray, patch_size: float | None = 224, patch_size_um: float | None = None
-) -> float | dict[str, float]:
-    """The patch side in full-resolution pixels: ``patch_size``, or with ``patch_size_um`` that many
-    micrometres converted with each section's pixel size (one value per section). Raises a
-    ``ValueError`` naming the sections whose pixel size is unknown."""
-    if patch_size_um is None:
-        if patch_size is None or not patch_size > 0:
-            raise ValueError(f"patch_size must be > 0, got {patch_size}.")
-        return float(patch_size)
-    if not patch_size_um > 0:
-        raise ValueError(f"patch_size_um must be > 0, got {patch_size_um}.")
-    sizes = section_pixel_sizes(adata, libraries)
-    unknown = [lib for lib, mpp in sizes.items() if mpp is None]
-    if unknown:
-        raise ValueError(
-            f"patch_size_um={patch_size_um:g} needs each section's pixel size, but sections {unknown[:5]} have no "
-            f"adata.uns['spatial'][section]['metadata'][{PIXEL_SIZE_KEY!r}] (micrometres per full-resolution "
-            "pixel). Set it, or give patch_size in pixels instead."
-        )
-    return {lib: patch_size_um / mpp for lib, mpp in sizes.items()}

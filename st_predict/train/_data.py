@@ -9,11 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from st_predict._errors import InputError
 from st_predict._imaging import random_dihedral, stain_jitter
+from st_predict._settings import AUGMENTATIONS
 from st_predict._threads import single_thread_worker
-
-#: ``augment`` values of :class:`NH2STCollate`.
-AUGMENTATIONS = ("none", "dihedral", "dihedral+stain")
 
 
 class NH2STCollate:
@@ -45,7 +44,10 @@ class NH2STCollate:
     stain_strength
         Strength of the stain jitter.
     seed
-        Seed of the augmentation's random generator (``None``: torch's global generator).
+        Seed of the augmentation's random generator (``None``: torch's global generator). In a
+        DataLoader worker process the collate draws from a generator of its own, seeded from
+        ``seed``, the worker's id and the seed torch gives that worker for this epoch's loader: the
+        workers draw different augmentations, and the same seeds give the same ones again.
     """
 
     def __init__(
@@ -60,10 +62,10 @@ class NH2STCollate:
         seed: int | None = None,
     ):
         if (fmaps is None) == (patches is None):
-            raise ValueError("Give exactly one of patches or fmaps.")
+            raise InputError("Give exactly one of patches or fmaps.")
         augment = {True: "dihedral+stain", False: "none"}.get(augment, augment)
         if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {list(AUGMENTATIONS)} (or True/False), got {augment!r}.")
+            raise InputError(f"augment must be one of {list(AUGMENTATIONS)} (or True/False), got {augment!r}.")
         self.expression = expression
         self.neighbors = neighbors
         self.patches = patches
@@ -71,7 +73,23 @@ class NH2STCollate:
         self.neighbor_patches = neighbor_patches
         self.augment = augment
         self.stain_strength = stain_strength
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._worker: tuple[int, int] | None = None  # (worker id, torch's worker seed) of self.generator
+
+    def _rng(self) -> torch.Generator | None:
+        """The generator to draw augmentations from: this process's, or in a DataLoader worker one
+        seeded for that worker (a forked worker starts with a copy of the parent's generator, so
+        without this every worker would draw the same augmentations)."""
+        info = torch.utils.data.get_worker_info()
+        if self.seed is None or info is None:
+            return self.generator
+        key = (info.id, info.seed)
+        if self._worker != key:
+            entropy = np.random.SeedSequence([self.seed, info.id, info.seed % 2**63]).generate_state(2, np.uint64)
+            self.generator = torch.Generator().manual_seed(int(entropy[0] >> np.uint64(1)))
+            self._worker = key
+        return self.generator
 
     @property
     def n_views(self) -> int:
@@ -81,9 +99,10 @@ class NH2STCollate:
     def _augment_patches(self, x: torch.Tensor) -> torch.Tensor:
         if self.augment == "none":
             return x
-        x = random_dihedral(x, self.generator)
+        rng = self._rng()
+        x = random_dihedral(x, rng)
         if self.augment == "dihedral+stain":
-            x = stain_jitter(x, self.stain_strength, self.generator)
+            x = stain_jitter(x, self.stain_strength, rng)
         return x
 
     def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -97,7 +116,7 @@ class NH2STCollate:
             if self.n_views > 1:
                 view = torch.zeros(len(unique), dtype=torch.long)
                 if self.augment != "none":
-                    view = torch.randint(0, self.n_views, (len(unique),), generator=self.generator)
+                    view = torch.randint(0, self.n_views, (len(unique),), generator=self._rng())
                 batch["fmaps"] = self.fmaps[unique, view]
             else:
                 batch["fmaps"] = self.fmaps[unique]
@@ -149,7 +168,7 @@ class SectionBatchSampler(Sampler[list[int]]):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.groups = np.asarray(groups).astype(str)
         if len(self.groups) != len(self.indices):
-            raise ValueError(f"{len(self.groups)} groups for {len(self.indices)} indices.")
+            raise InputError(f"{len(self.groups)} groups for {len(self.indices)} indices.")
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.epoch = 0

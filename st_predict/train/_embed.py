@@ -7,7 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from st_predict._imaging import random_dihedral_views
+from st_predict._errors import InputError
+from st_predict._imaging import dihedral_views
 
 
 @torch.no_grad()  # not inference_mode: the result may be updated in place (neighbour cache)
@@ -46,13 +47,13 @@ def compute_fmaps(
     Returns float32 maps on the CPU.
     """
     if views not in (1, 8):
-        raise ValueError(f"views must be 1 or 8, got {views}.")
+        raise InputError(f"views must be 1 or 8, got {views}.")
     if isinstance(read_patches, torch.Tensor):
         patches = read_patches
         read_patches = lambda idx: patches[torch.as_tensor(idx)]  # noqa: E731
         n_spots = len(patches) if n_spots is None else n_spots
     if n_spots is None:
-        raise ValueError("n_spots is needed when read_patches is a function.")
+        raise InputError("n_spots is needed when read_patches is a function.")
     device = torch.device(device) if device is not None else module.device
     was_training = module.training
     module.eval()
@@ -66,7 +67,7 @@ def compute_fmaps(
         for start in starts:
             idx = np.arange(start, min(start + batch_size, n_spots))
             x = read_patches(idx).to(device)
-            batch_views = random_dihedral_views(x) if views == 8 else [x]
+            batch_views = dihedral_views(x) if views == 8 else [x]
             fm = torch.stack([module.trunk_features(v).float().cpu() for v in batch_views], dim=1)
             if out is None:
                 out = torch.empty((n_spots, *fm.shape[1:]), dtype=torch.float32)
@@ -74,5 +75,5 @@ def compute_fmaps(
     finally:
         module.train(was_training)
     if out is None:
-        raise ValueError("No spots to embed.")
+        raise InputError("No spots to embed.")
     return out[:, 0] if views == 1 else out

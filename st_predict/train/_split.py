@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from st_predict._errors import InputError
+
 
 def split_validation(
     libraries: Sequence[str],
@@ -40,14 +42,14 @@ def split_validation(
     n = len(libraries)
     sections = list(dict.fromkeys(libraries.tolist()))
     if not 0 < train_size <= 1:
-        raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        raise InputError(f"train_size must be in (0, 1], got {train_size}.")
     if validation is None and train_size < 1:
         validation = "random"
     if validation is None:
         return np.arange(n), np.array([], dtype=np.int64), None
     if isinstance(validation, str) and validation == "random":
         if len(sections) > 1:
-            raise ValueError(
+            raise InputError(
                 f"Random-spot validation would put validation spots right next to training spots of the same "
                 f"sections, a leaky basis for choosing epochs or settings; with {len(sections)} sections use "
                 "validation='section' (or name the sections to hold out)."
@@ -56,12 +58,12 @@ def split_validation(
         perm = np.random.default_rng(seed).permutation(n)
         n_train = int(round(frac * n))
         if not 0 < n_train < n:
-            raise ValueError(f"train_size={frac} leaves no training or no validation spots of {n}.")
+            raise InputError(f"train_size={frac} leaves no training or no validation spots of {n}.")
         desc = {"kind": "random", "sections": [], "n_spots": n - n_train, "leaky": True}
         return np.sort(perm[:n_train]), np.sort(perm[n_train:]), desc
     if isinstance(validation, str) and validation == "section":
         if len(sections) < 2:
-            raise ValueError(
+            raise InputError(
                 f"validation='section' needs at least two sections, the data has one ({sections[0]!r}); "
                 "use validation='random' (leaky: validation spots sit next to training spots) or no validation."
             )
@@ -70,9 +72,9 @@ def split_validation(
         held = [validation] if isinstance(validation, str) else [str(v) for v in validation]
         unknown = [s for s in held if s not in sections]
         if unknown:
-            raise ValueError(f"Validation sections {unknown} are not in the training data (sections: {sections}).")
+            raise InputError(f"Validation sections {unknown} are not in the training data (sections: {sections}).")
         if len(set(held)) == len(sections):
-            raise ValueError(f"Holding out {held} for validation leaves no section to train on.")
+            raise InputError(f"Holding out {held} for validation leaves no section to train on.")
     val = np.isin(libraries, held)
     desc = {"kind": "section", "sections": held, "n_spots": int(val.sum()), "leaky": False}
     return np.flatnonzero(~val), np.flatnonzero(val), desc

@@ -13,10 +13,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from st_predict._atomic import commit_file, staging_path
+from st_predict._errors import InputError
+from st_predict._settings import TrainingSettings
 
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("onecycle", "step", "constant")
+logger = logging.getLogger(__name__)
 
 
 def mean_gene_pcc(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -42,20 +43,10 @@ class NH2STTrainingPlan(pl.LightningModule):
     ----------
     module
         The network.
-    lr
-        Learning rate (the peak of a one-cycle schedule).
-    weight_decay
-        Weight decay (decoupled with AdamW, an L2 penalty with Adam).
-    optimizer
-        ``"adamw"`` or ``"adam"`` (the paper).
-    schedule
-        ``"onecycle"``: linear warm-up over the first ``warmup`` fraction of the steps, then cosine
-        annealing (:class:`torch.optim.lr_scheduler.OneCycleLR`). ``"step"``: multiply the learning rate
-        by ``lr_gamma`` every ``lr_step_size`` epochs (the paper: 50, 0.9). ``"constant"``.
-    warmup
-        Fraction of the steps spent warming up (``"onecycle"``).
-    lr_step_size, lr_gamma
-        The ``"step"`` schedule.
+    settings
+        Optimiser and schedule: ``optimizer``, ``lr``, ``weight_decay``, ``schedule``, ``warmup``,
+        ``lr_step_size`` and ``lr_gamma`` of :class:`~st_predict.train.TrainingSettings` (default: its
+        defaults).
     feature_cache
         End-to-end training with cached neighbours: ``(n_spots, C, h, w)`` trunk maps of every spot,
         filled before training. Batches that carry ``"patch_rows"`` get their other rows from it, and
@@ -67,32 +58,13 @@ class NH2STTrainingPlan(pl.LightningModule):
     def __init__(
         self,
         module: torch.nn.Module,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        optimizer: Literal["adamw", "adam"] = "adamw",
-        schedule: Literal["onecycle", "step", "constant"] = "onecycle",
-        warmup: float = 0.1,
-        lr_step_size: int = 50,
-        lr_gamma: float = 0.9,
+        settings: TrainingSettings | None = None,
         feature_cache: torch.Tensor | None = None,
+        **overrides,
     ):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}.")
-        if not 0 < warmup < 1:
-            raise ValueError(f"warmup must be a fraction in (0, 1), got {warmup}.")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}.")
+        self.settings = (settings or TrainingSettings()).replace(**overrides)
         self.module = module
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.optimizer_name = optimizer
-        self.schedule = schedule
-        self.warmup = warmup
-        self.lr_step_size = lr_step_size
-        self.lr_gamma = lr_gamma
         self.feature_cache = feature_cache
         self.n_obs_training = None
         self.n_obs_validation = None
@@ -120,7 +92,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         cache = checkpoint.get("st_predict_feature_cache")
         if cache is not None and self.feature_cache is not None:
             if cache.shape != self.feature_cache.shape:
-                raise ValueError(
+                raise InputError(
                     f"The checkpoint's neighbour cache has shape {tuple(cache.shape)}, this training run's "
                     f"{tuple(self.feature_cache.shape)}: it comes from another model or data."
                 )
@@ -180,16 +152,17 @@ class NH2STTrainingPlan(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.module.parameters() if p.requires_grad]
         fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-        cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
-        optimizer = cls(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
-        if self.schedule == "constant":
+        s = self.settings
+        cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+        optimizer = cls(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused)
+        if s.schedule == "constant":
             return optimizer
-        if self.schedule == "step":
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step_size, gamma=self.lr_gamma)
+        if s.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.lr_step_size, gamma=s.lr_gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.lr, total_steps=total, pct_start=onecycle_warmup(self.warmup, total),
+            optimizer, max_lr=s.lr, total_steps=total, pct_start=onecycle_warmup(s.warmup, total),
             anneal_strategy="cos",
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -256,11 +229,11 @@ class EpochCheckpoint(pl.Callback):
             _set_rng_states(state_dict["rng"])
 
     def _write(self, trainer: pl.Trainer, path: Path) -> None:
-        staging = path.with_name(f".{path.name}.writing")
-        trainer.save_checkpoint(staging)  # every rank takes part; rank 0 writes
+        staging = staging_path(path)  # one name for every rank: each takes part, rank 0 writes
+        trainer.save_checkpoint(staging)
         trainer.strategy.barrier("st_predict_checkpoint")
         if trainer.is_global_zero:
-            os.replace(staging, path)
+            commit_file(staging, path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -289,7 +262,7 @@ class BestEpoch(pl.Callback):
     def __init__(self, monitor: str = "validation_pcc", mode: Literal["max", "min"] = "max"):
         super().__init__()
         if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+            raise InputError(f"mode must be 'max' or 'min', got {mode!r}.")
         self.monitor, self.mode = monitor, mode
         self.best_score: float | None = None
         self.best_epoch: int | None = None

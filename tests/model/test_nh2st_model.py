@@ -1,6 +1,7 @@
 """NH2ST as an scvi-tools model: training, learning, inference, save/load, ablations."""
 
 import anndata as ad
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
@@ -172,11 +173,21 @@ def test_every_ablation_constructs_and_trains(split, switch):
     assert np.isfinite(model.get_predicted_expression(test).to_numpy()).all()
 
 
+class _BatchSizes(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(batch["node_map"].shape[0])
+
+
 def test_batch_size_is_a_training_switch(split):
     train, _ = split
     model = _fit(train, epochs=0)
-    model.train(max_epochs=1, batch_size=4, progress=False)
-    assert model.is_trained
+    sizes = _BatchSizes()
+    model.train(max_epochs=1, batch_size=4, progress=False, callbacks=[sizes])
+    assert sizes.seen == [4] * (train.n_obs // 4)  # every batch had 4 target spots (the recipe's is 32)
+    assert model.train_settings_["batch_size"] == 4
 
 
 def test_finetune_trains_the_trunk_end_to_end(split):

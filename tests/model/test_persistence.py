@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from st_predict import NH2ST
-from st_predict.model._nh2st import SAVE_FORMAT
+from st_predict.model import SAVE_FORMAT
+from st_predict.pp import PatchGeometry
+from st_predict.train import RECIPES
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "nh2st_format1"
 
@@ -39,6 +41,9 @@ def test_the_committed_format1_model_loads_and_predicts_as_it_did():
     assert model.save_format_ == 1 and model.st_predict_version_
     assert list(model.genes_) == list(expected["genes"])
     assert model.patch_size_um_ == 16.0
+    # format 1 recorded only the micrometres: the geometry and the recipe are migrated on load
+    assert model.patch_geometry_ == PatchGeometry(16.0, 32.0) and model.recipe_ == RECIPES["default"]
+    assert model.network_settings.latent_dim == 32 and model.network_settings.image_size == 32
     adata = fixture_sections()
     pred = model.get_predicted_expression(adata, tta=False)
     assert list(pred.index) == list(expected["obs_names"])

@@ -37,7 +37,7 @@ def model(tissue):
 
 def test_tiles_cover_tissue_and_skip_background(model, tmp_path):
     path = _write_slide(tmp_path / "slide.tif", _tissue(2048), mpp=0.5)
-    sd = model.predict_slide(path, patch_size_um=32.0, pitch_um=40.0, progress=False)
+    sd = model.predict_slide(path, tile_size_um=32.0, pitch_um=40.0, progress=False)
     table = sd.tables["nh2st"]
     assert table.n_obs > 50 and list(table.var_names) == list(model.genes_)
     assert np.isfinite(table.X).all()
@@ -89,7 +89,7 @@ def test_two_scan_resolutions_give_the_same_physical_crops(model, tmp_path, monk
     img = _tissue(1024)
     coarse = _write_slide(tmp_path / "coarse.tif", img, mpp=0.5)
     fine = _write_slide(tmp_path / "fine.tif", np.repeat(np.repeat(img, 2, 0), 2, 1), mpp=0.25, levels=4)
-    kw = {"patch_size_um": 32.0, "pitch_um": 40.0, "progress": False}
+    kw = {"tile_size_um": 32.0, "pitch_um": 40.0, "progress": False}
     a = model.predict_slide(coarse, **kw).tables["nh2st"]
     b = model.predict_slide(fine, **kw).tables["nh2st"]
     um_a = {tuple(np.round(xy * 0.5).astype(int)): i for i, xy in enumerate(a.obsm["spatial"])}
@@ -108,7 +108,7 @@ def test_two_scan_resolutions_give_the_same_physical_crops(model, tmp_path, monk
         np.testing.assert_allclose(sides["maxx"] - sides["minx"], 32.0 / sdata_mpp)
         np.testing.assert_allclose(sides["maxy"] - sides["miny"], 32.0 / sdata_mpp)
     # and a crop of another physical size sees other pixels: 64 um tiles reach the background
-    c = model.predict_slide(coarse, **{**kw, "patch_size_um": 64.0}).tables["nh2st"]
+    c = model.predict_slide(coarse, **{**kw, "tile_size_um": 64.0}).tables["nh2st"]
     assert np.asarray(c.X)[:, :3].mean() > pa[:, :3].mean() + 1.0
 
 
@@ -117,7 +117,7 @@ def test_slide_output_round_trips_through_zarr(model, tmp_path):
     import spatialdata as sd_
 
     path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
-    sdata = model.predict_slide(path, patch_size_um=32.0, pitch_um=40.0, progress=False)
+    sdata = model.predict_slide(path, tile_size_um=32.0, pitch_um=40.0, progress=False)
     out = tmp_path / "pred.zarr"
     sd_.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables)).write(out)
     back = sd_.read_zarr(out)
@@ -129,19 +129,21 @@ def test_slide_output_round_trips_through_zarr(model, tmp_path):
 def test_bad_slides_get_clear_errors(model, tmp_path):
     no_mpp = _write_slide(tmp_path / "no_mpp.tif", _tissue(1024), mpp=None)
     with pytest.raises(ValueError, match=r"records no micrometres per pixel; pass mpp="):
-        model.predict_slide(no_mpp, patch_size_um=32.0, progress=False)
-    assert model.predict_slide(no_mpp, mpp=0.5, patch_size_um=32.0, progress=False).tables["nh2st"].n_obs > 0
+        model.predict_slide(no_mpp, tile_size_um=32.0, progress=False)
+    assert model.predict_slide(no_mpp, mpp=0.5, tile_size_um=32.0, progress=False).tables["nh2st"].n_obs > 0
+    with pytest.warns(FutureWarning, match="use tile_size_um="):  # the old name, kept for one release
+        assert model.predict_slide(no_mpp, mpp=0.5, patch_size_um=32.0, progress=False).tables["nh2st"].n_obs > 0
     blank = _write_slide(tmp_path / "blank.tif", np.full((1024, 1024, 3), 242, np.uint8), mpp=0.5)
     with pytest.raises(ValueError, match="No tissue found"):
-        model.predict_slide(blank, patch_size_um=32.0, progress=False)
+        model.predict_slide(blank, tile_size_um=32.0, progress=False)
     with pytest.raises(FileNotFoundError, match="missing.tif"):
-        model.predict_slide(tmp_path / "missing.tif", patch_size_um=32.0)
+        model.predict_slide(tmp_path / "missing.tif", tile_size_um=32.0)
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"not a tiff at all")
     with pytest.raises(ValueError, match="Could not open"):
-        model.predict_slide(broken, patch_size_um=32.0)
+        model.predict_slide(broken, tile_size_um=32.0)
     assert model.patch_size_um_ is None  # the synthetic tissue has no pixel size
-    with pytest.raises(ValueError, match="patch_size_um="):
+    with pytest.raises(ValueError, match="tile_size_um="):
         model.predict_slide(no_mpp, mpp=0.5, progress=False)
 
 
@@ -191,7 +193,7 @@ def test_predict_slide_command(tissue, model, tmp_path, capsys):
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"not a tiff")
     fails(["predict-slide", str(tmp_path / "model"), str(broken), "--out", str(tmp_path / "c.zarr")], "Could not open")
-    fails(["predict-slide", str(tmp_path / "no_um_model"), slide, "--out", str(tmp_path / "d.zarr")], "patch_size_um=")
+    fails(["predict-slide", str(tmp_path / "no_um_model"), slide, "--out", str(tmp_path / "d.zarr")], "tile_size_um=")
     fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "nope.tif"), "--out", str(tmp_path / "e.zarr")],
           "does not exist")
     # a SpatialData store with an H&E image element: its um/px comes from --mpp
@@ -232,7 +234,7 @@ def test_spatialdata_anndata_and_zarr_inputs_tile_the_same_pixels(model, tmp_pat
 
     _predict_colour_stats(model, monkeypatch)
     img = _tissue(2048)
-    kw = {"patch_size_um": 32.0, "pitch_um": 40.0, "progress": False}
+    kw = {"tile_size_um": 32.0, "pitch_um": 40.0, "progress": False}
     ref = model.predict_slide(_write_slide(tmp_path / "slide.tif", img, mpp=0.5), **kw).tables["nh2st"]
     sdata = _he_spatialdata(img)
     sdata.write(tmp_path / "he.zarr")
@@ -275,7 +277,7 @@ def test_bad_spatialdata_and_anndata_inputs_get_clear_errors(model, tmp_path):
     from spatialdata.models import Image2DModel
 
     img = _tissue(512)
-    kw = {"patch_size_um": 32.0, "progress": False}
+    kw = {"tile_size_um": 32.0, "progress": False}
     sdata = _he_spatialdata(img)
     with pytest.raises(ValueError, match=r"image 'he'.* records no micrometres per pixel; pass mpp="):
         model.predict_slide(sdata, **kw)
@@ -315,7 +317,7 @@ def test_slide_predictions_plot_with_spatialdata_plot(model, tmp_path):
     import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
 
     path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
-    sdata = model.predict_slide(path, patch_size_um=32.0, pitch_um=40.0, progress=False)
+    sdata = model.predict_slide(path, tile_size_um=32.0, pitch_um=40.0, progress=False)
     sd_.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables)).write(tmp_path / "pred.zarr")
     back = sd_.read_zarr(tmp_path / "pred.zarr")
     table = back.tables["nh2st"]

@@ -1,6 +1,7 @@
 """Issue 8: contrastive terms that only the image can solve, recipes, target scaling, augmentation,
 validation by section."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -188,10 +189,10 @@ def test_paper_recipe_reads_back_as_the_paper(split):
     assert (kw["lambda_query"], kw["lambda_neighbor"]) == (1.0, 0.5)
     assert kw["standardize_targets"] is False and kw["cross_residual"] is False and kw["dropout"] == 0.0
     cfg = model.resolve_train_settings()
-    assert cfg["optimizer"] == "adam" and cfg["lr"] == 1e-4 and cfg["weight_decay"] == 0.0
-    assert cfg["schedule"] == "step" and (cfg["lr_step_size"], cfg["lr_gamma"]) == (50, 0.9)
-    assert cfg["batch_size"] == 8 and cfg["max_epochs"] == 20 and cfg["augment"] == "dihedral"
-    assert cfg["validation"] is None and model.tta_ is False
+    assert cfg.optimizer == "adam" and cfg.lr == 1e-4 and cfg.weight_decay == 0.0
+    assert cfg.schedule == "step" and (cfg.lr_step_size, cfg.lr_gamma) == (50, 0.9)
+    assert cfg.batch_size == 8 and cfg.max_epochs == 20 and cfg.augment == "dihedral"
+    assert cfg.validation is None and model.tta_ is False
     assert "recipe 'paper'" in model.summary_string
     # the optimiser Lightning really runs (one short epoch on a small network; same recipe otherwise)
     small = NH2ST(train, recipe="paper", weights="random", n_genes=40, image_size=32, latent_dim=64, n_heads=4)
@@ -201,7 +202,6 @@ def test_paper_recipe_reads_back_as_the_paper(split):
     assert opt.defaults["lr"] == 1e-4 and opt.defaults["weight_decay"] == 0.0
     sched = small.trainer.lr_scheduler_configs[0].scheduler
     assert isinstance(sched, torch.optim.lr_scheduler.StepLR) and (sched.step_size, sched.gamma) == (50, 0.9)
-    assert RECIPES["paper"].train["batch_size"] == 8
 
 
 def test_recipe_defaults_and_overrides(split):
@@ -209,9 +209,9 @@ def test_recipe_defaults_and_overrides(split):
     setup(train)
     model = NH2ST(train, **SMALL)
     assert model.recipe_.name == "default" and model.module_kwargs["image_size"] == 32  # override
-    assert model.module_kwargs["trunk"] == RECIPES["default"].model["trunk"]
+    assert model.network_settings == RECIPES["default"].network.replace(image_size=32, latent_dim=64, n_heads=4)
     cfg = model.resolve_train_settings(lr=3e-4)
-    assert cfg["lr"] == 3e-4 and cfg["optimizer"] == RECIPES["default"].train["optimizer"]
+    assert cfg == dataclasses.replace(RECIPES["default"].training, lr=3e-4)
     with pytest.raises(TypeError, match="unknown keyword"):
         NH2ST(train, **SMALL, max_epochs=3)
     with pytest.raises(ValueError, match="recipe"):

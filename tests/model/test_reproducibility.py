@@ -16,13 +16,17 @@ TRUNKS = {
 }
 
 
+def _with_pixel_size(adata):
+    for lib in adata.uns["spatial"]:
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
+    return adata
+
+
 def _train(tissue, seed, **model_kwargs):
     from helpers import SMALL, setup
 
     scvi.settings.seed = seed
-    adata = tissue[tissue.obs["section"] != "S2"].copy()
-    for lib in adata.uns["spatial"]:
-        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
+    adata = _with_pixel_size(tissue[tissue.obs["section"] != "S2"].copy())
     setup(adata)
     model = NH2ST(adata, **{**SMALL, **model_kwargs})
     model.train(max_epochs=2, progress=False, accelerator="cpu")
@@ -32,7 +36,7 @@ def _train(tissue, seed, **model_kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("kwargs", TRUNKS.values(), ids=TRUNKS.keys())
 def test_one_seed_gives_bit_identical_predictions(tissue, kwargs):
-    test = tissue[tissue.obs["section"] == "S2"].copy()
+    test = _with_pixel_size(tissue[tissue.obs["section"] == "S2"].copy())
     a = _train(tissue, 0, **kwargs).get_predicted_expression(test, tta=True)
     b = _train(tissue, 0, **kwargs).get_predicted_expression(test, tta=True)
     np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())

@@ -34,13 +34,20 @@ class Die(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Steps(pl.Callback):
+    # says which epochs and batches this process ran
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        print("STEP", trainer.current_epoch, batch_idx, flush=True)
+
+
 kw = dict(max_epochs=4, batch_size=16, progress=False, accelerator="cpu", batches=sys.argv[4])
 if mode == "plain":
-    model.train(**kw)
+    model.train(callbacks=[Steps()], **kw)
 elif mode == "killed":
-    model.train(checkpoint_dir=ckpt, callbacks=[Die()], **kw)
+    model.train(checkpoint_dir=ckpt, callbacks=[Die(), Steps()], **kw)
 else:
-    model.train(checkpoint_dir=ckpt, resume=True, **kw)
+    model.train(checkpoint_dir=ckpt, resume=True, callbacks=[Steps()], **kw)
 model.save(out, overwrite=True)
 """
 
@@ -48,6 +55,10 @@ model.save(out, overwrite=True)
 def _run(mode, ckpt, out, batches):
     return subprocess.run([sys.executable, "-c", _RUN, mode, str(ckpt), str(out), batches],
                           capture_output=True, text=True, timeout=600)
+
+
+def _steps(proc) -> list[tuple[int, int]]:
+    return [tuple(map(int, line.split()[1:])) for line in proc.stdout.splitlines() if line.startswith("STEP ")]
 
 
 def _state(path):
@@ -67,6 +78,12 @@ def test_a_run_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_pat
     assert epoch == 1  # the end of the second epoch: the kill came during the third
     resumed = _run("resumed", tmp_path / "ckpt", tmp_path / "resumed", batches)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # only the remaining epochs ran: the third and fourth, each whole (a rerun from scratch would pass the
+    # weight comparison below as well, but not this)
+    per_epoch = len(_steps(plain)) // 4
+    assert {e for e, _ in _steps(plain)} == {0, 1, 2, 3} and per_epoch >= 2
+    assert _steps(killed)[-1] == (2, 0)  # killed as the second batch of the third epoch began
+    assert _steps(resumed) == [(e, b) for e in (2, 3) for b in range(per_epoch)]
     a, b = _state(tmp_path / "plain"), _state(tmp_path / "resumed")
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]

@@ -55,6 +55,8 @@ def _module(**kwargs) -> NH2STModule:
         "n_genes": N_GENES, "latent_dim": LATENT, "image_size": IMAGE, "n_heads": 4, "n_neighbors": 4, "hyperedge_degree": 3,
         "translator_hidden": 16, "n_gene_tokens": 4, "lambda_query": LAMBDA_Q, "lambda_neighbor": LAMBDA_N,
         "temperature": 0.1, "trunk": "frozen",
+        # no dropout anywhere unless a test asks for it (the default recipe drops genes and translator inputs)
+        "gene_dropout": 0.0, "translator_dropout": None,
     }
     defaults.update(kwargs)
     return NH2STModule(**defaults)

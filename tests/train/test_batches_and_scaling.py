@@ -6,9 +6,9 @@ import torch
 from helpers import SMALL, setup
 
 from st_predict import NH2ST
-from st_predict._imaging import random_dihedral_views, stain_jitter
-from st_predict.model._nh2st import resolve_precision
-from st_predict.pp import patch_size_pixels
+from st_predict._imaging import dihedral_views, stain_jitter
+from st_predict.model._runtime import resolve_precision
+from st_predict.pp import PatchGeometry, section_pixel_sizes
 from st_predict.train import NH2STDataModule, SectionBatchSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
@@ -96,7 +96,7 @@ def test_stain_jitter_matches_scikit_image_deconvolution_and_stays_uint8():
 
 def test_dihedral_views_are_the_eight_distinct_transforms():
     x = torch.arange(2 * 3 * 4 * 4).view(2, 3, 4, 4)
-    views = random_dihedral_views(x)
+    views = dihedral_views(x)
     assert len(views) == 8 and torch.equal(views[0], x)
     flat = {tuple(v[0].flatten().tolist()) for v in views}
     assert len(flat) == 8
@@ -105,9 +105,9 @@ def test_dihedral_views_are_the_eight_distinct_transforms():
 def test_precision_auto_depends_on_the_hardware(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("32-true", cpu) == "32-true"
-    monkeypatch.setattr("st_predict.model._nh2st._cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("st_predict.model._runtime._cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16-mixed"
-    monkeypatch.setattr("st_predict.model._nh2st._cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("st_predict.model._runtime._cpu_has_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "32-true"
 
 
@@ -115,14 +115,18 @@ def test_patch_size_in_micrometres_follows_each_sections_pixel_size(split):
     train, _ = split
     train = train.copy()
     libs = train.obs["section"].astype(str).to_numpy()
-    assert patch_size_pixels(train, libs, 32) == 32.0
+    def pixels(**kw):
+        sizes = section_pixel_sizes(train, libs)
+        return PatchGeometry.from_pixel_sizes(sizes, **kw).pixels(sizes)
+
+    assert pixels(patch_size=32) == {"S0": 32.0, "S1": 32.0}
     with pytest.raises(ValueError, match="pixel_size_um"):
-        patch_size_pixels(train, libs, patch_size_um=50)
+        pixels(patch_size_um=50)
     train.uns["spatial"]["S0"]["metadata"] = {"pixel_size_um": 0.5}
     with pytest.raises(ValueError, match="S1"):
-        patch_size_pixels(train, libs, patch_size_um=50)
+        pixels(patch_size_um=50)
     train.uns["spatial"]["S1"]["metadata"] = {"pixel_size_um": 1.0}
-    assert patch_size_pixels(train, libs, patch_size_um=16) == {"S0": 32.0, "S1": 16.0}
+    assert pixels(patch_size_um=16) == {"S0": 32.0, "S1": 16.0}
     # the model crops the same physical patch in both sections
     setup(train, patch_size_um=16)
     model = NH2ST(train, **SMALL)

@@ -1,0 +1,53 @@
+"""Where and how NH2ST computes: device, training precision, and Lightning's chatter (filtered only
+while training runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX; Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Lightning precision for ``precision="auto"`` on ``device`` (see :class:`~st_predict.train.TrainingSettings`)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if device.type == "cpu" and _cpu_has_bf16() else "32-true"
+
+
+def device_for(accelerator: str) -> torch.device:
+    """The device Lightning's ``accelerator`` puts the model on (CUDA for ``"auto"``/``"gpu"`` when present)."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class _DropLightningTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def without_lightning_tips() -> Iterator[None]:
+    """Lightning advertises a logging service ("Tip: ... litlogger") at every fit: not news to a user.
+    The filter is on its logger only inside the block."""
+    target, drop = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _DropLightningTips()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)

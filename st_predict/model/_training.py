@@ -1,0 +1,360 @@
+"""Training NH2ST: what training needs from the registered AnnData (targets, neighbours, patches,
+trunk caches), and ``train`` itself."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from scvi import settings
+from scvi.train import Trainer
+
+from st_predict._constants import REGISTRY_KEYS
+from st_predict._errors import InputError
+from st_predict._threads import interactive, thread_limits
+from st_predict.pp import (
+    make_patch_reader,
+    normalize_expression,
+    spatial_knn,
+    spot_coordinates,
+    spot_libraries,
+)
+from st_predict.train import (
+    BestEpoch,
+    EpochCheckpoint,
+    NH2STCollate,
+    NH2STDataModule,
+    TrainingSettings,
+    compute_fmaps,
+    split_validation,
+)
+
+from ._docstrings import nh2st_dsp
+from ._runtime import device_for, resolve_precision, without_lightning_tips
+
+logger = logging.getLogger(__name__)
+
+#: keywords of Lightning's ``Trainer`` (through scvi-tools' ``Trainer``) that ``train`` passes on
+_TRAINER_KEYWORDS = (
+    frozenset(inspect.signature(Trainer).parameters) | frozenset(inspect.signature(pl.Trainer).parameters)
+) - {"kwargs"} | {"ckpt_path"}
+
+
+class TrainingData:
+    """What training needs from the registered AnnData, computed once per model."""
+
+    def __init__(self, targets: torch.Tensor, neighbors: torch.Tensor | None, reader, libraries: np.ndarray):
+        self.targets = targets
+        self.neighbors = neighbors
+        self.reader = reader
+        self.libraries = libraries
+        self.fmaps: torch.Tensor | None = None  # frozen trunk: cached maps (n, C, h, w) or (n, 8, C, h, w)
+        self.patches: torch.Tensor | None = None  # end to end: uint8 patches at the trunk's resolution
+
+
+def _safe_sd(y: torch.Tensor) -> torch.Tensor:
+    """Per-column standard deviation, 1 where it is (nearly) 0 or undefined (one row)."""
+    sd = y.std(0) if len(y) > 1 else torch.ones(y.shape[1], dtype=y.dtype)
+    return torch.where(sd > 1e-6, sd, torch.ones_like(sd))
+
+
+class TrainingMixin:
+    """The training data of the registered AnnData and :meth:`train`."""
+
+    # -- data ------------------------------------------------------------------------------------
+    def _training_data(self) -> TrainingData:
+        if self._data is not None:
+            return self._data
+        if self.adata is None:
+            raise InputError("This model has no training AnnData (it was loaded without one).")
+        setup = self.registry_["setup_args"]
+        adata = self.adata
+        counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        gene_idx = adata.var_names.get_indexer(self.genes_)
+        if (gene_idx < 0).any():
+            missing = [g for g, i in zip(self.genes_, gene_idx, strict=True) if i < 0]
+            raise InputError(f"{len(missing)} model genes are not in adata.var_names: {missing[:10]}")
+        targets = normalize_expression(counts, gene_idx, setup["is_count_data"], self._library_size)
+        libraries = spot_libraries(adata, setup["library_key"])
+        neighbors = None
+        if self.module.use_neighbor_branch and self.module.contrastive:  # only the neighbour branch uses them
+            coords = spot_coordinates(adata, setup["spatial_key"])
+            neighbors = torch.from_numpy(spatial_knn(coords, libraries, self.module.n_neighbors))
+        reader = make_patch_reader(
+            adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
+            self.patch_geometry_.pixels_for(adata, libraries), self.module.image_size,
+        )
+        self._data = TrainingData(torch.from_numpy(targets), neighbors, reader, libraries)
+        return self._data
+
+    def training_patches(self, progress: bool = False) -> torch.Tensor:
+        """uint8 patches ``(n_obs, 3, S, S)`` of every training spot at the network's resolution,
+        cropped once (and kept) for end-to-end training."""
+        data = self._training_data()
+        if data.patches is None:
+            n, chunk = len(data.targets), 256
+            starts = range(0, n, chunk)
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="Cropping patches", unit="batch")
+            data.patches = torch.cat([data.reader.read(np.arange(s, min(s + chunk, n))) for s in starts])
+        return data.patches
+
+    def fit_scales(self, train_idx: np.ndarray) -> None:
+        """Fit, once per model, what training starts from: the target scale (per-gene mean and
+        standard deviation of the training spots, translator started at the mean) and, for a frozen
+        trunk, the standardisation of its pooled features. Both are saved with the model, so a
+        retrained or a loaded model keeps them."""
+        data = self._training_data()
+        idx = torch.as_tensor(np.asarray(train_idx))
+        if not bool(self.module.targets_fitted):
+            self.module.fit_targets(data.targets[idx])
+        head = self.module.path_head
+        if head.needs_fit:
+            if data.fmaps is None:
+                raise RuntimeError("The frozen trunk's cache must exist before fitting its input scaling.")
+            fmaps = data.fmaps[idx]
+            head.fit_input_scaling(fmaps[:, 0] if fmaps.ndim == 5 else fmaps)
+
+    def training_targets(self, center_sections: bool = False, train_idx: np.ndarray | None = None) -> torch.Tensor:
+        """The expression the network trains on, ``(n_obs, n_genes)`` on the data's scale: the targets
+        themselves, or (``center_sections``) each section standardised on its own spots and mapped
+        back onto the overall mean and standard deviation of the training spots (``train_idx``,
+        default all), so that every section has the same per-gene mean and spread."""
+        data = self._training_data()
+        if not center_sections:
+            return data.targets
+        ref = data.targets if train_idx is None else data.targets[torch.as_tensor(np.asarray(train_idx))]
+        shift, scale = ref.mean(0), _safe_sd(ref)
+        out = torch.empty_like(data.targets)
+        for lib in np.unique(data.libraries):
+            sel = torch.from_numpy(data.libraries == lib)
+            y = data.targets[sel]
+            out[sel] = (y - y.mean(0)) / _safe_sd(y) * scale + shift
+        return out
+
+    def trunk_cache(
+        self,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+        progress: bool = True,
+        views: int = 1,
+        trunk_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Frozen trunk: its maps of every training spot, computed on first use (``views=8``: of the 8
+        flips/rotations of each patch, for augmentation), or ``trunk_features`` when given."""
+        if self.module.trunk_mode != "frozen":
+            raise InputError("trunk_cache is for trunk='frozen'.")
+        data = self._training_data()
+        have = data.fmaps
+        if have is not None and (have.ndim == 5 or views == 1) and trunk_features is None:
+            return have
+        if trunk_features is not None:
+            fmaps = trunk_features
+            if fmaps.shape[0] != len(data.targets):
+                raise InputError(f"trunk_features has {fmaps.shape[0]} rows for {len(data.targets)} spots.")
+            if fmaps.ndim not in (4, 5):
+                raise InputError(f"trunk_features must be (n, C, h, w) or (n, 8, C, h, w), got {tuple(fmaps.shape)}.")
+        else:
+            self.module.to(device)
+            desc = "Embedding patches (frozen trunk" + (", 8 views)" if views == 8 else ")")
+            fmaps = compute_fmaps(
+                self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
+                progress=progress, desc=desc, views=views,
+            )
+        head = self.module.path_head
+        if head.pooling == "avg" and head.token_proj is None:
+            fmaps = fmaps.mean((-2, -1), keepdim=True)  # all the avg head needs: 49x less memory at 224 px
+        data.fmaps = fmaps
+        return fmaps
+
+    def _training_source(self, cfg: TrainingSettings, device, embed_batch_size, progress, trunk_features):
+        """What batches are made of: ``({"fmaps": ...} | {"patches": ..., "neighbor_patches": ...}, plan kwargs)``."""
+        module = self.module
+        if module.trunk_mode == "frozen":
+            views = 8 if cfg.augment != "none" else 1
+            return {"fmaps": self.trunk_cache(device, embed_batch_size, progress, views, trunk_features)}, {}
+        if trunk_features is not None:
+            raise InputError("trunk_features is for trunk='frozen': an end-to-end trunk changes as it trains.")
+        patches = self.training_patches(progress)
+        if module.neighbor_trunk_grad or not module.use_neighbor_branch or not module.contrastive:
+            return {"patches": patches, "neighbor_patches": True}, {}
+        cache = compute_fmaps(module, patches, batch_size=embed_batch_size, device=device, progress=progress,
+                              desc="Neighbour cache")
+        return {"patches": patches, "neighbor_patches": False}, {"feature_cache": cache}
+
+    # -- training --------------------------------------------------------------------------------
+    def resolve_train_settings(self, settings: TrainingSettings | None = None, **overrides) -> TrainingSettings:
+        """The training settings :meth:`train` would use: ``settings`` (default: the model's recipe's)
+        with ``overrides`` replaced (``None`` values leave a setting as it is)."""
+        return (settings or self.recipe_.training).replace(**overrides)
+
+    @nh2st_dsp.dedent
+    def train(
+        self,
+        settings: TrainingSettings | None = None,
+        *,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 1.0,
+        trunk_features: torch.Tensor | None = None,
+        num_workers: int = 0,
+        embed_batch_size: int = 16,
+        progress: bool | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        plan_kwargs: dict | None = None,
+        **overrides,
+    ):
+        """Train NH2ST with PyTorch Lightning, with the recipe's training settings and ``overrides``.
+
+        ``model.train(lr=3e-4, max_epochs=10)`` trains with
+        ``dataclasses.replace(model.recipe_.training, lr=3e-4, max_epochs=10)``
+        (:class:`~st_predict.train.TrainingSettings`); any other keyword goes to Lightning's
+        ``Trainer`` (e.g. ``strategy="ddp"``, ``callbacks=[...]``).
+
+        End to end (``trunk="finetune"``), each spot's patch is cropped once at the network's
+        resolution; with cached neighbours (``neighbor_trunk_grad=False``) the trunk maps of every
+        spot are computed once before training and each spot refreshes its own when it is a target.
+        With ``trunk="frozen"`` the trunk's maps (of the 8 flips/rotations when augmenting) are
+        computed once per model (progress bar) and batches are read from that cache.
+
+        Parameters
+        ----------
+        settings
+            All training settings at once (default: the recipe's, :attr:`recipe_`'s ``training``).
+        accelerator, devices
+            Lightning's ``"cpu"``, ``"gpu"``, ``"auto"``...; several GPUs with ``strategy="ddp"``.
+        train_size
+            With ``validation="random"``: the fraction of spots to train on.
+        trunk_features
+            ``trunk="frozen"`` only: precomputed trunk maps of every registered spot, made by this
+            model's trunk (:func:`~st_predict.train.compute_fmaps`, ``(n_obs, 512, h, w)`` or with 8
+            views ``(n_obs, 8, 512, h, w)``), e.g. shared between the folds of a benchmark.
+        num_workers
+            DataLoader workers (each draws its own augmentations; see
+            :class:`~st_predict.train.NH2STCollate`).
+        embed_batch_size
+            Patches per trunk call when filling a cache.
+        progress
+            Progress bars for embedding and training (default: on a terminal or in a notebook, not when
+            the output goes to a log file).
+        checkpoint_dir
+            Folder for Lightning checkpoints of the whole training state (weights, optimiser,
+            schedule, epoch, random number generators): ``last.ckpt`` after every epoch and, with a
+            validation set, ``best.ckpt`` at the best ``validation_pcc``
+            (:class:`~st_predict.train.EpochCheckpoint`). Each is written beside its target and renamed
+            into place, so a run killed while writing keeps the previous one.
+        resume
+            Continue from ``checkpoint_dir/last.ckpt`` (a run that was interrupted, e.g. pre-empted):
+            call ``train`` with the same data, model and settings. Only the remaining epochs run; on
+            CPU with the same ``scvi.settings.seed`` the result equals an uninterrupted run's, bit for
+            bit. Without a checkpoint yet, training starts from the first epoch (so one command serves
+            both).
+        plan_kwargs
+            More keyword arguments for :class:`~st_predict.train.NH2STTrainingPlan`.
+        **overrides
+            Training settings (:class:`~st_predict.train.TrainingSettings`; ``None``: the recipe's):
+
+            %(training_settings)s
+
+            Other keywords are passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
+        """
+        names = set(TrainingSettings.names())
+        trainer_kwargs = {k: v for k, v in overrides.items() if k not in names}
+        unknown = sorted(set(trainer_kwargs) - _TRAINER_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"train() got unknown keyword(s) {unknown}: training settings are {sorted(names)}, and other "
+                "keywords must be Lightning Trainer arguments."
+            )
+        cfg = self.resolve_train_settings(settings, **{k: v for k, v in overrides.items() if k in names})
+        batch_given = settings is not None or overrides.get("batch_size") is not None
+        with thread_limits():
+            return self._fit(cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers,
+                             embed_batch_size, progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs)
+
+    def _fit(self, cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers, embed_batch_size,
+             progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs):
+        progress = interactive() if progress is None else bool(progress)
+        if self.module.contrastive and cfg.batch_size < 2:
+            raise InputError(
+                f"batch_size={cfg.batch_size} is too small for a contrastive loss (needs >= 2 spots per batch: "
+                "one positive and at least one negative)."
+            )
+        if self.module.trunk_mode == "finetune" and cfg.batch_size < 2:
+            raise InputError(
+                f"batch_size={cfg.batch_size} with trunk='finetune': the trunk's BatchNorm needs >= 2 patches "
+                "per batch; raise batch_size or use trunk='frozen'."
+            )
+        if resume and checkpoint_dir is None:
+            raise InputError("resume=True needs checkpoint_dir=, the folder of the interrupted run's checkpoints.")
+        if checkpoint_dir is not None and "ckpt_path" in trainer_kwargs:
+            raise InputError("Pass checkpoint_dir= and resume=True, or ckpt_path=, not both.")
+        data = self._training_data()
+        train_idx, val_idx, self.validation_ = split_validation(data.libraries, cfg.validation, train_size, settings.seed)
+        self.train_sections_ = [str(s) for s in pd.unique(np.asarray(data.libraries)[train_idx])]
+        if len(train_idx) < cfg.batch_size:
+            if batch_given or len(train_idx) < 2:
+                raise InputError(
+                    f"Only {len(train_idx)} training spots for batch_size={cfg.batch_size}: lower batch_size."
+                )
+            logger.info(
+                "Only %d training spots: batch_size lowered from the recipe's %d to %d.",
+                len(train_idx), cfg.batch_size, len(train_idx),
+            )
+            cfg = cfg.replace(batch_size=len(train_idx))
+        device = device_for(accelerator)
+        self.module.to(device)
+        source, plan_extra = self._training_source(cfg, device, embed_batch_size, progress, trunk_features)
+        self.fit_scales(train_idx)
+        targets = self.training_targets(cfg.center_sections, train_idx)
+        seed = settings.seed or 0
+        # augmentations from torch's global generator: checkpointed with the training state (a resumed run
+        # draws what the interrupted one would have), and seeded by torch in each DataLoader worker
+        collate = NH2STCollate(targets, data.neighbors, augment=cfg.augment, **source)
+        val_source = {**source, "neighbor_patches": True} if "patches" in source else source
+        val_collate = NH2STCollate(targets, data.neighbors, augment="none", **val_source)
+        groups = data.libraries[train_idx] if cfg.batches == "section" else None
+        datamodule = NH2STDataModule(train_idx, val_idx, collate, val_collate, cfg.batch_size, num_workers,
+                                     train_groups=groups, seed=seed)
+        if groups is not None:
+            trainer_kwargs.setdefault("use_distributed_sampler", False)  # the section sampler shards itself
+        plan = {"settings": cfg, **plan_extra, **(plan_kwargs or {})}
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        keeper = None
+        if len(val_idx):
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+            if cfg.best_epoch:
+                keeper = BestEpoch("validation_pcc", "max")
+                callbacks.append(keeper)
+        if checkpoint_dir is not None:
+            saver = EpochCheckpoint(checkpoint_dir, monitor="validation_pcc" if len(val_idx) else None)
+            callbacks.append(saver)
+            if resume:
+                if saver.last_path.is_file():
+                    trainer_kwargs["ckpt_path"] = str(saver.last_path)
+                    logger.info("Resuming from %s.", saver.last_path)
+                else:
+                    logger.warning("No checkpoint at %s yet: training starts from the first epoch.", saver.last_path)
+        trainer_kwargs.setdefault("enable_progress_bar", progress)
+        trainer_kwargs.setdefault("log_every_n_steps", 1)  # the plan logs epoch means only
+        trainer_kwargs.setdefault("precision", resolve_precision(cfg.precision, device))
+        self.train_settings_ = {**cfg.to_dict(), "train_size": train_size, "precision": trainer_kwargs["precision"]}
+        with warnings.catch_warnings(), without_lightning_tips():
+            # a frozen trunk is in eval mode on purpose; Lightning's pytree deprecation is not ours
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            out = super().train(
+                max_epochs=cfg.max_epochs, accelerator=accelerator, devices=devices, datamodule=datamodule,
+                plan_kwargs=plan, callbacks=callbacks, **trainer_kwargs,
+            )
+        self.best_epoch_ = keeper.best_epoch if keeper is not None else None
+        return out
