@@ -72,6 +72,28 @@ default_role = "literal"
 pygments_style = "default"
 
 # autodoc / autosummary / napoleon (numpy docstrings, types in signatures)
+def _own_members() -> dict[str, list[str]]:
+    """For each public class: the members that st_predict's own classes define (the class and its
+    mixins), so a class page lists its mixins' methods but not torch's, Lightning's or scvi-tools'."""
+    import importlib
+    import inspect
+
+    out = {}
+    for modname in ("st_predict", *(f"st_predict.{s}" for s in ("data", "pp", "nn", "module", "train", "metrics", "pl",
+                                                                 "benchmark"))):
+        mod = importlib.import_module(modname)
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name, None)
+            if inspect.isclass(obj):
+                own = set()
+                for klass in obj.__mro__:
+                    if klass.__module__.startswith("st_predict"):
+                        own.update(vars(klass))
+                out[f"{modname}.{name}"] = sorted(own)
+    return out
+
+
+autosummary_context = {"st_members": _own_members()}
 autosummary_generate = True
 autosummary_imported_members = False
 autodoc_member_order = "groupwise"
