@@ -98,10 +98,19 @@ def test_load_random_keeps_trunk(weights):
     assert torch.equal(trunk[0].weight, before)
 
 
-@pytest.mark.parametrize("layout", ["prefixed", "nested", "trunk"])
+@pytest.mark.parametrize("layout", ["prefixed", "nested", "trunk", "ciga"])
 def test_load_weights_from_user_file(tmp_path, layout):
     state = _resnet_state(5)
-    if layout == "prefixed":
+    if layout == "ciga":
+        # the layout of Ciga et al.'s tenpercent_resnet18.ckpt (the NH2ST authors' trunk): a Lightning
+        # checkpoint whose state dict keys carry "model.resnet.", with the SSL projection's fc beside them
+        fc = {"model.resnet.fc.1.weight": torch.randn(512, 512), "model.resnet.fc.1.bias": torch.zeros(512)}
+        obj = {
+            "epoch": 20, "global_step": 1000, "pytorch-lightning_version": "1.0.0",
+            "state_dict": {**{"model.resnet." + k: v for k, v in state.items() if not k.startswith("fc.")}, **fc},
+            "optimizer_states": [], "lr_schedulers": [],
+        }
+    elif layout == "prefixed":
         obj = {"module.model." + k: v for k, v in state.items()}
     elif layout == "nested":
         obj = {"state_dict": {"module.model." + k: v for k, v in state.items()}, "epoch": 3}
