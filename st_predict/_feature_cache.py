@@ -59,6 +59,15 @@ def state_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def image_digest(image) -> str:
+    """SHA-256 of a section image: all its bytes when it is in memory (numpy); for a lazy image (dask,
+    zarr) its shape, dtype and every 16th row and column, so that keying does not read the whole slide."""
+    if isinstance(image, np.ndarray):
+        return digest(image)
+    sample = np.asarray(image[::16, ::16])
+    return digest(sample) + f"-lazy{tuple(image.shape)}"
+
+
 def _canonical(value):
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return {"sha256": digest(value)}

@@ -17,7 +17,9 @@ from scvi.train import Trainer
 
 from st_predict._constants import REGISTRY_KEYS
 from st_predict._errors import InputError
+from st_predict._feature_cache import FeatureCache, image_digest, state_digest
 from st_predict._threads import interactive, thread_limits
+from st_predict.nn import IMAGENET_MEAN, IMAGENET_STD
 from st_predict.pp import (
     make_patch_reader,
     normalize_expression,
@@ -147,42 +149,83 @@ class TrainingMixin:
         progress: bool = True,
         views: int = 1,
         trunk_features: torch.Tensor | None = None,
+        feature_cache: FeatureCache | str | os.PathLike | bool | None = None,
     ) -> torch.Tensor:
         """Frozen trunk: its maps of every training spot, computed on first use (``views=8``: of the 8
-        flips/rotations of each patch, for augmentation), or ``trunk_features`` when given."""
+        flips/rotations of each patch, for augmentation), or ``trunk_features`` when given.
+
+        ``feature_cache``: also keep them on disk, one entry per section
+        (``True``: its default folder), keyed by the
+        trunk's weights, the network's input size and normalisation, the views, the section, its
+        image and the spots' crop boxes; another model or run on the same sections reads them back."""
         if self.module.trunk_mode != "frozen":
             raise InputError("trunk_cache is for trunk='frozen'.")
         data = self._training_data()
         have = data.fmaps
         if have is not None and (have.ndim == 5 or views == 1) and trunk_features is None:
             return have
+        head = self.module.path_head
+        pooled = head.pooling == "avg" and head.token_proj is None
+
+        def reduce(fm: torch.Tensor) -> torch.Tensor:  # all the avg head needs: 49x less memory at 224 px
+            return fm.mean((-2, -1), keepdim=True) if pooled else fm
+
         if trunk_features is not None:
             fmaps = trunk_features
             if fmaps.shape[0] != len(data.targets):
                 raise InputError(f"trunk_features has {fmaps.shape[0]} rows for {len(data.targets)} spots.")
             if fmaps.ndim not in (4, 5):
                 raise InputError(f"trunk_features must be (n, C, h, w) or (n, 8, C, h, w), got {tuple(fmaps.shape)}.")
+            fmaps = reduce(fmaps)
         else:
             self.module.to(device)
             desc = "Embedding patches (frozen trunk" + (", 8 views)" if views == 8 else ")")
-            fmaps = compute_fmaps(
-                self.module, data.reader.read, len(data.targets), batch_size=batch_size, device=device,
-                progress=progress, desc=desc, views=views,
-            )
-        head = self.module.path_head
-        if head.pooling == "avg" and head.token_proj is None:
-            fmaps = fmaps.mean((-2, -1), keepdim=True)  # all the avg head needs: 49x less memory at 224 px
+
+            def compute(rows: np.ndarray) -> torch.Tensor:
+                return reduce(compute_fmaps(
+                    self.module, lambda i: data.reader.read(rows[i]), len(rows), batch_size=batch_size,
+                    device=device, progress=progress, desc=desc, views=views,
+                ))
+
+            if feature_cache is None or feature_cache is False:
+                fmaps = compute(np.arange(len(data.targets)))
+            else:
+                fmaps = self._cached_fmaps(feature_cache, compute, views, pooled)
         data.fmaps = fmaps
         return fmaps
 
-    def _training_source(self, cfg: TrainingSettings, device, embed_batch_size, progress, trunk_features):
+    def _cached_fmaps(self, feature_cache, compute, views: int, pooled: bool) -> torch.Tensor:
+        """The frozen trunk's maps of every training spot, section by section from ``feature_cache``."""
+        if not isinstance(feature_cache, FeatureCache):
+            feature_cache = FeatureCache(None if feature_cache is True else feature_cache)
+        reader = self._data.reader
+        common = {
+            "kind": "nh2st-trunk-maps", "encoder": "resnet18", "weights": state_digest(self.module.trunk),
+            "input_size": self.module.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "views": views,
+            "pooled": pooled,
+        }
+        out = None
+        for lib in pd.unique(reader.libraries):
+            rows = np.flatnonzero(reader.libraries == lib)
+            key = {**common, "section": str(lib), "image": image_digest(reader.images[lib]), "boxes": reader.boxes[rows]}
+            fm = feature_cache.get_or_compute(key, lambda rows=rows: compute(rows))
+            if out is None:
+                out = torch.empty((len(reader.libraries), *fm.shape[1:]), dtype=fm.dtype)
+            out[rows] = fm
+        return out
+
+    def _training_source(self, cfg: TrainingSettings, device, embed_batch_size, progress, trunk_features,
+                         feature_cache=None):
         """What batches are made of: ``({"fmaps": ...} | {"patches": ..., "neighbor_patches": ...}, plan kwargs)``."""
         module = self.module
         if module.trunk_mode == "frozen":
             views = 8 if cfg.augment != "none" else 1
-            return {"fmaps": self.trunk_cache(device, embed_batch_size, progress, views, trunk_features)}, {}
+            maps = self.trunk_cache(device, embed_batch_size, progress, views, trunk_features, feature_cache)
+            return {"fmaps": maps}, {}
         if trunk_features is not None:
             raise InputError("trunk_features is for trunk='frozen': an end-to-end trunk changes as it trains.")
+        if feature_cache not in (None, False):
+            raise InputError("feature_cache is for trunk='frozen': an end-to-end trunk changes as it trains.")
         patches = self.training_patches(progress)
         if module.neighbor_trunk_grad or not module.use_neighbor_branch or not module.contrastive:
             return {"patches": patches, "neighbor_patches": True}, {}
@@ -205,6 +248,7 @@ class TrainingMixin:
         devices: int | list[int] | str = "auto",
         train_size: float = 1.0,
         trunk_features: torch.Tensor | None = None,
+        feature_cache: str | os.PathLike | bool | None = None,
         num_workers: int = 0,
         embed_batch_size: int = 16,
         progress: bool | None = None,
@@ -238,6 +282,13 @@ class TrainingMixin:
             ``trunk="frozen"`` only: precomputed trunk maps of every registered spot, made by this
             model's trunk (:func:`~st_predict.train.compute_fmaps`, ``(n_obs, 512, h, w)`` or with 8
             views ``(n_obs, 8, 512, h, w)``), e.g. shared between the folds of a benchmark.
+        feature_cache
+            ``trunk="frozen"`` only: a folder (``True``: ``$ST_PREDICT_CACHE_DIR``, else
+            ``~/.cache/st_predict/features``) where the trunk's maps are kept, one file per section,
+            keyed by the trunk's weights, input size, views, the section's image and its spots' crop
+            boxes. A later ``train`` of any model with the same trunk on the same sections (another
+            fold, another run) reads them instead of computing them; a change to any part of the key
+            computes them afresh. ``None``: kept in memory for this model only.
         num_workers
             DataLoader workers (each draws its own augmentations; see
             :class:`~st_predict.train.NH2STCollate`).
@@ -279,10 +330,11 @@ class TrainingMixin:
         batch_given = settings is not None or overrides.get("batch_size") is not None
         with thread_limits():
             return self._fit(cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers,
-                             embed_batch_size, progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs)
+                             embed_batch_size, progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs,
+                             feature_cache)
 
     def _fit(self, cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers, embed_batch_size,
-             progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs):
+             progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs, feature_cache=None):
         progress = interactive() if progress is None else bool(progress)
         if self.module.contrastive and cfg.batch_size < 2:
             raise InputError(
@@ -313,7 +365,8 @@ class TrainingMixin:
             cfg = cfg.replace(batch_size=len(train_idx))
         device = device_for(accelerator)
         self.module.to(device)
-        source, plan_extra = self._training_source(cfg, device, embed_batch_size, progress, trunk_features)
+        source, plan_extra = self._training_source(cfg, device, embed_batch_size, progress, trunk_features,
+                                                   feature_cache)
         self.fit_scales(train_idx)
         targets = self.training_targets(cfg.center_sections, train_idx)
         seed = settings.seed or 0
