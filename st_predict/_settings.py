@@ -41,9 +41,15 @@ class NetworkSettings:
     ----------
     latent_dim
         Latent size ``N``.
+    encoder
+        The image trunk's canonical name: ``"resnet18"`` (the paper's), ``"lazyslide:<key>"`` (a
+        lazyslide-models vision model, e.g. ``"lazyslide:uni"``), ``"timm:<name>"``,
+        ``"hf-hub:<org>/<name>"`` or ``"module:<class>"`` (a user's module). Set through
+        :class:`~st_predict.NH2ST`'s ``encoder=`` argument, which also accepts the short forms.
     image_size
-        Side in pixels of the patches fed to the trunk (multiple of 32). The speed/accuracy knob:
-        64 trains end to end on a laptop CPU in minutes; 224 is the paper's (a GPU job).
+        Side in pixels of the patches fed to the trunk: a multiple of 32 for the ResNet18, the
+        encoder's own input size for any other. The ResNet18's speed/accuracy knob: 64 trains end to
+        end on a laptop CPU in minutes; 224 is the paper's (a GPU job).
     trunk
         ``"finetune"`` (trained end to end, as the paper) or ``"frozen"`` (fixed in eval mode;
         batches carry cached ``fmaps``, the fast path for a pretrained trunk).
@@ -119,6 +125,7 @@ class NetworkSettings:
     """
 
     latent_dim: int = 512
+    encoder: str = "resnet18"
     image_size: int = 64
     trunk: Literal["frozen", "finetune"] = "finetune"
     pooling: Literal["flatten", "avg"] = "avg"
@@ -156,8 +163,12 @@ class NetworkSettings:
         _choice("graph", self.graph, ("hypergraph", "graph"))
         _choice("hypergraph_norm", self.hypergraph_norm, ("rw", "sym"))
         _choice("activation", self.activation, ("relu", "gelu", "none"))
-        if self.image_size < 32 or self.image_size % 32:
+        if not isinstance(self.encoder, str) or not self.encoder:
+            raise InputError(f"encoder must be a name, got {self.encoder!r}.")
+        if self.encoder == "resnet18" and (self.image_size < 32 or self.image_size % 32):
             raise InputError(f"image_size must be a positive multiple of 32, got {self.image_size}.")
+        if self.image_size < 8:
+            raise InputError(f"image_size must be >= 8 px, got {self.image_size}.")
         if self.latent_dim < 1 or self.n_heads < 1 or self.latent_dim % self.n_heads:
             raise InputError(
                 f"latent_dim ({self.latent_dim}) must be a positive multiple of n_heads ({self.n_heads})."

@@ -28,7 +28,7 @@ from st_predict._constants import (
 from st_predict._errors import InputError, MissingKeyError
 from st_predict._threads import thread_limits
 from st_predict.module import NetworkSettings, NH2STModule
-from st_predict.nn import load_trunk_weights
+from st_predict.nn import encoder_name
 from st_predict.pp import (
     PatchGeometry,
     check_expression,
@@ -43,6 +43,7 @@ from st_predict.pp import (
 from st_predict.train import RECIPES, NH2STTrainingPlan, Recipe, TrainingSettings, get_recipe
 
 from ._docstrings import nh2st_dsp
+from ._encoder import encoder_digest, resolve_encoder
 from ._save_load import LOADING, SaveLoadMixin
 from ._slide import SlideMixin
 from ._training import TrainingData, TrainingMixin
@@ -82,6 +83,30 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         the internet; falls back to random init with a loud warning), a path to a ResNet18 state dict
         (e.g. a histology self-supervised checkpoint), a state dict itself, or ``"random"``. Shown in
         the summary, saved.
+    encoder
+        The image trunk (default: the recipe's, ``"resnet18"``):
+
+        - ``"resnet18"``, with ``weights``;
+        - a vision key of the lazyslide-models registry (``"uni"``, ``"uni2"``, ``"h-optimus-0"``,
+          ``"virchow2"``, ``"gigapath"``, ``"phikon"``, ...; ``st_predict.nn.registry_vision_keys()``
+          lists them);
+        - a timm model name, or a Hugging Face Hub id ``"hf-hub:<org>/<name>"`` (read from the local HF
+          cache when it is there, also with ``HF_HUB_OFFLINE=1``);
+        - a :class:`torch.nn.Module` of yours mapping normalised ``(B, 3, S, S)`` patches to ``(B, D)``
+          vectors or ``(B, C, h, w)`` maps (input size and normalisation from its timm config if it has
+          one, else ``image_size`` (224) and ImageNet's).
+
+        Any encoder but the ResNet18 defaults to ``trunk="frozen"`` and to its own input size: the
+        patch (its micrometres fixed at setup) is resampled to that size and normalised as the
+        encoder was trained. Its frozen features can be cached on disk (``train(feature_cache=...)``).
+        The encoder's name and weights are saved with the model; the weights of a frozen hub or
+        registry encoder are not copied into the model file but rebuilt on loading and checked
+        against a digest.
+    encoder_weights
+        The encoder's weights: a local file (for a registry key, its ``model_path``; for a timm name or
+        hub id, a timm state dict), ``"random"`` (timm names only), or ``None``: the published
+        weights (the ResNet18: ``weights``). Gated models read the Hugging Face token from
+        ``HF_TOKEN``.
     library_size
         Normalisation of count targets: library size over ``"all_genes"`` (scanpy's
         ``normalize_total``) or over the ``"selected_genes"`` (authors' code).
@@ -123,6 +148,8 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         n_genes: int = N_GENES,
         genes: Sequence[str] | None = None,
         weights: str | os.PathLike | Mapping | None = DEFAULT_WEIGHTS,
+        encoder: str | torch.nn.Module | None = None,
+        encoder_weights: str | os.PathLike | None = None,
         library_size: Literal["all_genes", "selected_genes"] = "all_genes",
         tta: bool | None = None,
         network: NetworkSettings | Mapping | None = None,
@@ -144,6 +171,8 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
             )
         # resolved once and saved as such: a loaded model rebuilds the same network even if the
         # recipe's defaults change in a later release
+        if encoder is not None:  # before the overrides are checked: image_size rules depend on the encoder
+            network_overrides = {**network_overrides, "encoder": encoder_name(encoder)}
         network = network.replace(**network_overrides)
         setup = self.registry_["setup_args"]
         if adata is not None:
@@ -163,8 +192,13 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         self._library_size = library_size
         self.recipe_ = the_recipe
         self.tta_ = bool(the_recipe.tta) if tta is None else bool(tta)
-        self.module = self._module_cls(len(genes), network)
-        self.weights_source_ = "from saved model" if LOADING.get() else load_trunk_weights(self.module.trunk, weights)
+        loading = LOADING.get()
+        network, built, saved_weights = resolve_encoder(
+            network, network_overrides, encoder, encoder_weights, weights, loading
+        )
+        self.module = self._module_cls(len(genes), network, encoder=built)
+        self.weights_source_ = "from saved model" if loading and self.module.saves_trunk else built[1].weights
+        self.encoder_digest_ = None if loading else encoder_digest(self.module)
         self._data: TrainingData | None = None
         self._predict_adata: AnnData | None = None
         self.validation_: dict | None = None
@@ -180,6 +214,7 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
                 "recipe": the_recipe.name if RECIPES.get(the_recipe.name) == the_recipe else the_recipe,
                 "n_genes": n_genes, "genes": genes,
                 "weights": "state dict" if isinstance(weights, Mapping) else weights,  # its tensors are in the module
+                "encoder_weights": saved_weights if network.encoder != "resnet18" else None,
                 "library_size": library_size, "tta": tta, "network": network.to_dict(),
             },
             "kwargs": {},
@@ -246,7 +281,8 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         patch = f"; patches {self.patch_geometry_}" if self.patch_geometry_ is not None else ""
         return (
             f"NH2ST model (recipe {self.recipe_.name!r}): {len(self.genes_)} genes, latent {p.latent_dim}, "
-            f"ResNet18 trunk {p.trunk} at {p.image_size} px ({p.pooling} pooling), weights: "
+            f"{'ResNet18' if p.encoder == 'resnet18' else p.encoder} trunk {p.trunk} at {p.image_size} px "
+            f"({p.pooling} pooling), weights: "
             f"{self.weights_source_}; {p.attention}-attention ({p.attention_mode}), {branch}; {nce}{patch}."
             f"{val}\nTraining status: {'Trained' if self.is_trained_ else 'Not Trained'}"
         )

@@ -15,6 +15,8 @@ from st_predict._atomic import staged_folder
 from st_predict._errors import InputError, MissingFileError
 from st_predict._logging import quiet_logger
 
+from ._encoder import ENCODER_OVERRIDE, check_encoder_digest
+
 #: Version of the saved-model layout (``model.pt``'s keys, the module's parameters and attributes).
 #: Raised when a change means older releases cannot read new files or this release cannot read old
 #: ones; models saved before versions were recorded are format 1. Format 2 records the network's
@@ -78,6 +80,8 @@ class SaveLoadMixin:
         accelerator: str = "auto",
         device: int | str = "auto",
         prefix: str | None = None,
+        encoder: torch.nn.Module | None = None,
+        encoder_weights: str | os.PathLike | None = None,
         **kwargs,
     ):
         """Load a model saved with :meth:`save` (by this release, or an earlier one whose save format
@@ -97,6 +101,13 @@ class SaveLoadMixin:
             Where to put the model.
         prefix
             File-name prefix given to :meth:`save`.
+        encoder
+            The module instance, for a model trained with a user encoder module (its weights come from
+            the saved model).
+        encoder_weights
+            Where the encoder's weights are on this machine, when not where they were at training
+            (a frozen hub or registry encoder is rebuilt, not read from the model file). The
+            weights must be those the model was trained with: their digest is checked.
         """
         path = os.path.join(dir_path, f"{prefix or ''}model.pt")
         if not os.path.isfile(path):
@@ -137,11 +148,14 @@ class SaveLoadMixin:
             load_arg = None if has_adata else False
         del saved
         token = LOADING.set(True)
+        given = ENCODER_OVERRIDE.set({"encoder": encoder, "encoder_weights": encoder_weights})
         try:
             with quiet_logger("scvi"):  # scvi-tools logs "File ... already downloaded" on every load
                 model = super().load(dir_path, adata=load_arg, accelerator=accelerator, device=device, prefix=prefix,
                                      **kwargs)
         finally:
+            ENCODER_OVERRIDE.reset(given)
             LOADING.reset(token)
+        check_encoder_digest(model)
         model._predict_adata = predict_only
         return model

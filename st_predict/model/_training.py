@@ -19,7 +19,6 @@ from st_predict._constants import REGISTRY_KEYS
 from st_predict._errors import InputError
 from st_predict._feature_cache import FeatureCache, image_digest, state_digest
 from st_predict._threads import interactive, thread_limits
-from st_predict.nn import IMAGENET_MEAN, IMAGENET_STD
 from st_predict.pp import (
     make_patch_reader,
     normalize_expression,
@@ -199,9 +198,10 @@ class TrainingMixin:
         if not isinstance(feature_cache, FeatureCache):
             feature_cache = FeatureCache(None if feature_cache is True else feature_cache)
         reader = self._data.reader
+        info = self.module.encoder_info
         common = {
-            "kind": "nh2st-trunk-maps", "encoder": "resnet18", "weights": state_digest(self.module.trunk),
-            "input_size": self.module.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "views": views,
+            "kind": "nh2st-trunk-maps", "encoder": info.name, "weights": state_digest(self.module.trunk),
+            "input_size": self.module.image_size, "mean": info.mean, "std": info.std, "views": views,
             "pooled": pooled,
         }
         out = None

@@ -24,6 +24,8 @@ distinct spots of the batch (targets and their neighbours, each encoded once):
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,15 +35,25 @@ from st_predict._imaging import dihedral_views
 from st_predict._settings import NetworkSettings
 from st_predict.nn import (
     CrossAttentionBlock,
+    EncoderInfo,
     GeneTokenizer,
     NeighbourhoodEncoder,
     PathologyHead,
     Translator,
     TwoLayerMLP,
-    build_resnet18_trunk,
+    build_encoder,
     info_nce,
     prepare_patches,
 )
+
+
+def _external_trunk_not_missing(module, incompatible) -> None:
+    """Loading a state dict without the trunk of a rebuilt encoder (see ``saves_trunk``) is complete."""
+    if not module.saves_trunk:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not _TRUNK_KEY.search(k)]
+
+
+_TRUNK_KEY = re.compile(r"(^|\.)trunk\.")
 
 
 class NH2STModule(nn.Module):
@@ -54,11 +66,15 @@ class NH2STModule(nn.Module):
     settings
         The network's settings (:class:`~st_predict.module.NetworkSettings`; default: the defaults,
         which are the ``"default"`` recipe's).
+    encoder
+        The image encoder: ``(backbone, info)`` from :func:`st_predict.nn.build_encoder`. Default: a
+        random ResNet18 when ``settings.encoder == "resnet18"``; any other encoder must be given.
     **overrides
         Settings that replace those of ``settings``, e.g. ``NH2STModule(250, image_size=224)``.
     """
 
-    def __init__(self, n_genes: int, settings: NetworkSettings | None = None, **overrides):
+    def __init__(self, n_genes: int, settings: NetworkSettings | None = None,
+                 encoder: tuple[nn.Module, EncoderInfo] | None = None, **overrides):
         super().__init__()
         if n_genes < 1:
             raise InputError(f"n_genes must be >= 1, got {n_genes}.")
@@ -83,15 +99,26 @@ class NH2STModule(nn.Module):
         self.lambda_neighbor = s.lambda_neighbor
         self.neighbor_trunk_grad = s.neighbor_trunk_grad
         self.standardize_targets = s.standardize_targets
-        self.map_size = image_size // 32
+        if encoder is None:
+            if s.encoder != "resnet18":
+                raise InputError(f"NH2STModule with encoder={s.encoder!r} needs encoder=build_encoder(...).")
+            encoder = build_encoder("resnet18", load_weights=False)
+        self.trunk, self.encoder_info = encoder
+        if self.encoder_info.name != s.encoder and not self.encoder_info.name.startswith("module:"):
+            raise InputError(f"settings.encoder={s.encoder!r} but the encoder given is {self.encoder_info.name!r}.")
+        size = self.encoder_info.input_size
+        if size is not None and size != image_size:
+            raise InputError(
+                f"image_size={image_size} but the encoder {self.encoder_info.name!r} takes {size} px patches; "
+                f"leave image_size unset (it follows the encoder) or set it to {size}."
+            )
+        self.map_size = self.encoder_info.map_size(image_size)
         tokens = attention_mode == "tokens" and attention != "none"
-
-        self.trunk = build_resnet18_trunk()
         if trunk == "frozen":
             self.trunk.requires_grad_(False)
             self.trunk.eval()  # fixed BatchNorm statistics from the start, not only after .train()/.eval()
         self.path_head = PathologyHead(
-            self.map_size, latent_dim, pooling, with_tokens=tokens,
+            self.map_size, latent_dim, pooling, in_channels=self.encoder_info.out_channels, with_tokens=tokens,
             input_norm="fixed" if trunk == "frozen" else "batch",
         )
         self.translator = Translator(
@@ -120,6 +147,21 @@ class NH2STModule(nn.Module):
                 self.attn_neighbor = CrossAttentionBlock(latent_dim, **block)
         else:
             self.hgnn_path = self.hgnn_gene = self.attn_neighbor = None
+        self.register_load_state_dict_post_hook(_external_trunk_not_missing)
+
+    @property
+    def saves_trunk(self) -> bool:
+        """Whether the trunk's weights go into :meth:`state_dict` (saved models, checkpoints). A frozen
+        encoder whose weights come back from its name (hub id, registry key, weights file) is not
+        saved: it is rebuilt on loading, and its digest checked (:class:`~st_predict.model.NH2ST`)."""
+        return not (self.trunk_mode == "frozen" and self.encoder_info.rebuildable)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not self.saves_trunk:
+            for key in [k for k in out if k.startswith(prefix + "trunk.")]:
+                del out[key]
+        return out
 
     # -- scvi-tools expects these two from a module ---------------------------------------------
     @property
@@ -173,17 +215,26 @@ class NH2STModule(nn.Module):
 
     # -- encoders --------------------------------------------------------------------------------
     def trunk_features(self, patches: torch.Tensor) -> torch.Tensor:
-        """Trunk feature maps ``(U, 512, S/32, S/32)`` of uint8 (or [0, 1] float) RGB ``patches``."""
+        """Trunk feature maps ``(U, C, h, w)`` of uint8 (or [0, 1] float) RGB ``patches``: the
+        ResNet18's ``(U, 512, S/32, S/32)``, an encoder's vectors as ``(U, D, 1, 1)``."""
         if patches.shape[-1] != self.image_size or patches.shape[-2] != self.image_size:
             raise InputError(
                 f"Patches are {tuple(patches.shape[-2:])} px but the trunk was built for "
                 f"{self.image_size} px (image_size)."
             )
-        x = prepare_patches(patches)
+        info = self.encoder_info
+        x = prepare_patches(patches, info.mean, info.std)
+        if info.name != "resnet18":
+            x = x.contiguous()
         if self.trunk_mode == "frozen":
             with torch.no_grad():
-                return self.trunk(x)
-        return self.trunk(x)
+                return self._as_map(self.trunk(x))
+        return self._as_map(self.trunk(x))
+
+    @staticmethod
+    def _as_map(out: torch.Tensor) -> torch.Tensor:
+        """An encoder's vectors ``(B, D)`` as ``(B, D, 1, 1)`` maps."""
+        return out[:, :, None, None] if out.ndim == 2 else out
 
     def node_fmaps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Trunk maps of every row of the batch, and the live (trunk-computed) maps, if any."""

@@ -13,6 +13,7 @@ from ._encoders import (
     prepare_patches,
 )
 from ._hypergraph import DenseGraphConv, HypergraphConv, NeighbourhoodEncoder, knn_adjacency, knn_hyperedges
+from ._image_encoders import EncoderInfo, build_encoder, canonical_name, encoder_name, registry_vision_keys
 from ._losses import info_nce
 
 __all__ = [
@@ -20,16 +21,21 @@ __all__ = [
     "IMAGENET_STD",
     "CrossAttentionBlock",
     "DenseGraphConv",
+    "EncoderInfo",
     "GeneTokenizer",
     "HypergraphConv",
     "NeighbourhoodEncoder",
     "PathologyHead",
     "Translator",
     "TwoLayerMLP",
+    "build_encoder",
     "build_resnet18_trunk",
+    "canonical_name",
+    "encoder_name",
     "info_nce",
     "knn_adjacency",
     "knn_hyperedges",
     "load_trunk_weights",
     "prepare_patches",
+    "registry_vision_keys",
 ]

@@ -36,14 +36,15 @@ def build_resnet18_trunk() -> nn.Sequential:
     return nn.Sequential(*list(net.children())[:-2]).to(memory_format=torch.channels_last)
 
 
-def prepare_patches(patches: torch.Tensor) -> torch.Tensor:
-    """uint8 (or [0, 1] float) RGB patches ``(B, 3, S, S)`` -> ImageNet-normalised float32 in
-    channels-last memory format (the trunk's convolutions run ~1.5x faster so on CPU)."""
+def prepare_patches(patches: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (or [0, 1] float) RGB patches ``(B, 3, S, S)`` -> normalised float32 (``(x - mean) /
+    std``, ImageNet's by default) in channels-last memory format (the ResNet's convolutions run
+    ~1.5x faster so on CPU)."""
     x = patches.float()
     if patches.dtype == torch.uint8:
         x = x / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 

@@ -1,0 +1,229 @@
+"""NH2ST on encoders other than the ResNet18 (issue 16): a Hugging Face Hub id read from a local HF cache
+offline, a lazyslide-models registry key with a local weights file, a timm name and a user's module. Each
+trains and predicts on synthetic data, is saved and reloaded with its encoder, and feeds the feature cache.
+No weights are downloaded: the tests write every checkpoint they load."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import setup
+from torch import nn
+
+import st_predict.model._training as training
+from st_predict import NH2ST
+from st_predict.data import synthetic_tissue
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
+
+HEAD = {"latent_dim": 32, "n_heads": 4, "n_genes": 20}
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
+REPO = "testorg/tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Two 5 x 5 training sections and one to predict."""
+    tissue = synthetic_tissue(n_sections=3, n_rows=5, n_cols=5, n_genes=30, seed=3)
+    return tissue[tissue.obs["section"] != "S2"].copy(), tissue[tissue.obs["section"] == "S2"].copy()
+
+
+def _tiny_vit(seed: int):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """A tiny timm ViT saved as the Hugging Face Hub repo testorg/tiny-vit in an HF cache, offline."""
+    import timm
+
+    net = _tiny_vit(0)
+    repo = tmp_path / "hf" / "hub" / "models--testorg--tiny-vit"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    cfg = {**net.pretrained_cfg, "input_size": (3, 32, 32), "mean": (0.6, 0.5, 0.7), "std": (0.2, 0.25, 0.2)}
+    cfg = {k: v for k, v in cfg.items() if k not in ("hf_hub_id", "url")}
+    timm.models.save_for_hf(net, str(snapshot), model_config={"pretrained_cfg": cfg}, model_args=TINY_VIT,
+                            safe_serialization=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    # huggingface_hub reads these once, at import
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return net
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    seen = []
+    real = training.compute_fmaps
+
+    def counting(module, read_patches, n_spots=None, **kwargs):
+        seen.append(n_spots)
+        return real(module, read_patches, n_spots, **kwargs)
+
+    monkeypatch.setattr(training, "compute_fmaps", counting)
+    return seen
+
+
+def _fit(adata, cache=None, epochs=2, **kwargs):
+    setup(adata, patch_size=32)
+    torch.manual_seed(0)
+    model = NH2ST(adata, **HEAD, **kwargs)
+    model.train(max_epochs=epochs, progress=False, feature_cache=cache)
+    return model
+
+
+def _check_predicts(model, test):
+    pred = model.get_predicted_expression(test)
+    assert pred.shape == (test.n_obs, HEAD["n_genes"])
+    assert np.isfinite(pred.to_numpy()).all()
+    assert pred.to_numpy().std(0).max() > 0  # the image reaches the prediction
+    return pred
+
+
+def test_hf_hub_id_from_the_offline_cache(small, hf_cache, tmp_path, encoder_calls):
+    train, test = small
+    model = _fit(train, tmp_path / "features", encoder=f"hf-hub:{REPO}")
+    net = model.module
+    assert net.settings.encoder == f"hf-hub:{REPO}" and net.trunk_mode == "frozen"
+    assert net.image_size == 32  # the encoder's input size, not the recipe's
+    assert net.encoder_info.mean == (0.6, 0.5, 0.7) and net.encoder_info.std == (0.2, 0.25, 0.2)
+    for key, value in hf_cache.state_dict().items():  # the hub's weights, not a random ViT
+        torch.testing.assert_close(net.trunk.state_dict()[key], value, rtol=0, atol=0)
+    # the encoder's own normalisation is applied: the maps equal the ViT on (x - mean) / std
+    patches = model._training_data().reader.read(np.arange(4))
+    x = (patches.float() / 255 - torch.tensor((0.6, 0.5, 0.7)).view(1, 3, 1, 1)) / torch.tensor(
+        (0.2, 0.25, 0.2)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(net.trunk_features(patches)[:, :, 0, 0], hf_cache.eval()(x), rtol=1e-4, atol=1e-5)
+    pred = _check_predicts(model, test)
+
+    # a second train() on the same data runs the encoder on no patch; its maps equal fresh ones
+    encoder_calls.clear()
+    again = _fit(train, tmp_path / "features", encoder=f"hf-hub:{REPO}")
+    assert encoder_calls == []
+    torch.testing.assert_close(again._data.fmaps, model._data.fmaps, rtol=0, atol=0)
+    fresh = _fit(train, None, encoder=f"hf-hub:{REPO}")
+    torch.testing.assert_close(fresh._data.fmaps, model._data.fmaps, rtol=0, atol=0)
+
+    # saved without the encoder's weights (rebuilt from the cache), reloaded, same predictions
+    model.save(tmp_path / "m")
+    assert os.path.getsize(tmp_path / "m" / "model.pt") < 0.5 * sum(
+        v.numel() * v.element_size() for v in hf_cache.state_dict().values())
+    loaded = NH2ST.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_another_weights_file_or_patch_size_recomputes(small, hf_cache, tmp_path, encoder_calls):
+    train, _ = small
+    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save(hf_cache.state_dict(), first)
+    torch.save(_tiny_vit(1).state_dict(), second)
+    cache = tmp_path / "features"
+    _fit(train, cache, encoder=f"hf-hub:{REPO}", encoder_weights=first)
+    assert sum(encoder_calls) == train.n_obs
+    encoder_calls.clear()
+    _fit(train, cache, encoder=f"hf-hub:{REPO}", encoder_weights=first)
+    assert encoder_calls == []
+    model = _fit(train, cache, encoder=f"hf-hub:{REPO}", encoder_weights=second)
+    assert sum(encoder_calls) == train.n_obs
+    assert "b.pth" in model.weights_source_
+    encoder_calls.clear()
+    setup(train, patch_size=40)  # another physical patch: other pixels reach the encoder
+    model = NH2ST(train, **HEAD, encoder=f"hf-hub:{REPO}", encoder_weights=first)
+    model.train(max_epochs=1, progress=False, feature_cache=cache)
+    assert sum(encoder_calls) == train.n_obs
+
+
+def test_loading_checks_and_names_the_encoder(small, hf_cache, tmp_path, monkeypatch):
+    train, _ = small
+    weights = tmp_path / "w.pth"
+    torch.save(hf_cache.state_dict(), weights)
+    model = _fit(train, None, epochs=1, encoder=f"hf-hub:{REPO}", encoder_weights=weights)
+    model.save(tmp_path / "m")
+    os.rename(weights, tmp_path / "moved.pth")  # another machine: the weights live elsewhere
+    with pytest.raises(FileNotFoundError, match=r"hf-hub:testorg/tiny-vit.*encoder_weights=PATH"):
+        NH2ST.load(tmp_path / "m")
+    NH2ST.load(tmp_path / "m", encoder_weights=tmp_path / "moved.pth")  # found again
+    torch.save(_tiny_vit(7).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other weights"):
+        NH2ST.load(tmp_path / "m", encoder_weights=tmp_path / "other.pth")
+    # a hub id that is not in the cache: named, with how to get it
+    with pytest.raises(FileNotFoundError, match=r"hf-hub:testorg/absent.*Download it once online"):
+        NH2ST(train, **HEAD, encoder="hf-hub:testorg/absent")
+
+
+class TinyMapEncoder(nn.Module):
+    """A user's encoder: (B, 3, 48, 48) -> (B, 8, 3, 3) maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(3))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_user_module(small, tmp_path):
+    train, test = small
+    torch.manual_seed(2)
+    encoder = TinyMapEncoder()
+    model = _fit(train, None, encoder=encoder, image_size=48, pooling="flatten")
+    info = model.module.encoder_info
+    assert (info.output, info.out_channels, info.map_side, info.input_size) == ("map", 8, 3, 48)
+    assert model.module.path_head.proj.in_features == 8 * 3 * 3
+    assert model.module.trunk is encoder
+    pred = _check_predicts(model, test)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"TinyMapEncoder.*encoder=<an instance"):
+        NH2ST.load(tmp_path / "m")
+    loaded = NH2ST.load(tmp_path / "m", encoder=TinyMapEncoder())  # a fresh instance: weights from the file
+    np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_timm_name_with_random_weights_is_saved_whole(small, tmp_path):
+    train, test = small
+    model = _fit(train, None, epochs=1, encoder="vit_tiny_patch16_224", encoder_weights="random", image_size=224)
+    assert model.module.settings.encoder == "timm:vit_tiny_patch16_224"
+    assert model.module.saves_trunk  # random weights cannot be rebuilt from a name
+    pred = _check_predicts(model, test)
+    model.save(tmp_path / "m")
+    loaded = NH2ST.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_lazyslide_registry_key_with_a_local_weights_file(small, tmp_path):
+    pytest.importorskip("lazyslide_models")
+    import timm
+    from timm.layers import SwiGLUPacked
+
+    train, test = small
+    # GigaPath-Flash's architecture (a ViT-S/16 with SwiGLU), random weights written as its checkpoint
+    torch.manual_seed(4)
+    vit = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=224, patch_size=16, embed_dim=384,
+        depth=12, num_heads=6, mlp_ratio=2048 / 384.0, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU,
+        init_values=1e-5, global_pool="token", class_token=True, reg_tokens=0,
+    )
+    weights = tmp_path / "gigapath_flash.bin"
+    torch.save(vit.state_dict(), weights)
+    model = _fit(train, tmp_path / "features", epochs=1, encoder="gigapath-flash", encoder_weights=weights)
+    net = model.module
+    assert net.settings.encoder == "lazyslide:gigapath-flash"
+    assert (net.image_size, net.encoder_info.out_channels) == (224, 384)
+    torch.testing.assert_close(net.trunk.model.state_dict()["blocks.0.attn.qkv.weight"],
+                               vit.state_dict()["blocks.0.attn.qkv.weight"], rtol=0, atol=0)
+    pred = _check_predicts(model, test)
+    model.save(tmp_path / "m")
+    loaded = NH2ST.load(tmp_path / "m")
+    assert "gigapath_flash.bin" in loaded.weights_source_
+    np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
