@@ -397,9 +397,15 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
 
     def _inference(
         self, adata, indices, batch_size, what: str, progress: bool = False, keys: dict | None = None,
-        tta: bool = False, trunk_features: torch.Tensor | None = None,
+        tta: bool = False, trunk_features: torch.Tensor | None = None, feature_cache=None,
     ) -> tuple[np.ndarray, pd.Index]:
         adata = self._target(adata)
+        if feature_cache is not None and feature_cache is not False and trunk_features is None:
+            if self.module.trunk_mode != "frozen":
+                raise InputError("feature_cache is for a frozen encoder (trunk='frozen').")
+            with thread_limits():
+                trunk_features = self.encoder_maps(self._reader_for(adata, keys), 8 if tta else 1, feature_cache,
+                                                   self.module.device, batch_size, progress)
         cache = trunk_features
         if cache is None and adata is self.adata and self._data is not None and not any((keys or {}).values()):
             cache = self._data.fmaps
@@ -462,6 +468,7 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         spatial_key: str | None = None,
         tta: bool | None = None,
         trunk_features: torch.Tensor | None = None,
+        feature_cache: str | os.PathLike | bool | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Predicted expression of the model's genes from each spot's H&E patch alone.
 
@@ -490,6 +497,11 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
             model's setting (:attr:`tta_`).
         trunk_features
             Frozen trunk only: precomputed trunk maps of ``adata``'s spots (see :meth:`train`).
+        feature_cache
+            Frozen trunk only: read the encoder's features of ``adata``'s sections from the on-disk
+            cache (a folder, or ``True`` for the default one; see :meth:`train`), computing and
+            storing those that are missing. Predicting the same section again, with this model or
+            another with the same encoder and patch, then runs no encoder.
 
         Returns
         -------
@@ -499,7 +511,8 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         self._check_if_trained(warn=True)
         keys = {"library_key": library_key, "image_key": image_key, "spatial_key": spatial_key}
         tta = self.tta_ if tta is None else bool(tta)
-        arr, names = self._inference(adata, indices, batch_size, "expression", progress, keys, tta, trunk_features)
+        arr, names = self._inference(adata, indices, batch_size, "expression", progress, keys, tta, trunk_features,
+                                     feature_cache)
         if return_numpy:
             return arr
         return pd.DataFrame(arr, index=names, columns=pd.Index(self.genes_))
@@ -521,6 +534,7 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         image_key: str | None = None,
         spatial_key: str | None = None,
         tta: bool | None = None,
+        feature_cache: str | os.PathLike | bool | None = None,
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
 
@@ -528,13 +542,13 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         (``training_sections``) and validated on (``validation_sections``), so that scoring can keep
         them apart from held-out sections (``st-predict evaluate`` does). These are the only changes
         made to ``adata``. Works on AnnData with an image and spot positions but no expression
-        (``n_vars == 0``). ``library_key``, ``image_key``, ``spatial_key`` and ``tta`` may be given as
-        in :meth:`get_predicted_expression`. Returns the DataFrame.
+        (``n_vars == 0``). ``library_key``, ``image_key``, ``spatial_key``, ``tta`` and ``feature_cache``
+        may be given as in :meth:`get_predicted_expression`. Returns the DataFrame.
         """
         target = self._target(adata)
         df = self.get_predicted_expression(
             target, batch_size=batch_size, progress=progress, library_key=library_key, image_key=image_key,
-            spatial_key=spatial_key, tta=tta,
+            spatial_key=spatial_key, tta=tta, feature_cache=feature_cache,
         )
         target.obsm[key_added] = df
         meta = dict(target.uns.get("st_predict", {})) if isinstance(target.uns.get("st_predict"), Mapping) else {}

@@ -163,52 +163,73 @@ class TrainingMixin:
         have = data.fmaps
         if have is not None and (have.ndim == 5 or views == 1) and trunk_features is None:
             return have
-        head = self.module.path_head
-        pooled = head.pooling == "avg" and head.token_proj is None
-
-        def reduce(fm: torch.Tensor) -> torch.Tensor:  # all the avg head needs: 49x less memory at 224 px
-            return fm.mean((-2, -1), keepdim=True) if pooled else fm
-
         if trunk_features is not None:
             fmaps = trunk_features
             if fmaps.shape[0] != len(data.targets):
                 raise InputError(f"trunk_features has {fmaps.shape[0]} rows for {len(data.targets)} spots.")
             if fmaps.ndim not in (4, 5):
                 raise InputError(f"trunk_features must be (n, C, h, w) or (n, 8, C, h, w), got {tuple(fmaps.shape)}.")
-            fmaps = reduce(fmaps)
+            fmaps = self._reduce_maps(fmaps)
         else:
-            self.module.to(device)
-            desc = "Embedding patches (frozen trunk" + (", 8 views)" if views == 8 else ")")
-
-            def compute(rows: np.ndarray) -> torch.Tensor:
-                return reduce(compute_fmaps(
-                    self.module, lambda i: data.reader.read(rows[i]), len(rows), batch_size=batch_size,
-                    device=device, progress=progress, desc=desc, views=views,
-                ))
-
-            if feature_cache is None or feature_cache is False:
-                fmaps = compute(np.arange(len(data.targets)))
-            else:
-                fmaps = self._cached_fmaps(feature_cache, compute, views, pooled)
+            fmaps = self.encoder_maps(data.reader, views, feature_cache, device, batch_size, progress)
         data.fmaps = fmaps
         return fmaps
 
-    def _cached_fmaps(self, feature_cache, compute, views: int, pooled: bool) -> torch.Tensor:
-        """The frozen trunk's maps of every training spot, section by section from ``feature_cache``."""
+    def _reduce_maps(self, fm: torch.Tensor) -> torch.Tensor:
+        """What the head reads of the maps: their spatial mean for an avg head without tokens (49x less
+        memory at 224 px with the ResNet18), else the maps."""
+        return fm.mean((-2, -1), keepdim=True) if self._pooled_maps() else fm
+
+    def _pooled_maps(self) -> bool:
+        head = self.module.path_head
+        return head.pooling == "avg" and head.token_proj is None
+
+    def encoder_maps(
+        self,
+        reader,
+        views: int = 1,
+        feature_cache: FeatureCache | str | os.PathLike | bool | None = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+        progress: bool = False,
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        """The frozen encoder's maps (reduced as the head reads them) of every spot of a patch reader,
+        ``(n, C, h, w)`` or with ``views=8`` ``(n, 8, C, h, w)``; with ``feature_cache``, section by
+        section from the on-disk cache (computed and stored when missing)."""
+        self.module.to(device)
+        desc = desc or "Embedding patches (frozen trunk" + (", 8 views)" if views == 8 else ")")
+
+        def compute(rows: np.ndarray) -> torch.Tensor:
+            return self._reduce_maps(compute_fmaps(
+                self.module, lambda i: reader.read(rows[i]), len(rows), batch_size=batch_size,
+                device=device, progress=progress, desc=desc, views=views,
+            ))
+
+        if feature_cache is None or feature_cache is False:
+            return compute(np.arange(len(reader.libraries)))
+        return self._cached_maps(feature_cache, reader, compute, views)
+
+    def _cached_maps(self, feature_cache, reader, compute, views: int) -> torch.Tensor:
+        """The frozen encoder's maps of every spot of ``reader``, one cache entry per section. A
+        one-view request is served from an 8-view entry (its first view) when there is one."""
         if not isinstance(feature_cache, FeatureCache):
             feature_cache = FeatureCache(None if feature_cache is True else feature_cache)
-        reader = self._data.reader
         info = self.module.encoder_info
         common = {
             "kind": "nh2st-trunk-maps", "encoder": info.name, "weights": state_digest(self.module.trunk),
             "input_size": self.module.image_size, "mean": info.mean, "std": info.std, "views": views,
-            "pooled": pooled,
+            "pooled": self._pooled_maps(),
         }
         out = None
         for lib in pd.unique(reader.libraries):
             rows = np.flatnonzero(reader.libraries == lib)
             key = {**common, "section": str(lib), "image": image_digest(reader.images[lib]), "boxes": reader.boxes[rows]}
-            fm = feature_cache.get_or_compute(key, lambda rows=rows: compute(rows))
+            fm = feature_cache.get({**key, "views": 8}) if views == 1 else None
+            if fm is not None:
+                fm = fm[:, 0]
+            else:
+                fm = feature_cache.get_or_compute(key, lambda rows=rows: compute(rows))
             if out is None:
                 out = torch.empty((len(reader.libraries), *fm.shape[1:]), dtype=fm.dtype)
             out[rows] = fm

@@ -107,6 +107,16 @@ def test_hf_hub_id_from_the_offline_cache(small, hf_cache, tmp_path, encoder_cal
         torch.testing.assert_close(net.trunk_features(patches)[:, :, 0, 0], hf_cache.eval()(x), rtol=1e-4, atol=1e-5)
     pred = _check_predicts(model, test)
 
+    # predict through the cache: computed once per section, then read; the same values as without it
+    encoder_calls.clear()
+    cached = model.get_predicted_expression(test, feature_cache=tmp_path / "features")
+    again = model.get_predicted_expression(test, feature_cache=tmp_path / "features")
+    assert encoder_calls == [test.n_obs]
+    np.testing.assert_allclose(cached.to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(again.to_numpy(), cached.to_numpy())
+    model.get_predicted_expression(train, feature_cache=tmp_path / "features", tta=False)
+    assert encoder_calls == [test.n_obs]  # the training sections' entries serve prediction too
+
     # a second train() on the same data runs the encoder on no patch; its maps equal fresh ones
     encoder_calls.clear()
     again = _fit(train, tmp_path / "features", encoder=f"hf-hub:{REPO}")
