@@ -313,6 +313,18 @@ class SlideMixin:
         wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
         return wsi
 
+    def as_tile_model(self, tta: bool | None = None):
+        """This model as a lazyslide-models tile-prediction model, for LazySlide users::
+
+            tiles = model.as_tile_model()
+            zs.pp.tile_tissues(wsi, **tiles.tile_kwargs)
+            zs.tl.tile_prediction(wsi, tiles)  # one column per gene in wsi["tiles"]
+
+        ``tta``: the model's setting by default. Needs the ``wsi`` extra (lazyslide-models)."""
+        from ._tile_model import NH2STTileModel
+
+        return NH2STTileModel(self, tta=tta)
+
     def _predict_tiles(self, wsi, tile_key: str, n_tiles: int, batch_size: int, num_workers: int, tta: bool,
                        progress: bool) -> np.ndarray:
         """Predictions ``(n_tiles, n_genes)`` of the tiles ``tile_key``, read in batches by wsidata."""

@@ -237,3 +237,19 @@ def test_a_lazyslide_registry_key_with_a_local_weights_file(small, tmp_path):
     loaded = NH2ST.load(tmp_path / "m")
     assert "gigapath_flash.bin" in loaded.weights_source_
     np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_slide_streams_tiles_through_the_encoder(small, hf_cache, tmp_path):
+    pytest.importorskip("lazyslide")
+    from helpers import slide_tissue, write_slide
+
+    train, _ = small
+    model = _fit(train, None, epochs=1, encoder=f"hf-hub:{REPO}")
+    path = write_slide(tmp_path / "slide.tif", slide_tissue(1024), mpp=0.5)
+    batches = []
+    model.module.trunk.register_forward_hook(lambda mod, args, out: batches.append(len(args[0])))
+    sd = model.predict_slide(path, tile_size_um=32.0, pitch_um=40.0, batch_size=16, tta=False, progress=False)
+    table = sd.tables["nh2st"]
+    assert table.uns["st_predict"]["image_size"] == 32  # tiles read at the encoder's input size
+    assert sum(batches) == table.n_obs > 16 and max(batches) <= 16  # every tile, in batches
+    assert np.isfinite(table.X).all() and table.X.std(0).max() > 0

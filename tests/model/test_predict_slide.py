@@ -334,3 +334,33 @@ def test_slide_predictions_plot_with_spatialdata_plot(model, tmp_path):
     # each tile's colour is its own prediction through the colour map
     np.testing.assert_allclose(colours[:, :3], tiles[0].cmap((values - lo) / (hi - lo))[:, :3], atol=0.01)
     plt.close(fig)
+
+
+def test_lazyslide_tile_prediction_gives_the_predict_slide_values(tissue, tmp_path):
+    """zs.tl.tile_prediction with the model's tile-model wrapper, on the tiles predict_slide laid, writes
+    the values predict_slide wrote into its table."""
+    pytest.importorskip("lazyslide_models")
+    import lazyslide as zs
+
+    torch.manual_seed(0)
+    model = _model_with_pixel_size(tissue)  # 0.5 um/px: the patch is 16 um
+
+    path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
+    sd = model.predict_slide(path, pitch_um=40.0, progress=False)
+    expected = sd.tables["nh2st"]
+    tiles = model.as_tile_model()
+    assert tiles.columns == tuple(model.genes_)
+    zs.tl.tile_prediction(sd, tiles, tile_key="nh2st_tiles", pbar=False, device="cpu")
+    table = sd.shapes["nh2st_tiles"].set_index("tile_id").loc[expected.obs["tile_id"].to_numpy()]
+    got = table[list(model.genes_)].to_numpy(dtype=np.float32)
+    np.testing.assert_allclose(got, expected.X, rtol=1e-5, atol=1e-5)
+    assert got.std(0).max() > 0
+
+    # tiles laid with the wrapper's tile_kwargs are the model's patch: same tiles, same values
+    assert tiles.tile_kwargs == {"tile_px": 32, "mpp": 0.5}
+    zs.pp.tile_tissues(sd, stride_px=round(40.0 / 0.5), tissue_key="nh2st_tissues",
+                       key_added="own_tiles", **tiles.tile_kwargs)
+    zs.tl.tile_prediction(sd, tiles, tile_key="own_tiles", pbar=False, device="cpu")
+    own = sd.shapes["own_tiles"]
+    assert len(own) == len(expected)
+    np.testing.assert_allclose(own[list(model.genes_)].to_numpy(dtype=np.float32), got, rtol=1e-5, atol=1e-5)
