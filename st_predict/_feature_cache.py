@@ -59,6 +59,18 @@ def state_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def maps_key(info, weights: str, input_size: int, views: int, pooled: bool, section: str, image: str, boxes) -> dict:
+    """The cache key of a frozen encoder's maps of one section's spots: the encoder (name, weights
+    digest, input size, normalisation), the views (1, or the 8 flips/rotations), whether the maps
+    were averaged to ``1 x 1``, the section, its image digest and the spots' crop boxes (which carry
+    the patch size in pixels). Shared by training, prediction and the benchmark runner."""
+    return {
+        "kind": "nh2st-trunk-maps", "encoder": info.name, "weights": weights, "input_size": int(input_size),
+        "mean": tuple(info.mean), "std": tuple(info.std), "views": int(views), "pooled": bool(pooled),
+        "section": section, "image": image, "boxes": boxes,
+    }
+
+
 def image_digest(image) -> str:
     """SHA-256 of a section image: all its bytes when it is in memory (numpy); for a lazy image (dask,
     zarr) its shape, dtype and every 16th row and column, so that keying does not read the whole slide."""

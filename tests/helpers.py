@@ -66,3 +66,17 @@ def write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3) -> st
                      subfiletype=0 if i == 0 else 1, **kw)
             level = level[::2, ::2]
     return str(path)
+
+
+# -- a tiny timm ViT published as a Hugging Face Hub repo in a local HF cache, read offline ----------------
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
+REPO = "testorg/tiny-vit"
+
+
+def tiny_vit(seed: int):
+    """A 2-block ViT-Ti for 32 px patches, random weights from ``seed``."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)

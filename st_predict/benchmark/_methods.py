@@ -91,6 +91,34 @@ class RidgeProbe:
         return self.ridge_.predict(z)
 
 
+class HESTProbe:
+    """The HEST-Benchmark probe (Jaume et al. 2024, ``hest/bench``): the frozen embeddings standardised,
+    PCA to 256 components, then one ridge regression of all genes with their fixed penalty
+    ``alpha = 100 / (n_components * n_genes)``, ``lsqr`` solver and no intercept, as their code has it.
+    Without an intercept the per-gene means are not fitted (their metric, PCC, ignores them), so its
+    MSE is not comparable with the other rows'."""
+
+    def __init__(self, n_components: int = 256, seed: int = 0):
+        self.n_components, self.seed = n_components, seed
+
+    def fit(self, fold: Fold) -> None:
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x = fold.feats_train
+        k = min(self.n_components, x.shape[0] - 1, x.shape[1])
+        self.reduce_ = make_pipeline(StandardScaler(), PCA(k, random_state=self.seed)).fit(x)
+        z = self.reduce_.transform(x)
+        alpha = 100.0 / (z.shape[1] * fold.y_train.shape[1])
+        self.ridge_ = Ridge(alpha=alpha, solver="lsqr", fit_intercept=False, max_iter=1000,
+                            random_state=self.seed).fit(z, fold.y_train)
+
+    def predict(self, fold: Fold) -> np.ndarray:
+        return self.ridge_.predict(self.reduce_.transform(fold.feats_test))
+
+
 class STNetRegressor:
     """ST-Net style: the same (frozen) trunk and a linear head trained with MSE (Adam)."""
 
@@ -352,9 +380,15 @@ class NH2STMethod:
         kwargs = {"weights": "random", **self.model_kwargs, "genes": fold.genes}
         features = None
         if self.frozen:
-            # the runner's trunk: its weights and its cached feature maps of these spots
-            kwargs.update(weights=fold.extra["trunk_state"], image_size=fold.extra["image_size"])
+            # the runner's encoder: its weights and its cached feature maps of these spots
+            if fold.extra.get("encoder", "resnet18") == "resnet18":
+                kwargs.update(weights=fold.extra["trunk_state"], image_size=fold.extra["image_size"])
+            else:
+                kwargs.update(encoder=fold.extra["encoder"], encoder_weights=fold.extra["encoder_weights"])
             features = fold.extra["fmaps_train"]
+        elif fold.extra.get("encoder", "resnet18") != "resnet18":
+            raise InputError("Only frozen methods use the runner's encoder: an end-to-end NH2ST here would train "
+                             "a ResNet18 instead. Use benchmark.frozen_methods().")
         self.model_ = NH2ST(train, **kwargs)
         self.model_.train(progress=False, trunk_features=features, **self.train_kwargs)
 

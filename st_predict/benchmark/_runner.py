@@ -19,7 +19,7 @@ from st_predict._errors import InputError, MissingKeyError
 from st_predict._settings import DEFAULT
 from st_predict.data import select_sections
 from st_predict.metrics import evaluate, pooled_pcc
-from st_predict.nn import build_resnet18_trunk, load_trunk_weights, prepare_patches
+from st_predict.nn import build_encoder, prepare_patches
 from st_predict.pp import (
     PatchGeometry,
     make_patch_reader,
@@ -32,6 +32,7 @@ from st_predict.pp import (
 from ._methods import (
     BLEEPRetrieval,
     Fold,
+    HESTProbe,
     MeanBaseline,
     NH2STMethod,
     RidgeProbe,
@@ -50,6 +51,7 @@ def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Calla
     nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, **kw))  # noqa: E731
     return {
         "per-gene mean": MeanBaseline,
+        "HEST probe (PCA-256 + ridge)": HESTProbe,
         "ridge (PCA-256)": RidgeProbe,
         "ST-Net-style (frozen trunk)": lambda: STNetRegressor(seed=seed),
         "BLEEP-style": lambda: BLEEPRetrieval(seed=seed),
@@ -72,21 +74,64 @@ def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Calla
     }
 
 
+def frozen_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Callable[[], object]]:
+    """The methods that read only the shared frozen encoder's features: the table for a pathology
+    foundation model (``run_benchmark(encoder=...)``), where training an encoder end to end is out of
+    reach on a CPU. NH2ST's heads train on the same features as the probes, on the same folds."""
+    nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, trunk="frozen", **kw))  # noqa: E731
+    return {
+        "per-gene mean": MeanBaseline,
+        "HEST probe (PCA-256 + ridge)": HESTProbe,
+        "ridge (PCA-256)": RidgeProbe,
+        "ST-Net-style (frozen trunk)": lambda: STNetRegressor(seed=seed),
+        "BLEEP-style": lambda: BLEEPRetrieval(seed=seed),
+        "NH2ST frozen trunk": nh(),
+        "NH2ST frozen, query branch only": nh(use_neighbor_branch=False),
+        "NH2ST frozen, no contrastive loss": nh(contrastive=False),
+    }
+
+
 @torch.inference_mode()
-def _trunk_fmaps(adata, setup, geometry: PatchGeometry, image_size, weights, batch_size=16):
-    trunk = build_resnet18_trunk().eval()
-    source = load_trunk_weights(trunk, weights)
+def _encoder_fmaps(adata, setup, geometry: PatchGeometry, image_size, encoder, weights, feature_cache=None,
+                   batch_size=16):
+    """The frozen encoder's maps ``(n_obs, C, h, w)`` of every spot (a vector encoder: ``(n_obs, D, 1, 1)``),
+    section by section from ``feature_cache`` when given."""
+    from st_predict._feature_cache import FeatureCache, image_digest, maps_key, state_digest
+
+    net, info = build_encoder(encoder, weights, image_size=image_size)
+    net.eval()
+    size = info.input_size or image_size
     libraries = spot_libraries(adata, setup["library_key"])
     reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
-                               geometry.pixels_for(adata, libraries), image_size)
-    out = None
-    for s in range(0, adata.n_obs, batch_size):
-        idx = np.arange(s, min(s + batch_size, adata.n_obs))
-        fm = trunk(prepare_patches(reader.read(idx))).float()
-        if out is None:
-            out = torch.empty((adata.n_obs, *fm.shape[1:]))
-        out[idx] = fm
-    return out, trunk.state_dict(), source
+                               geometry.pixels_for(adata, libraries), size)
+
+    def compute(rows: np.ndarray) -> torch.Tensor:
+        out = None
+        for s in range(0, len(rows), batch_size):
+            idx = np.arange(s, min(s + batch_size, len(rows)))
+            fm = net(prepare_patches(reader.read(rows[idx]), info.mean, info.std)).float()
+            fm = fm[:, :, None, None] if fm.ndim == 2 else fm
+            if out is None:
+                out = torch.empty((len(rows), *fm.shape[1:]))
+            out[idx] = fm.clone()
+        return out
+
+    if feature_cache is None or feature_cache is False:
+        fmaps = compute(np.arange(adata.n_obs))
+    else:
+        cache = feature_cache if isinstance(feature_cache, FeatureCache) else FeatureCache(
+            None if feature_cache is True else feature_cache)
+        weights_id = state_digest(net)
+        fmaps = None
+        for lib in pd.unique(reader.libraries):
+            rows = np.flatnonzero(reader.libraries == lib)
+            key = maps_key(info, weights_id, size, views=1, pooled=False, section=str(lib),
+                           image=image_digest(reader.images[lib]), boxes=reader.boxes[rows])
+            fm = cache.get_or_compute(key, lambda rows=rows: compute(rows))
+            if fmaps is None:
+                fmaps = torch.empty((adata.n_obs, *fm.shape[1:]))
+            fmaps[rows] = fm
+    return fmaps, net, info, size
 
 
 def run_benchmark(
@@ -105,6 +150,9 @@ def run_benchmark(
     seed: int = 0,
     out_dir: str | Path | None = None,
     section_key: str | None = None,
+    encoder: str = "resnet18",
+    encoder_weights: str | None = None,
+    feature_cache: str | Path | bool | None = None,
 ) -> dict:
     """Leave-one-section-out evaluation of several methods on one AnnData.
 
@@ -141,9 +189,17 @@ def run_benchmark(
         (:class:`~st_predict.pp.PatchGeometry`: micrometres where the pixel sizes are known), and every
         method of every fold crops that patch.
     image_size
-        Side of the patches fed to the shared frozen trunk (default: the ``"default"`` recipe's).
+        Side of the patches fed to the shared frozen ResNet18 (default: the ``"default"`` recipe's); any
+        other encoder takes its own input size.
     weights
-        Trunk weights (``"imagenet"``, a file, or ``"random"``).
+        ResNet18 weights (``"imagenet"``, a file, or ``"random"``).
+    encoder, encoder_weights
+        The shared frozen encoder, as :class:`~st_predict.NH2ST`'s ``encoder=`` / ``encoder_weights=``
+        (e.g. ``"uni"`` or ``"hf-hub:MahmoodLab/UNI2-h"``). The frozen NH2ST rows use the same encoder and
+        the same features. With any encoder but the ResNet18, use :func:`frozen_methods`.
+    feature_cache
+        Keep the encoder's features on disk (a folder, ``True``: the default one; see
+        :class:`~st_predict.NH2ST.train`): a rerun, another method list or another fold split reads them.
     seed
         Seed of every method.
     out_dir
@@ -194,7 +250,9 @@ def run_benchmark(
     setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, **patch}
     torch.manual_seed(seed)
     t = time.perf_counter()
-    fmaps, trunk_state, weights_source = _trunk_fmaps(adata, setup, geometry, image_size, weights)
+    chosen = (encoder_weights if encoder_weights is not None else weights) if encoder == "resnet18" else encoder_weights
+    fmaps, trunk, info, image_size = _encoder_fmaps(adata, setup, geometry, image_size, encoder, chosen, feature_cache)
+    trunk_state, weights_source = trunk.state_dict() if info.name == "resnet18" else None, info.weights
     seconds_features = time.perf_counter() - t
     pooled = fmaps.mean((2, 3)).numpy()
     spot_libraries(adata, section_key)  # checks the section column
@@ -212,6 +270,7 @@ def run_benchmark(
             y_train=normalize_expression(train.X, gidx_tr), groups=train.obs[section_key].astype(str).to_numpy(),
             feats_train=pooled[train_mask], feats_test=pooled[~train_mask],
             extra={"setup": setup, "image_size": image_size, "trunk_state": trunk_state,
+                   "encoder": info.name, "encoder_weights": chosen,
                    "fmaps_train": fmaps[torch.from_numpy(train_mask)],
                    "fmaps_test": fmaps[torch.from_numpy(~train_mask)], "weights_source": weights_source},
         )
@@ -245,6 +304,7 @@ def run_benchmark(
         "seeing the results); pcc_pooled: per-gene PCC over the held-out spots of all folds concatenated, on the "
         "genes every fold predicts. Both inflate performance; reported only for comparison with papers.",
         "hold_out_key": group_key, "folds": folds, "n_genes": n_genes, "seed": seed, "weights": weights_source,
+        "encoder": info.name,
         "patch": str(geometry), "image_size": image_size,
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads",
         "versions": {"st_predict": st_predict.__version__, "torch": torch.__version__, "scvi-tools": scvi.__version__,
@@ -266,7 +326,7 @@ def to_markdown(result: dict) -> str:
     """The summary table of :func:`run_benchmark` as Markdown."""
     lines = [
         f"Leave-one-section-out over {len(result['folds'])} sections ({', '.join(result['folds'])}), "
-        f"{result['n_genes']} genes, trunk weights: {result['weights']}.",
+        f"{result['n_genes']} genes, encoder {result.get('encoder', 'resnet18')}, weights: {result['weights']}.",
         "",
         "| method | PCC (mean ± std over folds) | MSE | MAE | NaN genes | seconds | "
         "top-50 PCC (optimistic) | pooled PCC (optimistic) |",

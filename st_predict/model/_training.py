@@ -17,7 +17,7 @@ from scvi.train import Trainer
 
 from st_predict._constants import REGISTRY_KEYS
 from st_predict._errors import InputError
-from st_predict._feature_cache import FeatureCache, image_digest, state_digest
+from st_predict._feature_cache import FeatureCache, image_digest, maps_key, state_digest
 from st_predict._threads import interactive, thread_limits
 from st_predict.pp import (
     make_patch_reader,
@@ -216,15 +216,12 @@ class TrainingMixin:
         if not isinstance(feature_cache, FeatureCache):
             feature_cache = FeatureCache(None if feature_cache is True else feature_cache)
         info = self.module.encoder_info
-        common = {
-            "kind": "nh2st-trunk-maps", "encoder": info.name, "weights": state_digest(self.module.trunk),
-            "input_size": self.module.image_size, "mean": info.mean, "std": info.std, "views": views,
-            "pooled": self._pooled_maps(),
-        }
+        weights = state_digest(self.module.trunk)
         out = None
         for lib in pd.unique(reader.libraries):
             rows = np.flatnonzero(reader.libraries == lib)
-            key = {**common, "section": str(lib), "image": image_digest(reader.images[lib]), "boxes": reader.boxes[rows]}
+            key = maps_key(info, weights, self.module.image_size, views, self._pooled_maps(), str(lib),
+                           image_digest(reader.images[lib]), reader.boxes[rows])
             fm = feature_cache.get({**key, "views": 8}) if views == 1 else None
             if fm is not None:
                 fm = fm[:, 0]

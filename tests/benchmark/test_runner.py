@@ -164,3 +164,61 @@ def test_nh2st_selection_uses_only_training_sections(tissue, monkeypatch):
     assert sel["value"] == max(sel["validation_pcc"], key=sel["validation_pcc"].get)
     with pytest.raises(ValueError, match="one setting"):
         NH2STMethod(select={"lr": [1e-3], "epochs": [5]})
+
+
+def test_a_foundation_encoder_table_shares_features_and_cache(tissue, tmp_path, hf_cache, monkeypatch):
+    """run_benchmark(encoder=...) embeds every spot once with that encoder; the probes and the frozen NH2ST
+    rows read those features; a second run reads them from the feature cache and gives the same table."""
+
+    import st_predict.benchmark._runner as runner
+    from st_predict.benchmark import HESTProbe, frozen_methods
+
+    calls = []
+    real = runner.prepare_patches
+    monkeypatch.setattr(runner, "prepare_patches", lambda x, *a: calls.append(len(x)) or real(x, *a))
+    nh2st_seen = []
+    real_fit = NH2STMethod._fit
+
+    def spy(self, fold):
+        real_fit(self, fold)
+        nh2st_seen.append((self.model_.module.settings.encoder, fold.extra["fmaps_train"].shape[1]))
+
+    monkeypatch.setattr(NH2STMethod, "_fit", spy)
+    methods = {name: frozen_methods(epochs=2)[name] for name in ("per-gene mean", "HEST probe (PCA-256 + ridge)",
+                                                                  "NH2ST frozen trunk")}
+    kwargs = {"folds": ["S0"], "n_genes": 20, "patch_size": 32, "encoder": "hf-hub:testorg/tiny-vit",
+              "feature_cache": tmp_path / "features"}
+    first = run_benchmark(tissue, methods, **kwargs)
+    assert sum(calls) == tissue.n_obs  # every spot embedded once, for all methods and folds
+    assert first["encoder"] == "hf-hub:testorg/tiny-vit" and first["image_size"] == 32
+    assert nh2st_seen == [("hf-hub:testorg/tiny-vit", 192)]  # NH2ST on the ViT-Ti's 192-d features
+    summary = {r["method"]: r for r in first["summary"]}
+    assert np.isfinite(summary["HEST probe (PCA-256 + ridge)"]["pcc_mean"])
+    assert np.isfinite(summary["NH2ST frozen trunk"]["pcc_mean"])
+    calls.clear()
+    second = run_benchmark(tissue, methods, **kwargs)
+    assert calls == []
+    np.testing.assert_array_equal([r["pcc"] for r in second["rows"]], [r["pcc"] for r in first["rows"]])
+    with pytest.raises(ValueError, match="frozen_methods"):
+        run_benchmark(tissue, {"NH2ST": lambda: NH2STMethod(epochs=1)}, **kwargs)
+    assert HESTProbe().n_components == 256
+
+
+def test_hest_probe_recovers_a_linear_signal():
+    """PCA-256 + ridge without intercept (HEST-Benchmark): genes that are linear in the features are
+    predicted with PCC ~1 on new spots."""
+    from types import SimpleNamespace
+
+    from st_predict.benchmark import HESTProbe
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(400, 20))  # 300 features spanned by 20 factors, the genes linear in them
+    feats = latent @ rng.normal(size=(20, 300)) + 0.05 * rng.normal(size=(400, 300))
+    y = latent @ rng.normal(size=(20, 5)) + 3.0
+    fold = SimpleNamespace(feats_train=feats[:300], y_train=y[:300], feats_test=feats[300:])
+    probe = HESTProbe()
+    probe.fit(fold)
+    pred = probe.predict(fold)
+    assert probe.reduce_[-1].n_components == 256 and probe.ridge_.fit_intercept is False
+    pcc = [np.corrcoef(pred[:, j], y[300:, j])[0, 1] for j in range(5)]
+    assert min(pcc) > 0.9

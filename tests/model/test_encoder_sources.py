@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import setup
+from helpers import REPO, setup, tiny_vit
 from torch import nn
 
 import st_predict.model._training as training
@@ -18,8 +18,6 @@ from st_predict.data import synthetic_tissue
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
 HEAD = {"latent_dim": 32, "n_heads": 4, "n_genes": 20}
-TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
-REPO = "testorg/tiny-vit"
 
 
 @pytest.fixture(scope="module")
@@ -27,38 +25,6 @@ def small():
     """Two 5 x 5 training sections and one to predict."""
     tissue = synthetic_tissue(n_sections=3, n_rows=5, n_cols=5, n_genes=30, seed=3)
     return tissue[tissue.obs["section"] != "S2"].copy(), tissue[tissue.obs["section"] == "S2"].copy()
-
-
-def _tiny_vit(seed: int):
-    import timm
-
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """A tiny timm ViT saved as the Hugging Face Hub repo testorg/tiny-vit in an HF cache, offline."""
-    import timm
-
-    net = _tiny_vit(0)
-    repo = tmp_path / "hf" / "hub" / "models--testorg--tiny-vit"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    cfg = {**net.pretrained_cfg, "input_size": (3, 32, 32), "mean": (0.6, 0.5, 0.7), "std": (0.2, 0.25, 0.2)}
-    cfg = {k: v for k, v in cfg.items() if k not in ("hf_hub_id", "url")}
-    timm.models.save_for_hf(net, str(snapshot), model_config={"pretrained_cfg": cfg}, model_args=TINY_VIT,
-                            safe_serialization=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-
-    # huggingface_hub reads these once, at import
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    return net
 
 
 @pytest.fixture
@@ -137,7 +103,7 @@ def test_another_weights_file_or_patch_size_recomputes(small, hf_cache, tmp_path
     train, _ = small
     first, second = tmp_path / "a.pth", tmp_path / "b.pth"
     torch.save(hf_cache.state_dict(), first)
-    torch.save(_tiny_vit(1).state_dict(), second)
+    torch.save(tiny_vit(1).state_dict(), second)
     cache = tmp_path / "features"
     _fit(train, cache, encoder=f"hf-hub:{REPO}", encoder_weights=first)
     assert sum(encoder_calls) == train.n_obs
@@ -164,7 +130,7 @@ def test_loading_checks_and_names_the_encoder(small, hf_cache, tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match=r"hf-hub:testorg/tiny-vit.*encoder_weights=PATH"):
         NH2ST.load(tmp_path / "m")
     NH2ST.load(tmp_path / "m", encoder_weights=tmp_path / "moved.pth")  # found again
-    torch.save(_tiny_vit(7).state_dict(), tmp_path / "other.pth")
+    torch.save(tiny_vit(7).state_dict(), tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other weights"):
         NH2ST.load(tmp_path / "m", encoder_weights=tmp_path / "other.pth")
     # a hub id that is not in the cache: named, with how to get it
