@@ -91,9 +91,11 @@ def _cmd_train(args) -> int:
         kwargs["genes"] = _read_genes(args.genes)
     else:
         kwargs["n_genes"] = args.n_genes
-    for key in ("trunk", "image_size"):  # None: the recipe's
+    for key in ("trunk", "image_size", "encoder", "encoder_weights"):  # None: the recipe's
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
+    if args.encoder_weights is not None and not Path(args.encoder_weights).is_file():
+        raise MissingFileError(f"--encoder-weights {args.encoder_weights!r} is not a file")
     import scvi
     import torch
 
@@ -115,7 +117,7 @@ def _cmd_train(args) -> int:
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
                 devices=args.devices, validation=validation, train_size=args.train_size, lr=args.lr,
                 best_epoch=True if validation is not None else None, progress=_progress(args),
-                checkpoint_dir=checkpoint_dir, resume=args.resume)
+                checkpoint_dir=checkpoint_dir, resume=args.resume, feature_cache=_feature_cache(args))
     model.save(str(out), overwrite=True)
     history = {k: v.iloc[:, 0].astype(float).tolist() for k, v in (model.history or {}).items()
                if k.startswith(("train_", "validation_"))}
@@ -132,6 +134,12 @@ def _cmd_train(args) -> int:
         plt.close(ax.figure)
     print(f"Saved the model ({len(model.genes_)} genes, trained on {adata.n_obs} spots) to {out}/")
     return 0
+
+
+def _feature_cache(args):
+    """``--feature-cache [DIR]``: ``None`` (off), ``True`` (the default folder) or the folder."""
+    value = getattr(args, "feature_cache", None)
+    return True if value == "" else value
 
 
 def _read_genes(spec: str) -> list[str]:
@@ -176,14 +184,14 @@ def _cmd_predict(args) -> int:
 
     adata, library_key, found_key = _read(args)
     adata = _sections(adata, library_key, args.sections)
-    model = NH2ST.load(args.model, accelerator=args.accelerator)
+    model = NH2ST.load(args.model, accelerator=args.accelerator, encoder_weights=args.encoder_weights)
     setup = model.adata_manager.registry["setup_args"] if model.adata_manager is not None else {}
     image_key = args.image_key or found_key or setup.get("image_key")
     images = next(iter(adata.uns.get("spatial", {}).values()), {}).get("images", {})
     if image_key not in images:
         image_key = choose_image_key(adata)
     df = model.predict(adata, key_added=args.key_added, batch_size=args.batch_size, progress=_progress(args),
-                       library_key=library_key, image_key=image_key)
+                       library_key=library_key, image_key=image_key, feature_cache=_feature_cache(args))
     downsample_images(adata)
     with staged_file(out) as staged:
         adata.write_h5ad(staged)
@@ -197,7 +205,7 @@ def _cmd_predict_slide(args) -> int:
         raise MissingFileError(f"slide {args.slide} does not exist")
     from st_predict import NH2ST
 
-    model = NH2ST.load(args.model, accelerator=args.accelerator)
+    model = NH2ST.load(args.model, accelerator=args.accelerator, encoder_weights=args.encoder_weights)
     sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, tile_size_um=args.tile_size_um,
                                 batch_size=args.batch_size, key_added=args.key_added, progress=_progress(args),
                                 num_workers=args.num_workers, image_key=args.image_element)
@@ -263,10 +271,13 @@ def _pcc_figures(pred, truth, sections, folder: Path) -> None:
 
 
 def _cmd_benchmark(args) -> int:
-    from st_predict.benchmark import default_methods, run_benchmark, to_markdown
+    from st_predict.benchmark import default_methods, frozen_methods, run_benchmark, to_markdown
     from st_predict.data import choose_image_key
 
-    methods = default_methods(epochs=args.epochs, seed=args.seed)
+    if args.encoder not in (None, "resnet18"):  # a foundation model: the methods on its frozen features
+        methods = frozen_methods(epochs=args.epochs, seed=args.seed)
+    else:
+        methods = default_methods(epochs=args.epochs, seed=args.seed)
     if args.list_methods:
         print("\n".join(methods))
         return 0
@@ -287,7 +298,8 @@ def _cmd_benchmark(args) -> int:
         result = run_benchmark(adata, methods, library_key=library_key, group_key=args.group_key, folds=args.folds,
                                n_genes=args.n_genes, image_key=image_key, patch_size=args.patch_size,
                                patch_size_um=args.patch_size_um, image_size=args.image_size, weights=args.weights,
-                               seed=args.seed, out_dir=staging)
+                               seed=args.seed, out_dir=staging, encoder=args.encoder or "resnet18",
+                               encoder_weights=args.encoder_weights, feature_cache=_feature_cache(args))
     print(to_markdown(result))
     print(f"Wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
@@ -343,7 +355,20 @@ def _add_patch_options(p) -> None:
                    help="patch side in micrometres instead (needs each section's pixel size)")
 
 
-_WEIGHTS_HELP = "trunk weights: imagenet, random, or a ResNet18 weights file"
+_WEIGHTS_HELP = "ResNet18 trunk weights: imagenet, random, or a ResNet18 weights file"
+_ENCODER_HELP = ("image encoder: resnet18 (default), a lazyslide-models vision key (uni, uni2, h-optimus-0, virchow2, "
+                 "gigapath, ...), a timm name, or hf-hub:ORG/NAME; any but resnet18 is frozen and uses its own input size")
+_ENCODER_WEIGHTS_HELP = "the encoder's weights as a local file (default: its published weights from the HF cache)"
+_LOAD_WEIGHTS_HELP = ("where the model's frozen encoder weights are on this machine, when not where they were at "
+                      "training (checked against the saved digest)")
+_CACHE_HELP = ("keep a frozen encoder's features on disk and reuse them (DIR, or the default folder: "
+               "$ST_PREDICT_CACHE_DIR, else ~/.cache/st_predict/features)")
+
+
+def _add_encoder_options(p) -> None:
+    p.add_argument("--encoder", default=None, help=_ENCODER_HELP)
+    p.add_argument("--encoder-weights", default=None, help=_ENCODER_WEIGHTS_HELP)
+    p.add_argument("--feature-cache", nargs="?", const="", default=None, metavar="DIR", help=_CACHE_HELP)
 _EPOCHS_HELP = f"training epochs (default: the recipe's, {DEFAULT.training.max_epochs})"
 _IMAGE_SIZE_HELP = (f"trunk input side in pixels, multiple of 32 (default: the recipe's, {DEFAULT.network.image_size}; "
                     "224 is paper scale, a GPU job)")
@@ -395,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trunk", choices=["frozen", "finetune"], default=None,
                    help="frozen: trunk features computed once and cached (fast on CPU); finetune: end to end")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help=_WEIGHTS_HELP)
+    _add_encoder_options(p)
     p.add_argument("--epochs", type=int, default=None, help=_EPOCHS_HELP)
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"target spots per batch, >= 2 for the contrastive losses (recipe: {train.batch_size})")
@@ -431,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict these sections only (default: all); e.g. the ones the model did not train on")
     p.add_argument("--key-added", default=PREDICTED_KEY, help="obsm key of the predictions")
     p.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE, help="patches per forward pass")
+    p.add_argument("--encoder-weights", default=None, help=_LOAD_WEIGHTS_HELP)
+    p.add_argument("--feature-cache", nargs="?", const="", default=None, metavar="DIR", help=_CACHE_HELP)
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -453,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size-um", dest="tile_size_um", type=float, action=_Deprecated, new="--tile-size-um",
                    help="deprecated spelling of --tile-size-um")
     p.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE, help="tiles per forward pass")
+    p.add_argument("--encoder-weights", default=None, help=_LOAD_WEIGHTS_HELP)
     p.add_argument("--image-element", default=None,
                    help="SpatialData input: the H&E image element (needed when it has several)")
     p.add_argument("--num-workers", type=int, default=None,
@@ -491,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help=_IMAGE_SIZE_HELP + "; the shared frozen trunk of the "
                    "frozen-feature baselines")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help=_WEIGHTS_HELP)
+    _add_encoder_options(p)
     p.add_argument("--epochs", type=int, default=None, help=_EPOCHS_HELP + "; NH2ST rows only")
     p.add_argument("--seed", type=int, default=0, help="seed of every method")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")

@@ -219,3 +219,26 @@ def test_predict_slide_streams_tiles_through_the_encoder(small, hf_cache, tmp_pa
     assert table.uns["st_predict"]["image_size"] == 32  # tiles read at the encoder's input size
     assert sum(batches) == table.n_obs > 16 and max(batches) <= 16  # every tile, in batches
     assert np.isfinite(table.X).all() and table.X.std(0).max() > 0
+
+
+def test_command_line_trains_and_predicts_with_a_hub_encoder(small, hf_cache, tmp_path, encoder_calls):
+    import anndata as ad
+
+    from st_predict._cli import main
+
+    train, test = small
+    train.write_h5ad(tmp_path / "train.h5ad")
+    test.write_h5ad(tmp_path / "test.h5ad")
+    cache = str(tmp_path / "features")
+    args = ["--patch-size", "32", "--n-genes", "20", "--epochs", "1", "--quiet", "--model-kwargs",
+            '{"latent_dim": 32, "n_heads": 4}', "--encoder", f"hf-hub:{REPO}", "--feature-cache", cache]
+    assert main(["train", str(tmp_path / "train.h5ad"), "--out", str(tmp_path / "m"), *args]) == 0
+    assert sum(encoder_calls) == train.n_obs
+    loaded = NH2ST.load(tmp_path / "m")
+    assert loaded.module.settings.encoder == f"hf-hub:{REPO}" and loaded.module.trunk_mode == "frozen"
+    for _ in range(2):
+        assert main(["predict", str(tmp_path / "m"), str(tmp_path / "test.h5ad"), "--out", str(tmp_path / "p.h5ad"),
+                     "--feature-cache", cache, "--overwrite", "--quiet"]) == 0
+    assert sum(encoder_calls) == train.n_obs + test.n_obs  # the second predict read the cache
+    pred = ad.read_h5ad(tmp_path / "p.h5ad").obsm["nh2st"]
+    np.testing.assert_allclose(pred.to_numpy(), loaded.get_predicted_expression(test).to_numpy(), rtol=1e-5, atol=1e-5)
