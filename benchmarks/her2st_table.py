@@ -4,6 +4,8 @@ Usage:
   python benchmarks/her2st_table.py                    # every method of default_methods(), 2 processes
   python benchmarks/her2st_table.py --jobs 1           # one process (2 torch threads)
   python benchmarks/her2st_table.py --methods "per-gene mean" "ridge (PCA-256)" NH2ST
+  python benchmarks/her2st_table.py --encoder uni2 --feature-cache ~/.cache/st_predict/features \
+      --out benchmarks/results/her2st_uni2   # a foundation model: the frozen-feature methods and the HEST probe
 Writes benchmarks/results/her2st_loso/results.{json,md}.
 
 Inner splits (how the default recipe was chosen): ``--sections C3 C4 C5 C6`` reads only those sections
@@ -41,7 +43,7 @@ def _run(args) -> dict:
     from st_predict.benchmark import run_benchmark
     from st_predict.data import read_her2st
 
-    methods = all_methods(epochs=args.epochs, seed=args.seed)
+    methods = all_methods(epochs=args.epochs, seed=args.seed, encoder=args.encoder)
     if args.methods:
         unknown = [m for m in args.methods if m not in methods]
         if unknown:
@@ -51,11 +53,23 @@ def _run(args) -> dict:
         methods = {m: f for m, f in methods.items() if not m.startswith("recipe:")}
     adata = read_her2st(args.data, sections=args.sections)
     # the frozen-feature baselines (ridge, ST-Net-style, BLEEP-style) on a 224 px trunk, as in the published table
+    # a foundation-model encoder takes its own input size and normalisation
     return run_benchmark(adata, methods, folds=args.folds, image_size=224, weights=args.weights, seed=args.seed,
-                         out_dir=args.out)
+                         out_dir=args.out, encoder=args.encoder, encoder_weights=args.encoder_weights,
+                         feature_cache=args.feature_cache)
 
 
-def all_methods(epochs=None, seed=0) -> dict:
+def all_methods(epochs=None, seed=0, encoder: str = "resnet18") -> dict:
+    """The table's methods: with a foundation-model encoder, those that read its frozen features
+    (:func:`st_predict.benchmark.frozen_methods`); with the ResNet18, every method and the recipe candidates."""
+    if encoder != "resnet18":
+        from st_predict.benchmark import frozen_methods
+
+        return frozen_methods(epochs=epochs, seed=seed)
+    return _resnet_methods(epochs, seed)
+
+
+def _resnet_methods(epochs=None, seed=0) -> dict:
     """The table's methods and the recipe candidates (each changes one setting of the default)."""
     from st_predict.benchmark import NH2STMethod, default_methods
 
@@ -89,7 +103,7 @@ def all_methods(epochs=None, seed=0) -> dict:
 
 def _cost(name: str) -> float:
     """Relative wall time of a method (NH2ST = 1) on the HER2ST folds, measured on this CPU."""
-    if name.startswith(("per-gene", "ridge", "BLEEP", "ST-Net-style (frozen")):
+    if name.startswith(("per-gene", "ridge", "HEST", "BLEEP", "ST-Net-style (frozen")):
         return 0.05
     for key, cost in (("96 px", 2.0), ("40 epochs", 2.0), ("batch 8", 1.3), ("float32", 1.5),
                       ("small CNN", 0.4), ("frozen", 0.5)):
@@ -101,7 +115,8 @@ def _cost(name: str) -> float:
 def _parallel(args) -> dict:
     from st_predict.benchmark import to_markdown
 
-    names = args.methods or [m for m in all_methods(epochs=args.epochs, seed=args.seed) if not m.startswith("recipe:")]
+    names = args.methods or [m for m in all_methods(epochs=args.epochs, seed=args.seed, encoder=args.encoder)
+                             if not m.startswith("recipe:")]
     # longest first onto the least loaded worker, with rough relative costs measured on this CPU
     groups, load = [[] for _ in range(args.jobs)], [0.0] * args.jobs
     for name in sorted(names, key=_cost, reverse=True):
@@ -114,7 +129,12 @@ def _parallel(args) -> dict:
         procs = []
         for i, group in enumerate(groups):
             cmd = [sys.executable, __file__, "--jobs", "1", "--threads", "1", "--data", args.data,
-                   "--weights", args.weights, "--seed", str(args.seed), "--out", f"{tmp}/part{i}", "--methods", *group]
+                   "--weights", args.weights, "--seed", str(args.seed), "--out", f"{tmp}/part{i}",
+                   "--encoder", args.encoder, "--methods", *group]
+            if args.encoder_weights:
+                cmd += ["--encoder-weights", args.encoder_weights]
+            if args.feature_cache:
+                cmd += ["--feature-cache", args.feature_cache]
             if args.epochs is not None:
                 cmd += ["--epochs", str(args.epochs)]
             if args.folds:
@@ -167,7 +187,12 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=None,
                         help="read only these sections (inner splits: a test section of the table is never loaded)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the NH2ST rows (default: the recipe's)")
-    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--weights", default="imagenet", help="ResNet18 weights")
+    parser.add_argument("--encoder", default="resnet18",
+                        help="image encoder (a lazyslide-models key, timm name or hf-hub id): the table then has "
+                        "the methods on its frozen features, with the HEST probe")
+    parser.add_argument("--encoder-weights", default=None, help="the encoder's weights file (default: published)")
+    parser.add_argument("--feature-cache", default=None, help="folder to keep the encoder's features in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each when > 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

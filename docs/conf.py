@@ -53,6 +53,41 @@ from st_predict._cli import cli_reference_markdown  # noqa: E402
 
 (HERE / "cli.md").write_text(cli_reference_markdown())
 
+
+# -- The encoders of the lazyslide-models registry: docs/user_guide/_encoder_keys.md (gitignored), at every build
+def _encoder_keys_markdown() -> str:
+    from st_predict.nn import registry_vision_keys
+
+    keys = registry_vision_keys()
+    if not keys:
+        return "*(lazyslide-models is not installed where these docs were built: `pip install 'st-predict[wsi]'`.)*\n"
+
+    def text(value) -> str:
+        if value is None:
+            return ""
+        return ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+    import lazyslide_models
+
+    lines = [
+        f"The vision models of lazyslide-models {lazyslide_models.__version__} (generated when these docs were built):",
+        "",
+        "| key | model | parameters | feature size | gated | licence | commercial use |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, cls in sorted(keys.items()):
+        url = getattr(cls, "hf_url", None) or getattr(cls, "github_url", None)
+        name = f"[{cls.__name__}]({url})" if url else cls.__name__
+        commercial = {True: "yes", False: "no"}.get(getattr(cls, "commercial", None), "")
+        lines.append(
+            f"| `{key}` | {name} | {text(getattr(cls, 'param_size', None))} | {text(getattr(cls, 'encode_dim', None))} "
+            f"| {'yes' if getattr(cls, 'is_gated', False) else 'no'} | {text(getattr(cls, 'license', None))} | {commercial} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+(HERE / "user_guide" / "_encoder_keys.md").write_text(_encoder_keys_markdown())
+
 # -- General configuration -----------------------------------------------------------------------
 extensions = [
     "myst_nb",
@@ -65,7 +100,7 @@ extensions = [
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "user_guide/_encoder_keys.md"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 master_doc = "index"
 default_role = "literal"

@@ -112,6 +112,10 @@ class NetworkSettings:
         the neighbour branch reads the other nodes' trunk maps from a no-grad cache that each spot
         refreshes when it is a target (once per epoch). ``True`` (the paper) runs every node's patch
         through the trunk with gradient, about 5x the trunk work per step.
+    finetune_blocks
+        With ``trunk="finetune"``: train only the encoder's last ``finetune_blocks`` blocks (a ViT's
+        transformer blocks and its final norm, a ResNet's ``layer1``-``layer4``), the rest fixed;
+        ``None``: all of it. Fine-tuning the last blocks of a foundation model is a GPU job.
     gene_dropout
         Dropout of genes at the ST encoder's input during training (a masked gene is set to 0 on the
         standardised scale, i.e. to its mean; the others are scaled by ``1 / (1 - p)``), independently
@@ -152,6 +156,7 @@ class NetworkSettings:
     translator_dropout: float | None = 0.2
     n_gene_tokens: int = 16
     neighbor_trunk_grad: bool = False
+    finetune_blocks: int | None = None
     gene_dropout: float = 0.5
     standardize_targets: bool = True
 
@@ -183,6 +188,8 @@ class NetworkSettings:
                 )
             if self.n_hgnn_layers < 1:
                 raise InputError(f"n_hgnn_layers (L) must be >= 1, got {self.n_hgnn_layers}.")
+        if self.finetune_blocks is not None and self.finetune_blocks < 0:
+            raise InputError(f"finetune_blocks must be >= 0 (or None: all), got {self.finetune_blocks}.")
         if self.temperature <= 0:
             raise InputError(f"temperature must be > 0, got {self.temperature}.")
         if not 0 <= self.gene_dropout < 1:

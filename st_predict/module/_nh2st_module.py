@@ -53,6 +53,24 @@ def _external_trunk_not_missing(module, incompatible) -> None:
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not _TRUNK_KEY.search(k)]
 
 
+def _train_last_blocks(trunk: nn.Module, n: int, name: str) -> None:
+    """Fix every weight of the encoder but those of its last ``n`` blocks (and a ViT's final norm)."""
+    if hasattr(trunk, "blocks") and isinstance(trunk.blocks, nn.Sequential | nn.ModuleList):
+        blocks, tail = list(trunk.blocks), [getattr(trunk, "norm", None)]
+    elif all(hasattr(trunk, f"layer{i}") for i in range(1, 5)):  # a timm / torchvision ResNet
+        blocks, tail = [getattr(trunk, f"layer{i}") for i in range(1, 5)], []
+    elif name == "resnet18":  # st_predict's trunk: conv1, bn1, relu, maxpool, layer1..layer4
+        blocks, tail = list(trunk.children())[4:], []
+    else:
+        raise InputError(f"finetune_blocks: the encoder {name!r} has no transformer blocks or ResNet layers to choose "
+                         "from; use finetune_blocks=None (all of it) or trunk='frozen'.")
+    if n > len(blocks):
+        raise InputError(f"finetune_blocks={n} but the encoder {name!r} has {len(blocks)} blocks.")
+    trunk.requires_grad_(False)
+    for module in blocks[len(blocks) - n:] + ([t for t in tail if isinstance(t, nn.Module)] if n else []):
+        module.requires_grad_(True)
+
+
 _TRUNK_KEY = re.compile(r"(^|\.)trunk\.")
 
 
@@ -106,6 +124,11 @@ class NH2STModule(nn.Module):
         self.trunk, self.encoder_info = encoder
         if self.encoder_info.name != s.encoder and not self.encoder_info.name.startswith("module:"):
             raise InputError(f"settings.encoder={s.encoder!r} but the encoder given is {self.encoder_info.name!r}.")
+        if trunk == "finetune" and self.encoder_info.name.startswith("lazyslide:"):
+            raise InputError(
+                f"encoder {self.encoder_info.name!r} runs in inference mode (lazyslide-models) and cannot be fine-tuned; "
+                "use trunk='frozen', or its timm / hf-hub id to fine-tune it."
+            )
         size = self.encoder_info.input_size
         if size is not None and size != image_size:
             raise InputError(
@@ -117,6 +140,8 @@ class NH2STModule(nn.Module):
         if trunk == "frozen":
             self.trunk.requires_grad_(False)
             self.trunk.eval()  # fixed BatchNorm statistics from the start, not only after .train()/.eval()
+        elif s.finetune_blocks is not None:
+            _train_last_blocks(self.trunk, s.finetune_blocks, self.encoder_info.name)
         self.path_head = PathologyHead(
             self.map_size, latent_dim, pooling, in_channels=self.encoder_info.out_channels, with_tokens=tokens,
             input_norm="fixed" if trunk == "frozen" else "batch",

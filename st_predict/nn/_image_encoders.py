@@ -248,7 +248,13 @@ def _registry_encoder(name: str, weights) -> tuple[nn.Module, EncoderInfo]:
     if weights == "random":
         raise InputError(f"encoder={name!r}: registry models load their published or a local weights file, "
                          "not 'random'.")
-    card = cls(model_path=None if weights is None else os.fspath(weights))
+    import inspect
+
+    takes_path = "model_path" in inspect.signature(cls).parameters
+    if weights is not None and not takes_path:
+        raise InputError(f"The registry model {key!r} does not load a local weights file (no model_path); "
+                         "leave encoder_weights unset to use its published weights.")
+    card = cls(model_path=os.fspath(weights)) if weights is not None else cls()
     net = _RegistryEncoder(card)
     net.eval()
     mean, std = _normalize_of(card.get_transform())

@@ -242,3 +242,22 @@ def test_command_line_trains_and_predicts_with_a_hub_encoder(small, hf_cache, tm
     assert sum(encoder_calls) == train.n_obs + test.n_obs  # the second predict read the cache
     pred = ad.read_h5ad(tmp_path / "p.h5ad").obsm["nh2st"]
     np.testing.assert_allclose(pred.to_numpy(), loaded.get_predicted_expression(test).to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fine_tuning_the_last_blocks_of_a_hub_encoder(small, hf_cache, tmp_path):
+    """trunk='finetune' trains a hub encoder end to end (saved with the model); finetune_blocks=1 trains only
+    its last transformer block and final norm."""
+    train, test = small
+    before = {k: v.clone() for k, v in hf_cache.state_dict().items()}
+    model = _fit(train, None, epochs=2, encoder=f"hf-hub:{REPO}", trunk="finetune", finetune_blocks=1)
+    after = model.module.trunk.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("blocks.1.") for k in changed) and any(k.startswith("norm.") for k in changed)
+    assert not any(k.startswith(("blocks.0.", "patch_embed.", "cls_token", "pos_embed")) for k in changed)
+    assert model.module.saves_trunk  # fine-tuned weights cannot be rebuilt from the hub
+    pred = _check_predicts(model, test)
+    model.save(tmp_path / "m")
+    loaded = NH2ST.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="has 2 blocks"):
+        NH2ST(train, **HEAD, encoder=f"hf-hub:{REPO}", trunk="finetune", finetune_blocks=3)
