@@ -161,6 +161,17 @@ def default_num_workers() -> int:
     return 0 if n <= 4 else min(8, n // 2)
 
 
+def _tile_geometry_um(tiles, slide_mpp: float) -> tuple[float, float]:
+    """Side and pitch (median distance to the nearest other tile centre) of tile shapes, in micrometres."""
+    from scipy.spatial import cKDTree
+
+    bounds = tiles.geometry.bounds
+    side = float(np.median(bounds["maxx"] - bounds["minx"])) * slide_mpp
+    xy = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) * slide_mpp if len(xy) > 1 else side
+    return side, pitch
+
+
 class SlideMixin:
     """:meth:`predict_slide`: expression maps over whole H&E slides that have no expression."""
 
@@ -178,6 +189,7 @@ class SlideMixin:
         image_key: str | None = None,
         library_id: str | None = None,
         patch_size_um: float | None = None,
+        features_key: str | None = None,
     ):
         """Predict expression over the tissue of a whole H&E slide that has no expression.
 
@@ -224,6 +236,13 @@ class SlideMixin:
             The library of an AnnData whose ``uns["spatial"]`` holds several.
         patch_size_um
             Deprecated name of ``tile_size_um``.
+        features_key
+            Predict from tile features already in ``slide`` instead of tiling and encoding it: the
+            table ``slide.tables[features_key]`` that LazySlide's ``zs.tl.feature_extraction`` wrote
+            (``"{model}_{tile_key}"``), one row per tile of its tile shapes. The features must be those of
+            this model's frozen encoder on tiles of its patch (``as_tile_model().tile_kwargs``); only the
+            head and translator run. LazySlide's transforms may resize and centre-crop where st_predict
+            only resizes, so the values can differ slightly from ``predict_slide`` on the same tiles.
 
         Returns
         -------
@@ -264,31 +283,42 @@ class SlideMixin:
             raise InputError(
                 f"The slide {name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
             )
-        num_workers = default_num_workers() if num_workers is None else int(num_workers)
         size = self.module.image_size
-        tile_mpp = float(tile_um) / size  # tiles are read straight at the network's resolution
-        stride = max(1, int(round(pitch / tile_mpp)))
-        tissue_key, tile_key = f"{key_added}_tissues", f"{key_added}_tiles"
-        # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
-        # lazyslide's "auto" picks the level by free memory, which on a large slide means gigabytes
-        level_mpp = [slide_mpp * d for d in wsi.properties.level_downsample]
-        fine_enough = [i for i, m in enumerate(level_mpp) if m <= tile_um / 4]
-        tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
-        zs.pp.find_tissues(wsi, level=tissue_level, key_added=tissue_key)
-        if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
-            raise InputError(f"No tissue found on the slide {name}.")
-        zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
-                           key_added=tile_key)
-        tiles = wsi.shapes[tile_key]
-        if len(tiles) == 0:
-            raise InputError(f"No tissue found on the slide {name} (no tile of {tile_um:g} um on tissue).")
-        if progress is None:
-            progress = interactive()
-        if progress:
-            print(f"{len(tiles)} tiles of {tile_um:g} um every {pitch:g} um on {name}")
         tta = self.tta_ if tta is None else bool(tta)
-        with thread_limits():
-            pred = self._predict_tiles(wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress)
+        tissue_level = None
+        if features_key is not None:
+            tile_key, tiles, pred = self._from_tile_features(wsi, features_key, batch_size)
+            tta = False
+            tile_um, pitch = _tile_geometry_um(tiles, slide_mpp)
+            model_um = self.patch_geometry_.size_um if self.patch_geometry_ is not None else None
+            if model_um and abs(tile_um - model_um) > 0.1 * model_um:
+                warnings.warn(
+                    f"The tiles of {features_key!r} are {tile_um:.1f} um wide but the model was trained on {model_um:.1f} "
+                    "um patches: lay them with model.as_tile_model().tile_kwargs.", UserWarning, stacklevel=2)
+        else:
+            num_workers = default_num_workers() if num_workers is None else int(num_workers)
+            tile_mpp = float(tile_um) / size  # tiles are read straight at the network's resolution
+            stride = max(1, int(round(pitch / tile_mpp)))
+            tissue_key, tile_key = f"{key_added}_tissues", f"{key_added}_tiles"
+            # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
+            # lazyslide's "auto" picks the level by free memory, which on a large slide means gigabytes
+            level_mpp = [slide_mpp * d for d in wsi.properties.level_downsample]
+            fine_enough = [i for i, m in enumerate(level_mpp) if m <= tile_um / 4]
+            tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
+            zs.pp.find_tissues(wsi, level=tissue_level, key_added=tissue_key)
+            if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
+                raise InputError(f"No tissue found on the slide {name}.")
+            zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
+                               key_added=tile_key)
+            tiles = wsi.shapes[tile_key]
+            if len(tiles) == 0:
+                raise InputError(f"No tissue found on the slide {name} (no tile of {tile_um:g} um on tissue).")
+            if progress is None:
+                progress = interactive()
+            if progress:
+                print(f"{len(tiles)} tiles of {tile_um:g} um every {pitch:g} um on {name}")
+            with thread_limits():
+                pred = self._predict_tiles(wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress)
         centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
         from anndata import AnnData
         from spatialdata.models import TableModel
@@ -302,7 +332,8 @@ class SlideMixin:
         table.obsm["spatial"] = centres * opened.to_fullres
         table.uns["st_predict"] = {
             "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(tile_um),
-            "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta), "tissue_level": int(tissue_level),
+            "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta),
+            "tissue_level": -1 if tissue_level is None else int(tissue_level), "features_key": features_key or "",
             "scale": "log1p(counts / library size * 1e4)",
         }
         if opened.spatial_uns:
@@ -312,6 +343,44 @@ class SlideMixin:
             table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
         wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
         return wsi
+
+    def _from_tile_features(self, wsi, features_key: str, batch_size: int):
+        """The tile key, tile shapes and predictions of a feature table written by ``zs.tl.feature_extraction``."""
+        module = self.module
+        if module.trunk_mode != "frozen":
+            raise InputError("features_key needs a model with a frozen encoder: a fine-tuned one is not what "
+                             "extracted the features.")
+        if features_key not in wsi.tables:
+            raise MissingKeyError(f"The slide has no table {features_key!r} (tables: {list(wsi.tables)}).")
+        table = wsi.tables[features_key]
+        tile_key = table.uns.get("spatialdata_attrs", {}).get("region")
+        tile_key = tile_key[0] if isinstance(tile_key, list) else tile_key
+        if tile_key not in wsi.shapes:
+            raise MissingKeyError(f"The features {features_key!r} annotate {tile_key!r}, which is not among the slide's "
+                                  "shapes.")
+        feats = np.asarray(table.X.toarray() if hasattr(table.X, "toarray") else table.X, dtype=np.float32)
+        width = module.encoder_info.out_channels
+        if feats.ndim != 2 or feats.shape[1] != width:
+            raise InputError(
+                f"The features {features_key!r} have {feats.shape[-1]} columns but the model's encoder "
+                f"{module.encoder_info.name!r} gives {width}: they come from another encoder."
+            )
+        tiles = wsi.shapes[tile_key]
+        order = pd.Index(table.obs["tile_id"].to_numpy()).get_indexer(tiles["tile_id"].to_numpy())
+        if (order < 0).any():
+            raise InputError(f"{int((order < 0).sum())} tiles of {tile_key!r} have no row in {features_key!r}.")
+        feats = torch.from_numpy(feats[order])
+        was = module.training
+        module.eval()
+        out = np.empty((len(tiles), len(self.genes_)), dtype=np.float32)
+        try:
+            with torch.no_grad():
+                for s in range(0, len(tiles), batch_size):
+                    fm = feats[s:s + batch_size, :, None, None].to(module.device)
+                    out[s:s + batch_size] = module.predict_expression({"fmaps": fm}).float().cpu().numpy()
+        finally:
+            module.train(was)
+        return tile_key, tiles, out
 
     def as_tile_model(self, tta: bool | None = None):
         """This model as a lazyslide-models tile-prediction model, for LazySlide users::

@@ -1,5 +1,7 @@
 """Whole-slide prediction on pyramidal TIFF slides that the tests write (tissue-like blobs on white)."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -336,6 +338,10 @@ def test_slide_predictions_plot_with_spatialdata_plot(model, tmp_path):
     plt.close(fig)
 
 
+# wsidata's OpenSlide reader catches only TypeError when it closes an already closed slide on garbage
+# collection (a copy of the reader made for LazySlide's tile dataset shares the handle): the tests below collect
+# their slides themselves, so that this harmless ctypes error is raised and ignored inside them, not at exit
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_lazyslide_tile_prediction_gives_the_predict_slide_values(tissue, tmp_path):
     """zs.tl.tile_prediction with the model's tile-model wrapper, on the tiles predict_slide laid, writes
     the values predict_slide wrote into its table."""
@@ -364,3 +370,47 @@ def test_lazyslide_tile_prediction_gives_the_predict_slide_values(tissue, tmp_pa
     own = sd.shapes["own_tiles"]
     assert len(own) == len(expected)
     np.testing.assert_allclose(own[list(model.genes_)].to_numpy(dtype=np.float32), got, rtol=1e-5, atol=1e-5)
+    del sd, expected, table, own
+    gc.collect()
+
+
+# wsidata's OpenSlide reader catches only TypeError when it closes an already closed slide on garbage
+# collection (a copy of the reader made for LazySlide's tile dataset shares the handle): the tests below collect
+# their slides themselves, so that this harmless ctypes error is raised and ignored inside them, not at exit
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_lazyslide_feature_extraction_feeds_predict_slide(tissue, tmp_path):
+    """Features that zs.tl.feature_extraction wrote with the model's frozen encoder give predict_slide's values
+    without encoding the tiles again; features of another width are refused."""
+    pytest.importorskip("lazyslide_models")
+    import lazyslide as zs
+
+    adata = tissue[tissue.obs["section"] != "S2"].copy()
+    for lib in adata.uns["spatial"]:
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
+    setup(adata)
+    torch.manual_seed(0)
+    model = NH2ST(adata, trunk="frozen", **SMALL)
+    model.train(max_epochs=1, progress=False)
+    path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
+    sd = model.predict_slide(path, pitch_um=40.0, tta=False, progress=False)
+    tiles = model.as_tile_model()
+    encode = lambda x: model.module.trunk_features(x)[:, :, 0, 0]  # noqa: E731 - the model's encoder, as LazySlide calls it
+    zs.tl.feature_extraction(sd, model=encode, transform=tiles.get_transform(), tile_key="nh2st_tiles",
+                             key_added="encoder_nh2st_tiles", pbar=False, device="cpu")
+    calls = []
+    model.module.trunk.register_forward_hook(lambda *a: calls.append(1))
+    out = model.predict_slide(sd, features_key="encoder_nh2st_tiles", key_added="from_features", progress=False)
+    assert calls == []  # no tile encoded again
+    got, expected = out.tables["from_features"], sd.tables["nh2st"]
+    np.testing.assert_array_equal(got.obs["tile_id"].to_numpy(), expected.obs["tile_id"].to_numpy())
+    np.testing.assert_allclose(got.X, expected.X, rtol=1e-5, atol=1e-5)
+    meta = got.uns["st_predict"]
+    assert meta["features_key"] == "encoder_nh2st_tiles" and meta["patch_size_um"] == pytest.approx(16.0)
+    assert meta["pitch_um"] == pytest.approx(40.0, abs=1.0)
+
+    zs.tl.feature_extraction(sd, model=lambda x: encode(x)[:, :7], transform=tiles.get_transform(),
+                             tile_key="nh2st_tiles", key_added="narrow", pbar=False, device="cpu")
+    with pytest.raises(ValueError, match="7 columns but the model's encoder 'resnet18' gives 512"):
+        model.predict_slide(sd, features_key="narrow", key_added="x", progress=False)
+    del sd, out, got, expected
+    gc.collect()
