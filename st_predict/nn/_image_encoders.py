@@ -30,7 +30,7 @@ SOURCES = ("resnet18", "lazyslide:", "hf-hub:", "timm:", "module:")
 class EncoderInfo:
     """What the network needs to know about its image encoder.
 
-    Attributes
+    Parameters
     ----------
     name
         Canonical name: ``"resnet18"``, ``"lazyslide:<key>"``, ``"hf-hub:<org>/<name>"``,
@@ -49,6 +49,8 @@ class EncoderInfo:
         ``True`` when the weights come back from their name alone (a hub id, a registry key, a
         weights file): a saved model with a frozen encoder of this kind stores the name, not the
         weights, and rebuilds it on loading.
+    map_side
+        Side of a user module's output map (``output="map"``; the ResNet18's follows the input size).
     """
 
     name: str
