@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -348,10 +349,36 @@ def _add_input_options(p) -> None:
     p.add_argument("--sample", nargs="+", default=None, help="HEST-1k input: sample id(s) (default: the only one)")
 
 
+def _number(kind: type, low: float | None = None, strict: bool = False, high: float | None = None):
+    """An argparse ``type`` that parses an int or float and checks its range at parse time, before any
+    heavy import: ``--epochs 0`` or ``--pitch-um -100`` fail in a fraction of a second, with exit code 2."""
+    bound = (">" if strict else ">=") + f" {low:g}" if low is not None else ""
+    word = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_POSITIVE = _number(float, 0, strict=True)
+
+
 def _add_patch_options(p) -> None:
-    p.add_argument("--patch-size", type=float, default=PATCH_SIZE_PX,
+    p.add_argument("--patch-size", type=_POSITIVE, default=PATCH_SIZE_PX,
                    help="patch side in full-resolution pixels of the input (micrometres where its pixel size is known)")
-    p.add_argument("--patch-size-um", type=float, default=None,
+    p.add_argument("--patch-size-um", type=_POSITIVE, default=None,
                    help="patch side in micrometres instead (needs each section's pixel size)")
 
 
@@ -411,24 +438,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", nargs="+", default=None, help="train on these sections only (default: all)")
     p.add_argument("--layer", default=None, help="expression layer (default: X)")
     p.add_argument("--normalized", action="store_true", help="the expression is already log-normalised (not counts)")
-    p.add_argument("--n-genes", type=int, default=N_GENES, help="predict the N most expressed genes (present in every section)")
+    p.add_argument("--n-genes", type=_number(int, 1), default=N_GENES, help="predict the N most expressed genes (present in every section)")
     p.add_argument("--genes", default=None, help="comma-separated genes, or a file with one gene per line (overrides --n-genes)")
     _add_patch_options(p)
     p.add_argument("--recipe", choices=["default", "paper"], default="default",
                    help="named settings of the network and its training; the options below override them")
-    p.add_argument("--image-size", type=int, default=None, help=_IMAGE_SIZE_HELP)
+    p.add_argument("--image-size", type=_number(int, 8), default=None, help=_IMAGE_SIZE_HELP)
     p.add_argument("--trunk", choices=["frozen", "finetune"], default=None,
                    help="frozen: trunk features computed once and cached (fast on CPU); finetune: end to end")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help=_WEIGHTS_HELP)
     _add_encoder_options(p)
-    p.add_argument("--epochs", type=int, default=None, help=_EPOCHS_HELP)
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--epochs", type=_number(int, 1), default=None, help=_EPOCHS_HELP)
+    p.add_argument("--batch-size", type=_number(int, 2), default=None,
                    help=f"target spots per batch, >= 2 for the contrastive losses (recipe: {train.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (recipe: {train.lr:g}, {train.schedule})")
+    p.add_argument("--lr", type=_POSITIVE, default=None, help=f"learning rate (recipe: {train.lr:g}, {train.schedule})")
     p.add_argument("--validation", nargs="+", default=None,
                    help="'section' (hold out the last training section), section names, or 'random' (one "
                    "section only; leaky); keeps the epoch with the best validation PCC")
-    p.add_argument("--train-size", type=float, default=1.0, help="with --validation random: fraction of spots to train on")
+    p.add_argument("--train-size", type=_number(float, 0, strict=True, high=1), default=1.0, help="with --validation random: fraction of spots to train on")
     p.add_argument("--checkpoint-dir", default=None,
                    help="write a checkpoint of the training state after every epoch (last.ckpt; best.ckpt with "
                    "--validation) to this folder")
@@ -447,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", formatter_class=fmt, parents=[debug], help="predict expression from H&E with a saved model",
                        description="Predict every spot of INPUT from its H&E patch alone (expression not needed) and "
                        "write an .h5ad with the predictions in obsm[KEY] (a spots x genes DataFrame). Images in the "
-                       "output are downsampled copies ('lowres', <= 2000 px) so it stays small and plots with "
+                       "output are downsampled copies ('hires', <= 2000 px, as Space Ranger names them) so it stays small and plots with "
                        "scanpy/squidpy; the full-resolution images stay in the input.")
     p.add_argument("model", help="folder of a model saved by st-predict train (or NH2ST.save)")
     p.add_argument("input", help=_INPUT_HELP)
@@ -456,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", nargs="+", default=None,
                    help="predict these sections only (default: all); e.g. the ones the model did not train on")
     p.add_argument("--key-added", default=PREDICTED_KEY, help="obsm key of the predictions")
-    p.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE, help="patches per forward pass")
+    p.add_argument("--batch-size", type=_number(int, 1), default=PREDICT_BATCH_SIZE, help="patches per forward pass")
     p.add_argument("--encoder-weights", default=None, help=_LOAD_WEIGHTS_HELP)
     p.add_argument("--feature-cache", nargs="?", const="", default=None, metavar="DIR", help=_CACHE_HELP)
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
@@ -473,18 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="folder of a model saved by st-predict train (or NH2ST.save)")
     p.add_argument("slide", help="whole-slide image file, or a SpatialData .zarr store")
     p.add_argument("--out", required=True, help="output SpatialData .zarr")
-    p.add_argument("--mpp", type=float, help="micrometres per level-0 pixel, for a slide whose metadata has none")
-    p.add_argument("--pitch-um", type=float, help="distance between tile centres (default: the training spot pitch)")
-    p.add_argument("--tile-size-um", type=float,
+    p.add_argument("--mpp", type=_POSITIVE, help="micrometres per level-0 pixel, for a slide whose metadata has none")
+    p.add_argument("--pitch-um", type=_POSITIVE, help="distance between tile centres (default: the training spot pitch)")
+    p.add_argument("--tile-size-um", type=_POSITIVE,
                    help="tile side in micrometres (default: the training patches'); needed only for a model "
                    "trained without a known pixel size")
-    p.add_argument("--patch-size-um", dest="tile_size_um", type=float, action=_Deprecated, new="--tile-size-um",
+    p.add_argument("--patch-size-um", dest="tile_size_um", type=_POSITIVE, action=_Deprecated, new="--tile-size-um",
                    help="deprecated spelling of --tile-size-um")
-    p.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE, help="tiles per forward pass")
+    p.add_argument("--batch-size", type=_number(int, 1), default=PREDICT_BATCH_SIZE, help="tiles per forward pass")
     p.add_argument("--encoder-weights", default=None, help=_LOAD_WEIGHTS_HELP)
     p.add_argument("--image-element", default=None,
                    help="SpatialData input: the H&E image element (needed when it has several)")
-    p.add_argument("--num-workers", type=int, default=None,
+    p.add_argument("--num-workers", type=_number(int, 0), default=None,
                    help="processes reading tiles while the network runs (default: none on <= 4 cores)")
     p.add_argument("--key-added", default=PREDICTED_KEY, help="name of the table")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
@@ -515,13 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, help="method names (default: all; see --list-methods)")
     p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
     p.add_argument("--folds", nargs="+", default=None, help="held-out sections/groups to run (default: all)")
-    p.add_argument("--n-genes", type=int, default=N_GENES, help="genes per fold, chosen on its training sections")
+    p.add_argument("--n-genes", type=_number(int, 1), default=N_GENES, help="genes per fold, chosen on its training sections")
     _add_patch_options(p)
-    p.add_argument("--image-size", type=int, default=None, help=_IMAGE_SIZE_HELP + "; the shared frozen trunk of the "
+    p.add_argument("--image-size", type=_number(int, 8), default=None, help=_IMAGE_SIZE_HELP + "; the shared frozen trunk of the "
                    "frozen-feature baselines")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help=_WEIGHTS_HELP)
     _add_encoder_options(p)
-    p.add_argument("--epochs", type=int, default=None, help=_EPOCHS_HELP + "; NH2ST rows only")
+    p.add_argument("--epochs", type=_number(int, 1), default=None, help=_EPOCHS_HELP + "; NH2ST rows only")
     p.add_argument("--seed", type=int, default=0, help="seed of every method")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")
     p.set_defaults(func=_cmd_benchmark)
@@ -533,9 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "held-out section; print PCC/MSE/MAE; write metrics.json and predicted_vs_measured.png.")
     p.add_argument("--data", default=None, help="folder in the HER2ST layout (counts/, spots/, images/)")
     p.add_argument("--out", default="demo_output", help="output folder")
-    p.add_argument("--epochs", type=int, default=None, help=_EPOCHS_HELP)
+    p.add_argument("--epochs", type=_number(int, 1), default=None, help=_EPOCHS_HELP)
     p.add_argument("--test-section", default=None, help="held-out section (default: the first)")
-    p.add_argument("--image-size", type=int, default=None, help=_IMAGE_SIZE_HELP + "; 32 for the synthetic tissue")
+    p.add_argument("--image-size", type=_number(int, 8), default=None, help=_IMAGE_SIZE_HELP + "; 32 for the synthetic tissue")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help=_WEIGHTS_HELP)
     p.add_argument("--no-fetch", action="store_true", help="do not try to download HER2ST")
     p.add_argument("--seed", type=int, default=0, help="random seed")

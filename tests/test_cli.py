@@ -52,8 +52,16 @@ def test_predict_writes_obsm_and_small_images_then_evaluate(trained, capsys):
     np.testing.assert_allclose(pred.obsm["nh2st"].to_numpy(), model.get_predicted_expression(original).to_numpy(),
                                rtol=1e-5, atol=1e-5)
     assert set(pred.uns["spatial"]) == {"S0", "S1", "S2"}
-    assert "lowres" in pred.uns["spatial"]["S2"]["images"]
-    assert "tissue_lowres_scalef" in pred.uns["spatial"]["S2"]["scalefactors"]
+    assert "hires" in pred.uns["spatial"]["S2"]["images"]
+    assert "tissue_hires_scalef" in pred.uns["spatial"]["S2"]["scalefactors"]
+    # squidpy's defaults find the image (img_res_key="hires"): the output plots as written
+    import matplotlib.pyplot as plt
+    import squidpy as sq
+
+    sq.pl.spatial_scatter(pred, color=str(pred.var_names[0]), library_key="section")
+    fig = plt.gcf()
+    assert len(fig.axes[0].get_images()) == 1  # the H&E under the spots
+    plt.close("all")
 
     assert main(["evaluate", str(out), "--out", str(root / "eval")]) == 0
     metrics = json.loads((root / "eval" / "metrics.json").read_text())

@@ -175,3 +175,38 @@ def test_argument_errors_come_before_the_heavy_imports(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.stdout.split() == ["2", "2", "False", "False"], proc.stdout + proc.stderr
     assert "no saved model at no_model" in proc.stderr and "input 'missing.h5ad' does not exist" in proc.stderr
+
+
+def test_numeric_arguments_are_checked_before_the_heavy_imports(tmp_path):
+    """Out-of-range numbers fail at parse time with exit code 2 and a one-line reason, with neither torch nor
+    scvi-tools imported (the checks take a fraction of a second instead of the ~7 s of those imports)."""
+    import subprocess
+    import sys
+
+    cases = {
+        "train x.h5ad --out m --epochs 0": "--epochs: must be >= 1, got 0",
+        "train x.h5ad --out m --batch-size 1": "--batch-size: must be >= 2, got 1",
+        "train x.h5ad --out m --lr -1": "--lr: must be > 0, got -1",
+        "train x.h5ad --out m --train-size 1.5": "--train-size: must be <= 1, got 1.5",
+        "train x.h5ad --out m --patch-size-um nan": "--patch-size-um: 'nan' is not a finite number",
+        "predict m x.h5ad --out p.h5ad --batch-size 0": "--batch-size: must be >= 1, got 0",
+        "predict-slide m s.tif --out o.zarr --pitch-um -100": "--pitch-um: must be > 0, got -100",
+        "predict-slide m s.tif --out o.zarr --mpp 0": "--mpp: must be > 0, got 0",
+        "predict-slide m s.tif --out o.zarr --num-workers -1": "--num-workers: must be >= 0, got -1",
+        "benchmark x.h5ad --n-genes 0": "--n-genes: must be >= 1, got 0",
+        "demo --epochs 0": "--epochs: must be >= 1, got 0",
+    }
+    code = (
+        "import sys, json\nfrom st_predict._cli import main\ncodes = []\n"
+        f"for argv in {[c.split() for c in cases]!r}:\n"
+        "    try:\n        codes.append(main(argv))\n    except SystemExit as e:\n        codes.append(e.code)\n"
+        "print(json.dumps([codes, 'torch' in sys.modules, 'scvi' in sys.modules]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    import json
+
+    codes, torch_loaded, scvi_loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(cases), proc.stderr
+    assert not torch_loaded and not scvi_loaded
+    for message in cases.values():
+        assert message in proc.stderr, (message, proc.stderr[-2000:])

@@ -111,8 +111,9 @@ def choose_image_key(adata: AnnData, wanted: str | None = None, found: str | Non
 
 
 def downsample_images(adata: AnnData, max_side: int = 2000) -> None:
-    """Replace every image of ``adata.uns['spatial']`` by a downsampled in-memory copy (``lowres``,
-    at most ``max_side`` pixels, with its ``tissue_lowres_scalef``), so the AnnData can be written to
+    """Replace every image of ``adata.uns['spatial']`` by a downsampled in-memory copy (``hires``, at
+    most ``max_side`` pixels, with its ``tissue_hires_scalef``: Space Ranger's name for its <= 2000 px
+    image, and the key squidpy's and scanpy's plots look for by default), so the AnnData can be written to
     .h5ad and stays small: from the largest in-memory image of each library, else the largest lazy
     one (read once). Changes ``adata.uns['spatial']`` in place (of an AnnData about to be written)."""
     from st_predict._imaging import downsample
@@ -125,8 +126,8 @@ def downsample_images(adata: AnnData, max_side: int = 2000) -> None:
             key = largest_image(images, [k for k in images if isinstance(images[k], np.ndarray)])
             small, factor = downsample(images[key], max_side)
             new_sf = {k: v for k, v in sf.items() if not k.startswith("tissue_")}
-            new_sf["tissue_lowres_scalef"] = float(sf.get(f"tissue_{key}_scalef", 1.0)) * factor
-            new[lib] = {"images": {"lowres": small}, "scalefactors": new_sf,
+            new_sf["tissue_hires_scalef"] = float(sf.get(f"tissue_{key}_scalef", 1.0)) * factor
+            new[lib] = {"images": {"hires": small}, "scalefactors": new_sf,
                         **{k: v for k, v in entry.items() if k not in ("images", "scalefactors")}}
         else:
             new[lib] = entry

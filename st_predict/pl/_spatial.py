@@ -23,8 +23,8 @@ def predictions_to_anndata(
 ) -> ad.AnnData:
     """An AnnData whose ``X`` is the predicted expression in ``adata.obsm[key]`` (genes as
     ``var_names``), keeping ``obs``, ``obsm["spatial"]`` and a downsampled copy of each section's image
-    as ``uns["spatial"][lib]["images"]["lowres"]`` (with ``tissue_lowres_scalef``), so any scanpy /
-    squidpy plot takes predicted genes as ``color``. ``genes`` restricts it to those genes. With
+    as ``uns["spatial"][lib]["images"]["hires"]`` (with ``tissue_hires_scalef``, the key scanpy and
+    squidpy look for by default), so any scanpy / squidpy plot takes predicted genes as ``color``. ``genes`` restricts it to those genes. With
     ``measured`` (spots x genes, same scale), the columns are ``"<gene> predicted"`` and
     ``"<gene> measured"``.
     """
@@ -56,8 +56,8 @@ def predictions_to_anndata(
         images = {}
         if img is not None:
             small, factor = downsample(img, max_image_side)
-            images["lowres"] = small
-            new_sf["tissue_lowres_scalef"] = sf.get(f"tissue_{image_key}_scalef", 1.0) * factor
+            images["hires"] = small
+            new_sf["tissue_hires_scalef"] = sf.get(f"tissue_{image_key}_scalef", 1.0) * factor
         uns[lib] = {"images": images, "scalefactors": new_sf}
     out.uns["spatial"] = uns
     return out
@@ -100,8 +100,8 @@ def predicted_vs_measured(
         if not mask.any():
             raise InputError(f"No spot has {library_key} == {library_id!r}.")
     entry = plot.uns["spatial"][library_id]
-    image = entry["images"].get("lowres")
-    scale = float(entry["scalefactors"].get("tissue_lowres_scalef", 1.0))
+    image = entry["images"].get("hires")
+    scale = float(entry["scalefactors"].get("tissue_hires_scalef", 1.0))
     xy = np.asarray(plot.obsm["spatial"], dtype=float)[mask] * scale
     diameter = float(entry["scalefactors"].get("spot_diameter_fullres", 0.0)) * scale
     lo, hi = xy.min(0), xy.max(0)

@@ -23,10 +23,10 @@ def test_predictions_to_anndata_is_plottable(predicted):
     assert out.var_names.tolist() == [f"{g} predicted" for g in genes] + [f"{g} measured" for g in genes]
     np.testing.assert_array_equal(out[:, f"{genes[1]} predicted"].X.ravel(), sec.obsm["nh2st"][genes[1]].to_numpy(np.float32))
     np.testing.assert_array_equal(out.obsm["spatial"], sec.obsm["spatial"])
-    assert out.uns["spatial"]["S1"]["images"]["lowres"].shape == (352, 352, 3)
+    assert out.uns["spatial"]["S1"]["images"]["hires"].shape == (352, 352, 3)
     only = predictions_to_anndata(sec, genes=[genes[2]])
     assert only.var_names.tolist() == [genes[2]]
-    sq.pl.spatial_scatter(only, color=genes[2], img_res_key="lowres")  # any squidpy plot takes predicted genes
+    sq.pl.spatial_scatter(only, color=genes[2])  # any squidpy plot, with its default image key, takes predicted genes
     with pytest.raises(KeyError, match="run model.predict"):
         predictions_to_anndata(sec, key="other")
 
