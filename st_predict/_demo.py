@@ -52,7 +52,7 @@ def run_demo(
 
     from st_predict import NH2ST
     from st_predict.data import select_sections
-    from st_predict.metrics import evaluate
+    from st_predict.metrics import evaluate, json_safe
     from st_predict.pl import predicted_vs_measured
     from st_predict.pp import normalize_expression
 
@@ -102,12 +102,14 @@ def run_demo(
     metrics["seconds_ridge"] = round(time.perf_counter() - t_ridge, 1)
     metrics["data"] = kind
     metrics["test_section"] = test_section
+    metrics["training_sections"] = [str(s) for s in sections if s != test_section]
     metrics["weights"] = model.weights_source_
     metrics["seconds_total"] = round(time.perf_counter() - t0, 1)
     metrics["seconds_training_incl_embedding"] = round(t_fit, 1)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # strict JSON: the per-gene mean has no PCC (NaN) and is written as null, as st-predict evaluate does
+    (outdir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     # genes to show: the most variable in the *training* sections (not picked by test performance)
     train_var = normalize_expression(train.X, train.var_names.get_indexer(genes)).var(0)
     show = [genes[i] for i in np.argsort(-train_var)[:4]]

@@ -12,8 +12,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:U
 def test_demo_on_synthetic_tissue(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--no-fetch", "--epochs", "3", "--weights", "random", "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    def strict(constant):
+        raise ValueError(f"metrics.json is not strict JSON: {constant}")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
     assert metrics["data"] == "synthetic" and metrics["test_section"] == "S0"
+    assert metrics["training_sections"] == ["S1", "S2", "S3", "S4"]
+    assert metrics["per_gene_mean"]["pcc"] is None  # a constant predictor has no PCC: null, not NaN
     assert metrics["nh2st"]["n_genes"] == 100 and metrics["nh2st"]["n_spots"] == 144
     assert metrics["nh2st"]["mse"] < metrics["per_gene_mean"]["mse"]
     assert (out / "predicted_vs_measured.png").stat().st_size > 10_000
