@@ -251,6 +251,12 @@ def _cmd_evaluate(args) -> int:
         _pcc_figures(pred, truth, sections, staging)
         (staging / "metrics.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
         (staging / "metrics.md").write_text(table)
+    if training is None:
+        print(f"No training sections recorded in adata.uns['st_predict'][{args.key!r}]: every section is scored as "
+              "held out.")
+    else:
+        print(f"Training sections of the model (adata.uns['st_predict'][{args.key!r}]): "
+              f"{', '.join(map(str, training)) or 'none'}")
     print(table, end="")
     print(f"Wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(result['sections'])} PCC distribution figure(s)")
     return 0

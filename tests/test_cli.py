@@ -63,7 +63,9 @@ def test_predict_writes_obsm_and_small_images_then_evaluate(trained, capsys):
     assert len(fig.axes[0].get_images()) == 1  # the H&E under the spots
     plt.close("all")
 
+    capsys.readouterr()
     assert main(["evaluate", str(out), "--out", str(root / "eval")]) == 0
+    assert "Training sections of the model (adata.uns['st_predict']['nh2st']): S0, S1" in capsys.readouterr().out
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert [r["section"] for r in metrics["sections"]] == ["S0", "S1", "S2"]
     assert all(r["n_genes"] == 30 and r["n_spots"] == 100 for r in metrics["sections"])

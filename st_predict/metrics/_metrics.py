@@ -118,8 +118,14 @@ def evaluate(
         (:func:`~st_predict.pp.normalize_expression`; ``is_count_data=False`` if it is already).
     top_k
         Genes in the optimistic ``pcc_top50``.
-    key, layer, is_count_data
-        AnnData input: where the predictions and the measured expression are.
+    key
+        AnnData input: the ``obsm`` key of the predictions (a spots x genes DataFrame, as
+        :meth:`~st_predict.NH2ST.predict` writes it; default ``"nh2st"``).
+    layer
+        AnnData input: the layer holding the measured expression (default ``X``).
+    is_count_data
+        AnnData input: ``True`` when the measured expression is raw counts, normalised here as the
+        model's targets are; ``False`` when it is already on the predictions' scale.
     library_key
         AnnData input: an ``obs`` column of sections. The result is then a DataFrame with a row per
         section (per-section PCC is the honest number; one PCC over several sections is not) and a
