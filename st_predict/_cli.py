@@ -209,7 +209,8 @@ def _cmd_predict_slide(args) -> int:
     model = NH2ST.load(args.model, accelerator=args.accelerator, encoder_weights=args.encoder_weights)
     sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, tile_size_um=args.tile_size_um,
                                 batch_size=args.batch_size, key_added=args.key_added, progress=_progress(args),
-                                num_workers=args.num_workers, image_key=args.image_element)
+                                num_workers=args.num_workers, image_key=args.image_element,
+                                tissue_method=args.tissue_method, min_tissue_fraction=args.min_tissue_fraction)
     import spatialdata
 
     result = spatialdata.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
@@ -348,6 +349,11 @@ def _add_input_options(p) -> None:
     _add_library_key(p, "obs column naming each spot's section/library (default: section; SpatialData: region)")
     p.add_argument("--image-key", default=None,
                    help="image in uns['spatial'][library]['images'] to crop patches from (default: the largest)")
+    p.add_argument("--tissue-method", choices=["entropy", "otsu"], default="entropy",
+                   help="how tissue is told from glass: entropy (a smooth stain haze on the glass is not tissue) or "
+                   "otsu (a brightness threshold, which keeps pale eosin haze)")
+    p.add_argument("--min-tissue-fraction", type=_number(float, 0, high=1), default=0.7,
+                   help="drop tiles less than this fraction tissue (the fraction is written to the table)")
     p.add_argument("--image-element", default=None, help="SpatialData input: the H&E image element")
     p.add_argument("--table", default="table", help="SpatialData input: the table of spots (default: table)")
     p.add_argument("--fullres-image", default=None,

@@ -414,3 +414,40 @@ def test_lazyslide_feature_extraction_feeds_predict_slide(tissue, tmp_path):
         model.predict_slide(sd, features_key="narrow", key_added="x", progress=False)
     del sd, out, got, expected
     gc.collect()
+
+
+def _with_smear(img: np.ndarray, seed: int = 1) -> np.ndarray:
+    """A smooth pale pink haze on the glass in the upper right corner, as eosin leaves beside a section, away from
+    the two blobs. Its colour and grain are HER2ST C2's haze: RGB ~ (241, 222, 232) against a (243, 240, 240)
+    background, with a standard deviation of ~0.65 grey levels within 16 px blocks (tissue: 24-34)."""
+    rng = np.random.default_rng(seed)
+    size = img.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    weight = np.clip(1 - np.hypot(yy - 0.12, xx - 0.88) / 0.14, 0, 1)[..., None]  # 1 at the centre, 0 at 0.14
+    haze = np.array([240, 218, 230], np.float32) + rng.normal(0, 0.65, img.shape)
+    out = img.astype(np.float32) * (1 - weight) + haze * weight
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def test_tiles_on_a_pale_smear_are_dropped_and_tissue_tiles_stay(model, tmp_path):
+    img = _with_smear(_tissue(2048))
+    path = _write_slide(tmp_path / "smear.tif", img, mpp=0.5)
+    kw = {"tile_size_um": 32.0, "pitch_um": 40.0, "progress": False}
+    centres = lambda t: t.obsm["spatial"] / 2048  # noqa: E731 - (x, y) as fractions of the side
+    on_smear = lambda t: np.hypot(centres(t)[:, 1] - 0.12, centres(t)[:, 0] - 0.88) < 0.12  # noqa: E731
+
+    otsu = model.predict_slide(path, tissue_method="otsu", **kw).tables["nh2st"]
+    assert on_smear(otsu).sum() >= 5  # brightness thresholding takes the haze for tissue: the problem
+
+    table = model.predict_slide(path, **kw).tables["nh2st"]  # the default: entropy
+    assert on_smear(table).sum() == 0
+    d = np.stack([np.hypot(centres(table)[:, 1] - cy, centres(table)[:, 0] - cx) / r for cy, cx, r in BLOBS])
+    assert (d.min(0) < 1.0).all()  # every tile is on a blob ...
+    inner = [(d[i] < 0.8).sum() for i in range(2)]
+    plain = model.predict_slide(_write_slide(tmp_path / "plain.tif", _tissue(2048), mpp=0.5), **kw).tables["nh2st"]
+    assert table.n_obs == plain.n_obs and min(inner) > 5  # ... and the blobs keep every tile they had
+    frac = table.obs["tissue_fraction"].to_numpy()
+    assert frac.min() >= 0.7 - 1e-6 and frac.max() <= 1.0 + 1e-6
+    assert table.uns["st_predict"]["tissue_method"] == "entropy"
+    fewer = model.predict_slide(path, min_tissue_fraction=1.0, **kw).tables["nh2st"]
+    assert fewer.n_obs < table.n_obs and (fewer.obs["tissue_fraction"].to_numpy() >= 1 - 1e-6).all()
