@@ -11,20 +11,56 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from st_predict._atomic import staged_file, staged_folder
+from st_predict._cli_options import (
+    CACHE_HELP as _CACHE_HELP,
+)
+from st_predict._cli_options import (
+    EPOCHS_HELP as _EPOCHS_HELP,
+)
+from st_predict._cli_options import (
+    IMAGE_SIZE_HELP as _IMAGE_SIZE_HELP,
+)
+from st_predict._cli_options import (
+    LOAD_WEIGHTS_HELP as _LOAD_WEIGHTS_HELP,
+)
+from st_predict._cli_options import (
+    POSITIVE as _POSITIVE,
+)
+from st_predict._cli_options import (
+    WEIGHTS_HELP as _WEIGHTS_HELP,
+)
+from st_predict._cli_options import (
+    Deprecated as _Deprecated,
+)
+from st_predict._cli_options import (
+    HelpFormatter as _HelpFormatter,
+)
+from st_predict._cli_options import (
+    add_encoder_options as _add_encoder_options,
+)
+from st_predict._cli_options import (
+    add_input_options as _add_input_options,
+)
+from st_predict._cli_options import (
+    add_library_key as _add_library_key,
+)
+from st_predict._cli_options import (
+    add_patch_options as _add_patch_options,
+)
+from st_predict._cli_options import (
+    number as _number,
+)
 from st_predict._constants import (
     DEFAULT_WEIGHTS,
     N_GENES,
-    PATCH_SIZE_PX,
     PREDICT_BATCH_SIZE,
     PREDICTED_KEY,
-    SECTION_KEY,
 )
 from st_predict._errors import InputError, MissingFileError
 from st_predict._settings import DEFAULT, NetworkSettings
@@ -326,105 +362,6 @@ def _cmd_demo(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------------
-class _Deprecated(argparse.Action):
-    """An old spelling of an option, kept for one release: it works and says what replaced it."""
-
-    def __init__(self, option_strings, dest, new: str, **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"st-predict: warning: {option_string} is deprecated and will be removed; use {self.new}",
-              file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def _add_library_key(p, help_text: str) -> None:
-    p.add_argument("--library-key", default=SECTION_KEY, help=help_text)
-    p.add_argument("--section-key", dest="library_key", action=_Deprecated, new="--library-key",
-                   help="deprecated spelling of --library-key")
-
-
-def _add_input_options(p) -> None:
-    _add_library_key(p, "obs column naming each spot's section/library (default: section; SpatialData: region)")
-    p.add_argument("--image-key", default=None,
-                   help="image in uns['spatial'][library]['images'] to crop patches from (default: the largest)")
-    p.add_argument("--tissue-method", choices=["entropy", "otsu"], default="entropy",
-                   help="how tissue is told from glass: entropy (a smooth stain haze on the glass is not tissue) or "
-                   "otsu (a brightness threshold, which keeps pale eosin haze)")
-    p.add_argument("--min-tissue-fraction", type=_number(float, 0, high=1), default=0.7,
-                   help="drop tiles less than this fraction tissue (the fraction is written to the table)")
-    p.add_argument("--image-element", default=None, help="SpatialData input: the H&E image element")
-    p.add_argument("--table", default="table", help="SpatialData input: the table of spots (default: table)")
-    p.add_argument("--fullres-image", default=None,
-                   help="Space Ranger input: the full-resolution H&E image (TIFF/JPEG) the spots were mapped on")
-    p.add_argument("--sample", nargs="+", default=None, help="HEST-1k input: sample id(s) (default: the only one)")
-
-
-def _number(kind: type, low: float | None = None, strict: bool = False, high: float | None = None):
-    """An argparse ``type`` that parses an int or float and checks its range at parse time, before any
-    heavy import: ``--epochs 0`` or ``--pitch-um -100`` fail in a fraction of a second, with exit code 2."""
-    bound = (">" if strict else ">=") + f" {low:g}" if low is not None else ""
-    word = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value <= low if strict else value < low):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-_POSITIVE = _number(float, 0, strict=True)
-
-
-def _add_patch_options(p) -> None:
-    p.add_argument("--patch-size", type=_POSITIVE, default=PATCH_SIZE_PX,
-                   help="patch side in full-resolution pixels of the input (micrometres where its pixel size is known)")
-    p.add_argument("--patch-size-um", type=_POSITIVE, default=None,
-                   help="patch side in micrometres instead (needs each section's pixel size)")
-
-
-_WEIGHTS_HELP = "ResNet18 trunk weights: imagenet, random, or a ResNet18 weights file"
-_ENCODER_HELP = ("image encoder: resnet18 (default), a lazyslide-models vision key (uni, uni2, h-optimus-0, virchow2, "
-                 "gigapath, ...), a timm name, or hf-hub:ORG/NAME; any but resnet18 is frozen and uses its own input size")
-_ENCODER_WEIGHTS_HELP = "the encoder's weights as a local file (default: its published weights from the HF cache)"
-_LOAD_WEIGHTS_HELP = ("where the model's frozen encoder weights are on this machine, when not where they were at "
-                      "training (checked against the saved digest)")
-_CACHE_HELP = ("keep a frozen encoder's features on disk and reuse them (DIR, or the default folder: "
-               "$ST_PREDICT_CACHE_DIR, else ~/.cache/st_predict/features)")
-
-
-def _add_encoder_options(p) -> None:
-    p.add_argument("--encoder", default=None, help=_ENCODER_HELP)
-    p.add_argument("--encoder-weights", default=None, help=_ENCODER_WEIGHTS_HELP)
-    p.add_argument("--feature-cache", nargs="?", const="", default=None, metavar="DIR", help=_CACHE_HELP)
-_EPOCHS_HELP = f"training epochs (default: the recipe's, {DEFAULT.training.max_epochs})"
-_IMAGE_SIZE_HELP = (f"trunk input side in pixels, multiple of 32 (default: the recipe's, {DEFAULT.network.image_size}; "
-                    "224 is paper scale, a GPU job)")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: ...)" to an option's help only where it says something: not when the help text
-    already gives it, nor for required options, flags or options without a default."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" in text or action.required or action.default in (None, False, argparse.SUPPRESS)
-                or not action.option_strings):
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``st-predict`` argument parser."""
     fmt = _HelpFormatter
@@ -521,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deprecated spelling of --tile-size-um")
     p.add_argument("--batch-size", type=_number(int, 1), default=PREDICT_BATCH_SIZE, help="tiles per forward pass")
     p.add_argument("--encoder-weights", default=None, help=_LOAD_WEIGHTS_HELP)
+    p.add_argument("--tissue-method", choices=["entropy", "otsu"], default="entropy",
+                   help="how tissue is told from glass: entropy (a smooth stain haze on the glass is not tissue) or "
+                   "otsu (a brightness threshold, which keeps pale eosin haze)")
+    p.add_argument("--min-tissue-fraction", type=_number(float, 0, high=1), default=0.7,
+                   help="drop tiles less than this fraction tissue (the fraction is written to the table)")
     p.add_argument("--image-element", default=None,
                    help="SpatialData input: the H&E image element (needed when it has several)")
     p.add_argument("--num-workers", type=_number(int, 0), default=None,
