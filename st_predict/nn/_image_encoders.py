@@ -235,6 +235,11 @@ def build_encoder(
         return _timm_encoder(name, weights)
     except (InputError, MissingFileError):
         raise
+    except ImportError as err:
+        raise InputError(
+            f"encoder {name!r} needs {err.name or 'a package that is not installed'}: pip install 'st-predict[wsi]' "
+            "(timm, lazyslide-models)."
+        ) from err
     except Exception as err:
         raise MissingFileError(
             f"Could not load encoder {name!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
