@@ -45,3 +45,21 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     return net
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    """The number of spots each call of the frozen-encoder path (``compute_fmaps`` in training and prediction)
+    runs through the encoder, in order: a cache hit adds nothing."""
+    import st_predict.model._training as training
+
+    seen = []
+    real = training.compute_fmaps
+
+    def counting(module, read_patches, n_spots=None, **kwargs):
+        seen.append(n_spots)
+        return real(module, read_patches, n_spots, **kwargs)
+
+    monkeypatch.setattr(training, "compute_fmaps", counting)
+    return seen
+

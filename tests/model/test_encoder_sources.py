@@ -11,7 +11,6 @@ import torch
 from helpers import REPO, setup, tiny_vit
 from torch import nn
 
-import st_predict.model._training as training
 from st_predict import NH2ST
 from st_predict.data import synthetic_tissue
 
@@ -25,19 +24,6 @@ def small():
     """Two 5 x 5 training sections and one to predict."""
     tissue = synthetic_tissue(n_sections=3, n_rows=5, n_cols=5, n_genes=30, seed=3)
     return tissue[tissue.obs["section"] != "S2"].copy(), tissue[tissue.obs["section"] == "S2"].copy()
-
-
-@pytest.fixture
-def encoder_calls(monkeypatch):
-    seen = []
-    real = training.compute_fmaps
-
-    def counting(module, read_patches, n_spots=None, **kwargs):
-        seen.append(n_spots)
-        return real(module, read_patches, n_spots, **kwargs)
-
-    monkeypatch.setattr(training, "compute_fmaps", counting)
-    return seen
 
 
 def _fit(adata, cache=None, epochs=2, **kwargs):

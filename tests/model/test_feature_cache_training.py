@@ -7,24 +7,9 @@ import pytest
 import torch
 from helpers import SMALL, setup
 
-import st_predict.model._training as training
 from st_predict import NH2ST
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
-
-
-@pytest.fixture
-def trunk_calls(monkeypatch):
-    """Patches run through the trunk, counted."""
-    seen = []
-    real = training.compute_fmaps
-
-    def counting(module, read_patches, n_spots=None, **kwargs):
-        seen.append(n_spots)
-        return real(module, read_patches, n_spots, **kwargs)
-
-    monkeypatch.setattr(training, "compute_fmaps", counting)
-    return seen
 
 
 def _model(adata, seed=0, patch_size=32):
@@ -39,34 +24,34 @@ def _train(model, cache):
     return model
 
 
-def test_a_second_model_reads_the_trunk_maps_from_disk(split, tmp_path, trunk_calls):
+def test_a_second_model_reads_the_trunk_maps_from_disk(split, tmp_path, encoder_calls):
     train, test = split
     first = _train(_model(train), tmp_path)
-    assert trunk_calls == [int((train.obs["section"] == s).sum()) for s in ("S0", "S1")]  # one entry per section
+    assert encoder_calls == [int((train.obs["section"] == s).sum()) for s in ("S0", "S1")]  # one entry per section
     assert len(list(tmp_path.rglob("*.pt"))) == 2
 
-    trunk_calls.clear()
+    encoder_calls.clear()
     second = _train(_model(train), tmp_path)  # a new model, same trunk weights and data
-    assert trunk_calls == []
+    assert encoder_calls == []
     torch.testing.assert_close(second._data.fmaps, first._data.fmaps, rtol=0, atol=0)
 
     fresh = _train(_model(train), None)  # no cache: computed in memory
-    assert sum(trunk_calls) == train.n_obs
+    assert sum(encoder_calls) == train.n_obs
     torch.testing.assert_close(second._data.fmaps, fresh._data.fmaps, rtol=0, atol=0)
     np.testing.assert_array_equal(
         second.get_predicted_expression(test).to_numpy(), fresh.get_predicted_expression(test).to_numpy()
     )
 
 
-def test_another_patch_size_or_trunk_recomputes(split, tmp_path, trunk_calls):
+def test_another_patch_size_or_trunk_recomputes(split, tmp_path, encoder_calls):
     train, _ = split
     _train(_model(train), tmp_path)
-    trunk_calls.clear()
+    encoder_calls.clear()
     _train(_model(train, patch_size=40), tmp_path)
-    assert sum(trunk_calls) == train.n_obs
-    trunk_calls.clear()
+    assert sum(encoder_calls) == train.n_obs
+    encoder_calls.clear()
     _train(_model(train, seed=5), tmp_path)  # other (random) trunk weights
-    assert sum(trunk_calls) == train.n_obs
+    assert sum(encoder_calls) == train.n_obs
     assert len(list(tmp_path.rglob("*.pt"))) == 6
 
 
