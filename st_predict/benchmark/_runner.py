@@ -43,6 +43,17 @@ from ._methods import (
 logger = logging.getLogger(__name__)
 
 
+def _feature_baselines(seed: int) -> dict[str, Callable[[], object]]:
+    """The baselines on the shared frozen features, first in every table."""
+    return {
+        "per-gene mean": MeanBaseline,
+        "HEST probe (PCA-256 + ridge)": HESTProbe,
+        "ridge (PCA-256)": RidgeProbe,
+        "ST-Net-style (frozen trunk)": lambda: STNetRegressor(seed=seed),
+        "BLEEP-style": lambda: BLEEPRetrieval(seed=seed),
+    }
+
+
 def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Callable[[], object]]:
     """The baselines, NH2ST (default recipe) and its ablations, as ``name -> factory``.
 
@@ -50,11 +61,7 @@ def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Calla
     recipes (20 epochs)."""
     nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, **kw))  # noqa: E731
     return {
-        "per-gene mean": MeanBaseline,
-        "HEST probe (PCA-256 + ridge)": HESTProbe,
-        "ridge (PCA-256)": RidgeProbe,
-        "ST-Net-style (frozen trunk)": lambda: STNetRegressor(seed=seed),
-        "BLEEP-style": lambda: BLEEPRetrieval(seed=seed),
+        **_feature_baselines(seed),
         "small CNN (from scratch)": lambda: SmallCNN(seed=seed),
         "ST-Net-style end to end": nh(contrastive=False, use_neighbor_branch=False, translator_hidden=0),
         "NH2ST": nh(),
@@ -80,11 +87,7 @@ def frozen_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Callab
     reach on a CPU. NH2ST's heads train on the same features as the probes, on the same folds."""
     nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, trunk="frozen", **kw))  # noqa: E731
     return {
-        "per-gene mean": MeanBaseline,
-        "HEST probe (PCA-256 + ridge)": HESTProbe,
-        "ridge (PCA-256)": RidgeProbe,
-        "ST-Net-style (frozen trunk)": lambda: STNetRegressor(seed=seed),
-        "BLEEP-style": lambda: BLEEPRetrieval(seed=seed),
+        **_feature_baselines(seed),
         "NH2ST frozen trunk": nh(),
         "NH2ST frozen, query branch only": nh(use_neighbor_branch=False),
         "NH2ST frozen, no contrastive loss": nh(contrastive=False),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -323,8 +322,3 @@ def _probe(net: nn.Module, size: int) -> tuple[str, int, int]:
     if out.ndim == 4 and out.shape[-1] != out.shape[-2]:
         raise InputError(f"The encoder module's maps must be square, got {tuple(out.shape[-2:])}.")
     return ("vector" if out.ndim == 2 else "map"), int(out.shape[1]), (int(out.shape[-1]) if out.ndim == 4 else 1)
-
-
-def is_valid_name(name: str) -> bool:
-    """Whether ``name`` has the form of a canonical encoder name."""
-    return name == "resnet18" or bool(re.match(r"^(lazyslide|hf-hub|timm|module):.+", name))
