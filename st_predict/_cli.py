@@ -246,10 +246,13 @@ def _cmd_predict_slide(args) -> int:
     sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, tile_size_um=args.tile_size_um,
                                 batch_size=args.batch_size, key_added=args.key_added, progress=_progress(args),
                                 num_workers=args.num_workers, image_key=args.image_element,
-                                tissue_method=args.tissue_method, min_tissue_fraction=args.min_tissue_fraction)
+                                tissue_method=args.tissue_method, min_tissue_fraction=args.min_tissue_fraction,
+                                image_mpp=None if args.no_image else args.image_mpp)
     import spatialdata
 
-    result = spatialdata.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+    image_key = f"{args.key_added}_image"
+    images = {image_key: sdata.images[image_key]} if image_key in sdata.images else {}
+    result = spatialdata.SpatialData(images=images, shapes=dict(sdata.shapes), tables=dict(sdata.tables))
     with staged_folder(out, replace=True, create=False) as staging:  # the old store goes only once the new one is in
         result.write(staging)
     table = sdata.tables[args.key_added]
@@ -441,15 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("predict-slide", formatter_class=fmt, parents=[debug], help="predict expression over a whole H&E slide",
-                       description="Find the tissue of SLIDE (SVS, NDPI, pyramidal TIFF / OME-TIFF, or a SpatialData "
-                       ".zarr with an H&E image element), tile it at the "
+                       description="Find the tissue of SLIDE (SVS, NDPI, pyramidal TIFF / OME-TIFF, a plain JPEG, PNG or "
+                       "TIFF with --mpp, or a SpatialData .zarr with an H&E image element), tile it at the "
                        "model's training spot pitch with tiles of its training patch size in micrometres, predict "
-                       "every tile and write a SpatialData zarr: a table of tiles x genes annotating the tile shapes. "
-                       "Needs pip install 'st-predict[wsi]'.")
+                       "every tile and write a SpatialData zarr: a table of tiles x genes annotating the tile shapes, "
+                       "and the slide downsampled (an image element), so spatialdata-plot draws the tiles over the "
+                       "H&E. Needs pip install 'st-predict[wsi]'.")
     p.add_argument("model", help="folder of a model saved by st-predict train (or NH2ST.save)")
-    p.add_argument("slide", help="whole-slide image file, or a SpatialData .zarr store")
+    p.add_argument("slide", help="whole-slide image file, plain image (JPEG, PNG, TIFF), or a SpatialData .zarr store")
     p.add_argument("--out", required=True, help="output SpatialData .zarr")
-    p.add_argument("--mpp", type=_POSITIVE, help="micrometres per level-0 pixel, for a slide whose metadata has none")
+    p.add_argument("--mpp", type=_POSITIVE,
+                   help="micrometres per level-0 pixel, for a slide whose metadata has none (a JPEG or PNG never has)")
+    p.add_argument("--image-mpp", type=_POSITIVE, default=2.0,
+                   help="micrometres per pixel of the slide image written into the output")
+    p.add_argument("--no-image", action="store_true", help="write no slide image into the output")
     p.add_argument("--pitch-um", type=_POSITIVE, help="distance between tile centres (default: the training spot pitch)")
     p.add_argument("--tile-size-um", type=_POSITIVE,
                    help="tile side in micrometres (default: the training patches'); needed only for a model "

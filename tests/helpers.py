@@ -52,8 +52,11 @@ def slide_tissue(size: int, seed: int = 0) -> np.ndarray:
     return img
 
 
-def write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3) -> str:
-    """Tiled, zlib-compressed pyramidal TIFF, levels as successive IFDs (how OpenSlide reads them)."""
+def write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3, mean: bool = False) -> str:
+    """Tiled, zlib-compressed pyramidal TIFF, levels as successive IFDs (how OpenSlide reads them).
+
+    Each level is every second pixel of the one above, or with ``mean`` the mean of each 2 x 2 block (as libvips
+    and spatialdata make pyramids)."""
     import tifffile
 
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
@@ -64,7 +67,11 @@ def write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3) -> st
                 kw = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
             tw.write(level, tile=(128, 128), compression="zlib", photometric="rgb",
                      subfiletype=0 if i == 0 else 1, **kw)
-            level = level[::2, ::2]
+            if mean:
+                h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+                level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).mean((1, 3)).astype(np.uint8)
+            else:
+                level = level[::2, ::2]
     return str(path)
 
 

@@ -2,6 +2,7 @@
 
 from ._her2st import fetch_her2st, read_her2st
 from ._hest import read_hest
+from ._images import read_fullres_image as read_image
 from ._read import InputData, choose_image_key, downsample_images, read_h5ad, read_input
 from ._sections import concat_sections, select_sections
 from ._spatialdata import from_spatialdata
@@ -18,6 +19,7 @@ __all__ = [
     "read_h5ad",
     "read_her2st",
     "read_hest",
+    "read_image",
     "read_input",
     "read_visium",
     "select_sections",

@@ -22,6 +22,8 @@ from st_predict._constants import PREDICT_BATCH_SIZE, PREDICTED_KEY
 from st_predict._errors import InputError, InputTypeError, MissingFileError, MissingKeyError
 from st_predict._threads import available_cores, interactive, single_thread_worker, thread_limits
 
+from ._slide_image import CONVERT_HINT, PLAIN_SUFFIXES, plain_image_element
+
 #: what the slide readers raise for a file they cannot read as a slide (OpenSlide's and tifffile's
 #: errors derive from these; wsidata raises ValueError when no reader accepts the file)
 _UNREADABLE = (OSError, ValueError, KeyError, IndexError)
@@ -113,7 +115,8 @@ def _from_anndata(adata, image_key: str | None, library_id: str | None) -> Opene
 
 
 def open_slide(slide: Any, image_key: str | None = None, library_id: str | None = None) -> OpenedSlide:
-    """Open ``slide`` for prediction: a slide file (SVS, NDPI, pyramidal TIFF, ...), a SpatialData
+    """Open ``slide`` for prediction: a slide file (SVS, NDPI, pyramidal TIFF, ...), a plain JPEG, PNG or
+    TIFF (the µm/px must then be given as ``mpp``), a SpatialData
     ``.zarr`` store, a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` with an image
     element, or an AnnData with a Visium-style image in ``uns["spatial"]``."""
     wsidata, _ = _wsi_stack()
@@ -139,11 +142,29 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
             except _UNREADABLE as err:
                 raise InputError(f"Could not read {path!r} as a SpatialData store: {err}") from err
             return _from_spatialdata(sdata, image_key, path)
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix not in (".jpg", ".jpeg", ".png"):
+            try:
+                # store=None: no zarr store is created or reused next to the slide
+                return OpenedSlide(wsidata.open_wsi(path, store=None), path)
+            except _UNREADABLE as err:
+                if suffix not in PLAIN_SUFFIXES:
+                    raise InputError(
+                        f"Could not open {path!r} as a whole-slide image (no reader of wsidata accepts it: "
+                        f"{type(err).__name__}); for an image in another format, {CONVERT_HINT}."
+                    ) from err
+        # a plain JPEG / PNG, or a TIFF no whole-slide reader takes (not tiled): its pixels, at the µm/px of mpp=
+        from spatialdata import SpatialData
+
         try:
-            # store=None: no zarr store is created or reused next to the slide
-            return OpenedSlide(wsidata.open_wsi(path, store=None), path)
-        except _UNREADABLE as err:
-            raise InputError(f"Could not open {path!r} as a whole-slide image: {err}") from err
+            element = plain_image_element(path)
+        except InputError as err:
+            why = err.__cause__ or err  # the reader's own words, without the path again
+            raise InputError(f"Could not open {path!r} as a whole-slide or a plain image ({type(why).__name__}: {why}; "
+                             "a truncated or corrupted file?)") from err
+        opened = _from_spatialdata(SpatialData(images={"image": element}), "image", path)
+        opened.name = path
+        return opened
     raise InputTypeError(
         "slide must be a path, a wsidata.WSIData, a SpatialData or an AnnData with an image, got "
         f"{type(slide).__name__}."
@@ -203,6 +224,7 @@ class SlideMixin:
         features_key: str | None = None,
         tissue_method: str = "entropy",
         min_tissue_fraction: float = 0.7,
+        image_mpp: float | None = 2.0,
     ):
         """Predict expression over the tissue of a whole H&E slide that has no expression.
 
@@ -216,7 +238,8 @@ class SlideMixin:
         ----------
         slide
             A slide file (SVS, NDPI, pyramidal TIFF / OME-TIFF, anything OpenSlide or tiffslide
-            reads), a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` (or the path of
+            reads), a plain JPEG, PNG or TIFF with ``mpp=`` (JPEG and PNG are decoded into memory, up to
+            2 GiB of pixels, about 715 Mpx; a TIFF is read lazily), a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` (or the path of
             its ``.zarr`` store) with an RGB uint8 image element, or an AnnData with a Visium-style
             image in ``uns["spatial"][library_id]["images"]`` (its µm/px taken from
             ``metadata["pixel_size_um"]`` and the image's scale factor, as st_predict's readers
@@ -260,6 +283,11 @@ class SlideMixin:
             Drop tiles whose area is less than this fraction tissue (lazyslide's ``tile_tissues`` with
             ``background_fraction = 1 - min_tissue_fraction``). Each tile's fraction is written to the
             table (``obs["tissue_fraction"]``).
+        image_mpp
+            Resolution, in micrometres per pixel, of the image of the slide put into the output (a lazy
+            multiscale image element ``f"{key_added}_image"`` over the tiles' frame, so spatialdata-plot draws
+            the tiles over the H&E); ``None``: no image. It is read from the slide only when the output is
+            written or drawn.
         features_key
             Predict from tile features already in ``slide`` instead of tiling and encoding it: the
             table ``slide.tables[features_key]`` that LazySlide's ``zs.tl.feature_extraction`` wrote
@@ -275,7 +303,8 @@ class SlideMixin:
         in level-0 pixels, ``uns["st_predict"]``: the slide and settings) annotating the tile shapes.
         The table alone is an AnnData: ``sdata.tables[key_added]``. For an AnnData input its
         ``obsm["spatial"]`` is in the AnnData's full-resolution pixels and its ``uns["spatial"]``
-        holds the library's images, so ``sc.pl.spatial`` draws the tiles over the H&E.
+        holds the library's images, so ``sc.pl.spatial`` draws the tiles over the H&E. The image
+        ``f"{key_added}_image"`` (see ``image_mpp``) is the slide, downsampled, in the tiles' frame.
         """
         if patch_size_um is not None:
             warnings.warn("predict_slide(patch_size_um=) is deprecated: use tile_size_um=.", FutureWarning,
@@ -302,6 +331,8 @@ class SlideMixin:
             raise InputError(f"batch_size must be >= 1, got {batch_size}.")
         if mpp is not None and not mpp > 0:
             raise InputError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
+        if image_mpp is not None and not image_mpp > 0:
+            raise InputError(f"image_mpp must be a positive number of micrometres per pixel or None, got {image_mpp!r}.")
         opened = open_slide(slide, image_key=image_key, library_id=library_id)
         wsi, name = opened.wsi, opened.name
         if mpp is not None or opened.mpp is not None:
@@ -373,6 +404,10 @@ class SlideMixin:
             scalef["spot_diameter_fullres"] = float(tile_um / slide_mpp * opened.to_fullres)
             table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
         wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
+        if image_mpp is not None:
+            from ._slide_image import overview_image
+
+            wsi.images[f"{key_added}_image"] = overview_image(wsi, slide_mpp, float(image_mpp))
         return wsi
 
     def _from_tile_features(self, wsi, features_key: str, batch_size: int):

@@ -451,3 +451,90 @@ def test_tiles_on_a_pale_smear_are_dropped_and_tissue_tiles_stay(model, tmp_path
     assert table.uns["st_predict"]["tissue_method"] == "entropy"
     fewer = model.predict_slide(path, min_tissue_fraction=1.0, **kw).tables["nh2st"]
     assert fewer.n_obs < table.n_obs and (fewer.obs["tissue_fraction"].to_numpy() >= 1 - 1e-6).all()
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_output_zarr_holds_the_slide_image_and_tiles_draw_over_it(tissue, tmp_path):
+    import matplotlib
+
+    matplotlib.use("agg")
+    import dask.array as da
+    import matplotlib.pyplot as plt
+    import spatialdata as sd_
+    import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+    from spatialdata.transformations import get_transformation
+
+    from st_predict._cli import main
+
+    _model_with_pixel_size(tissue).save(tmp_path / "model")
+    img = _tissue(2048)
+    slide = _write_slide(tmp_path / "slide.tif", img, mpp=0.5)
+    out = tmp_path / "pred.zarr"
+    assert main(["predict-slide", str(tmp_path / "model"), slide, "--out", str(out), "--quiet"]) == 0
+    back = sd_.read_zarr(out)
+    assert list(back.images) == ["nh2st_image"]
+    image = back.images["nh2st_image"]
+    # 2 um/px by default: level 2 of the 0.5 um/px pyramid, a quarter of level 0, scaled onto level 0 (the
+    # tiles' frame), with halvings below it
+    assert list(image.keys()) == ["scale0", "scale1"]
+    np.testing.assert_array_equal(np.asarray(image["scale0"]["image"]).transpose(1, 2, 0), img[::4, ::4])
+    assert get_transformation(image["scale0"]["image"], "global").to_affine_matrix(("x", "y"), ("x", "y"))[0, 0] == 4
+    # the element is lazy in the returned object: nothing read before it is written or drawn
+    sdata = NH2ST.load(tmp_path / "model").predict_slide(slide, progress=False)
+    assert isinstance(sdata.images["nh2st_image"]["scale0"]["image"].data, da.Array)
+    assert "nh2st_image" not in NH2ST.load(tmp_path / "model").predict_slide(slide, progress=False,
+                                                                             image_mpp=None).images
+
+    table = back.tables["nh2st"]
+    gene = table.var_names[int(np.argmax(np.asarray(table.X).var(0)))]
+    fig, ax = plt.subplots()
+    (back.pl.render_images("nh2st_image").pl.render_shapes("nh2st_tiles", color=gene, table_name="nh2st")
+     .pl.show(ax=ax, coordinate_systems="global"))
+    drawn = ax.get_images()
+    assert len(drawn) == 1
+    # the H&E lies under the tiles: it spans the slide's level-0 pixels and shows its colours
+    x0, x1, y0, y1 = drawn[0].get_extent()
+    to_data = drawn[0].get_transform() - ax.transData  # the image's own transformation (its scale onto level 0)
+    (x0, y0), (x1, y1) = to_data.transform([[x0, y0], [x1, y1]])
+    assert (min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)) == pytest.approx((0, 2048, 0, 2048), abs=8)
+    centres = table.obsm["spatial"]
+    assert (centres.min(0) > 0).all() and (centres.max(0) < 2048).all()
+    rgb = np.asarray(drawn[0].get_array())[..., :3].astype(float)
+    rgb = rgb * 255 if rgb.max() <= 1 else rgb
+    np.testing.assert_allclose(rgb.reshape(-1, 3).mean(0), img.reshape(-1, 3).mean(0), atol=3)
+    tiles = [c for c in ax.collections if len(c.get_paths()) == table.n_obs]
+    assert len(tiles) == 1 and tiles[0].get_zorder() >= drawn[0].get_zorder()
+    plt.close(fig)
+
+
+def test_a_jpeg_with_mpp_predicts_the_tiles_of_the_same_image_as_a_pyramidal_tiff(model, tmp_path, monkeypatch):
+    import tifffile
+    from PIL import Image
+
+    from st_predict.model import _slide_image
+
+    kw = {"tile_size_um": 32.0, "pitch_um": 40.0, "progress": False, "image_mpp": None}
+    Image.fromarray(_tissue(2048)).save(tmp_path / "slide.jpg", quality=92)
+    with Image.open(tmp_path / "slide.jpg") as im:
+        pixels = np.asarray(im.convert("RGB"))  # the JPEG's own pixels, written as a pyramidal TIFF
+    tiff = _write_slide(tmp_path / "slide.tif", pixels, mpp=0.5, levels=4, mean=True)  # as libvips would
+    ref = model.predict_slide(tiff, **kw).tables["nh2st"]
+    jpeg = model.predict_slide(tmp_path / "slide.jpg", mpp=0.5, **kw).tables["nh2st"]
+    Image.fromarray(pixels).save(tmp_path / "slide.png")
+    png = model.predict_slide(tmp_path / "slide.png", mpp=0.5, **kw).tables["nh2st"]
+    tifffile.imwrite(tmp_path / "plain.tif", pixels, photometric="rgb")  # stripped, one level: no slide reader takes it
+    plain = model.predict_slide(tmp_path / "plain.tif", mpp=0.5, **kw).tables["nh2st"]
+    for name, got in {"jpeg": jpeg, "png": png, "plain tiff": plain}.items():
+        # the same tiles, with the same predictions
+        a, b = _paired(got, 0.5, ref, 0.5, tol_um=0.5)
+        assert len(a) == ref.n_obs == got.n_obs, name
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
+        assert got.uns["st_predict"]["slide_mpp"] == 0.5
+    with pytest.raises(ValueError, match=r"slide\.jpg records no micrometres per pixel; pass mpp="):
+        model.predict_slide(tmp_path / "slide.jpg", **kw)
+    monkeypatch.setattr(_slide_image, "PLAIN_IMAGE_MAX_BYTES", 2048 * 2048 * 3 - 1)
+    with pytest.raises(ValueError, match=r"2048 x 2048 px: decoding it would take .* vips tiffsave"):
+        model.predict_slide(tmp_path / "slide.jpg", mpp=0.5, **kw)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ValueError, match=r"Could not open .*bad\.jpg.* as a whole-slide or a plain image"):
+        model.predict_slide(tmp_path / "bad.jpg", mpp=0.5, **kw)
