@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from st_predict._atomic import staged_file, staged_folder
@@ -63,6 +64,7 @@ from st_predict._constants import (
     PREDICTED_KEY,
 )
 from st_predict._errors import InputError, MissingFileError
+from st_predict._logging import quiet_logger
 from st_predict._settings import DEFAULT, NetworkSettings
 
 #: exit code for bad input (the same as argparse's usage errors)
@@ -142,18 +144,20 @@ def _cmd_train(args) -> int:
     adata, library_key, found_key = _read(args)
     adata = _sections(adata, library_key, args.sections)
     image_key = choose_image_key(adata, args.image_key, found_key)
-    scvi.settings.seed = args.seed
+    with quiet_logger("lightning.fabric.utilities.seed"):  # not "Seed set to 0"
+        scvi.settings.seed = args.seed
     torch.manual_seed(args.seed)
     NH2ST.setup_anndata(adata, layer=args.layer, library_key=library_key, image_key=image_key,
                         patch_size=args.patch_size, patch_size_um=args.patch_size_um, is_count_data=not args.normalized)
     model = NH2ST(adata, recipe=args.recipe, weights=args.weights, **kwargs)
-    print(model.summary_string)
+    print(model.description)  # not "Training status: Not Trained" before training
     validation = args.validation
     if validation is not None and len(validation) == 1 and validation[0] in ("section", "random"):
         validation = validation[0]
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
                 devices=args.devices, validation=validation, train_size=args.train_size, lr=args.lr,
-                best_epoch=True if validation is not None else None, progress=_progress(args),
+                best_epoch=True if validation is not None else None,
+                progress=False if args.quiet else None,  # bars on a terminal, a line per epoch in a log file
                 checkpoint_dir=checkpoint_dir, resume=args.resume, feature_cache=_feature_cache(args))
     model.save(str(out), overwrite=True)
     history = {k: v.iloc[:, 0].astype(float).tolist() for k, v in (model.history or {}).items()
@@ -569,8 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     stderr), 1 for anything else (with its traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # a warning is news, not code
+        print(f"st-predict {args.command}: {category.__name__}: {message}", file=sys.stderr, flush=True)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+            warnings.showwarning = one_line
+            return args.func(args)
     except InputError as err:
         if args.debug:
             traceback.print_exc()

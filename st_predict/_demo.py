@@ -13,6 +13,7 @@ import pandas as pd
 
 from st_predict._constants import PATCH_SIZE_PX, PREDICTED_KEY, SECTION_KEY
 from st_predict._errors import InputError
+from st_predict._logging import quiet_logger
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def run_demo(
     from st_predict.pp import normalize_expression
 
     t0 = time.perf_counter()
-    scvi.settings.seed = seed
+    with quiet_logger("lightning.fabric.utilities.seed"):  # not "Seed set to 0"
+        scvi.settings.seed = seed
     torch.manual_seed(seed)
     adata, kind = _load_data(data, fetch)
     sections = list(adata.obs["section"].cat.categories)
@@ -74,9 +76,9 @@ def run_demo(
     model = NH2ST(train, weights=weights, **kwargs)
     print(f"Training on {train.n_obs} spots of {len(sections) - 1} sections; held-out section {test_section} "
           f"({test.n_obs} spots). Patches {patch} px -> {model.module.image_size} px, ResNet18 trained end to end.")
-    print(model.summary_string)
+    print(model.description)  # not "Training status: Not Trained" before training
     t_fit = time.perf_counter()
-    model.train(max_epochs=epochs, progress=sys.stderr.isatty())
+    model.train(max_epochs=epochs)  # bars on a terminal, a line per epoch in a log file
     t_fit = time.perf_counter() - t_fit
     pred = model.predict(test, key_added=PREDICTED_KEY, progress=sys.stderr.isatty())  # no bar redraws in a log file
     genes = model.genes_

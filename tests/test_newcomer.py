@@ -210,3 +210,39 @@ def test_numeric_arguments_are_checked_before_the_heavy_imports(tmp_path):
     assert not torch_loaded and not scvi_loaded
     for message in cases.values():
         assert message in proc.stderr, (message, proc.stderr[-2000:])
+
+
+def test_training_into_a_log_file_prints_a_line_per_epoch_and_no_noise(run, tmp_path, capsys, caplog):
+    """stdout and stderr are not terminals under pytest, as in ``st-predict train ... > log 2>&1``."""
+    import re
+
+    from torch import hub
+
+    root, data = run
+    args = ["train", str(data), "--out", str(tmp_path / "m"), "--sections", "S0", "S1",
+            *[a for a in SMALL_TRAIN if a != "--quiet"]]
+    args[args.index("--epochs") + 1] = "3"
+    args[args.index("--weights") + 1] = "imagenet"  # offline here: the fallback must be said once, in one line
+    hub_before = hub._hub_dir
+    hub.set_dir(str(tmp_path / "hub"))  # an empty cache: the download is tried (and fails offline, or not)
+    try:
+        with caplog.at_level(logging.INFO), warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)  # shown as a user sees it, not raised as in the suite
+            assert main(args) == 0
+    finally:
+        hub._hub_dir = hub_before
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    epochs = [line for line in printed.out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"], printed.out
+    assert all(re.search(r"loss \d+\.\d{4} .*\(\d+\.\d s, \d+\.\d s in all\)$", line) for line in epochs), epochs
+    noise = ["\x1b[", "Generating sequential column names", "Seed set to", "Training status", "GPU available",
+             "TPU available", "Automatic Mixed Precision", "Downloading:", "_contextlib.py"]
+    everything = text + caplog.text
+    assert not [n for n in noise if n in everything], [n for n in noise if n in everything]
+    weights_lines = [line for line in printed.err.splitlines() if "ImageNet" in line]
+    assert len(weights_lines) <= 1 and all(line.startswith("st-predict train: UserWarning: ") for line in weights_lines)
+    # --quiet: no epoch lines either
+    args[args.index("--weights") + 1] = "random"
+    assert main([*args[:args.index("--out") + 1], str(tmp_path / "q"), *args[args.index("--out") + 2:], "--quiet"]) == 0
+    assert "epoch 1/3" not in capsys.readouterr().out

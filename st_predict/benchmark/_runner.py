@@ -17,6 +17,7 @@ from anndata import AnnData
 from st_predict._constants import N_GENES, PATCH_SIZE_PX, SECTION_KEY
 from st_predict._errors import InputError, MissingKeyError
 from st_predict._settings import DEFAULT
+from st_predict._warnings import user_stacklevel
 from st_predict.data import select_sections
 from st_predict.metrics import evaluate, pooled_pcc
 from st_predict.nn import build_encoder, prepare_patches
@@ -221,7 +222,7 @@ def run_benchmark(
     if section_key is not None:
         import warnings
 
-        warnings.warn("run_benchmark(section_key=) is deprecated: use library_key=.", FutureWarning, stacklevel=2)
+        warnings.warn("run_benchmark(section_key=) is deprecated: use library_key=.", FutureWarning, stacklevel=user_stacklevel())
         library_key = section_key
     section_key = library_key
     image_size = DEFAULT.network.image_size if image_size is None else image_size

@@ -10,6 +10,7 @@ import pandas as pd
 
 from st_predict._constants import SECTION_KEY
 from st_predict._errors import InputError, MissingKeyError
+from st_predict._warnings import user_stacklevel
 
 
 def _renamed(library_key: str, section_key: str | None, where: str) -> str:
@@ -17,7 +18,7 @@ def _renamed(library_key: str, section_key: str | None, where: str) -> str:
         return library_key
     import warnings
 
-    warnings.warn(f"{where}(section_key=) is deprecated: use library_key=.", FutureWarning, stacklevel=3)
+    warnings.warn(f"{where}(section_key=) is deprecated: use library_key=.", FutureWarning, stacklevel=user_stacklevel())
     return section_key
 
 

@@ -26,6 +26,7 @@ from st_predict._constants import (
     REGISTRY_KEYS,
 )
 from st_predict._errors import InputError, MissingKeyError
+from st_predict._logging import quiet_logger
 from st_predict._threads import thread_limits
 from st_predict.module import NetworkSettings, NH2STModule
 from st_predict.nn import encoder_name
@@ -258,7 +259,12 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
     # -- summary ---------------------------------------------------------------------------------
     @property
     def summary_string(self) -> str:
-        """One paragraph describing the model (shown by ``repr``)."""
+        """:attr:`description` and whether the model is trained (shown by ``repr``)."""
+        return f"{self.description}\nTraining status: {'Trained' if self.is_trained_ else 'Not Trained'}"
+
+    @property
+    def description(self) -> str:
+        """One paragraph describing the model: recipe, genes, trunk and its weights, branches, losses, patch."""
         p = self.module.settings
         branch = (
             f"neighbour branch K={p.n_neighbors}, {p.graph} degree {p.hyperedge_degree}, L={p.n_hgnn_layers}"
@@ -284,7 +290,7 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
             f"{'ResNet18' if p.encoder == 'resnet18' else p.encoder} trunk {p.trunk} at {p.image_size} px "
             f"({p.pooling} pooling), weights: "
             f"{self.weights_source_}; {p.attention}-attention ({p.attention_mode}), {branch}; {nce}{patch}."
-            f"{val}\nTraining status: {'Trained' if self.is_trained_ else 'Not Trained'}"
+            f"{val}"
         )
 
     # -- setup -----------------------------------------------------------------------------------
@@ -368,7 +374,8 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
             ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
+        with quiet_logger("scvi.data.fields"):  # not "INFO Generating sequential column names" (obsm has none)
+            adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
     # -- inference -------------------------------------------------------------------------------

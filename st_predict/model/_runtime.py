@@ -36,18 +36,23 @@ def device_for(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-class _DropLightningTips(logging.Filter):
+class _QuietLightning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        return record.levelno >= logging.WARNING and "litlogger" not in record.getMessage()
 
 
 @contextlib.contextmanager
-def without_lightning_tips() -> Iterator[None]:
-    """Lightning advertises a logging service ("Tip: ... litlogger") at every fit: not news to a user.
-    The filter is on its logger only inside the block."""
-    target, drop = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _DropLightningTips()
-    target.addFilter(drop)
+def quiet_lightning() -> Iterator[None]:
+    """Inside the block, Lightning's rank-zero loggers pass warnings and errors only: not its
+    "GPU available: False", "TPU available", "Using bfloat16 Automatic Mixed Precision", "`Trainer.fit`
+    stopped" lines at every fit (the device and precision are in ``model.train_settings_``), nor its
+    advertising tips. A filter on those loggers, removed on exit; their levels are left alone."""
+    targets = [logging.getLogger(f"lightning.{part}.utilities.rank_zero") for part in ("pytorch", "fabric")]
+    drop = _QuietLightning()
+    for target in targets:
+        target.addFilter(drop)
     try:
         yield
     finally:
-        target.removeFilter(drop)
+        for target in targets:
+            target.removeFilter(drop)

@@ -21,6 +21,7 @@ import torch
 from st_predict._constants import PREDICT_BATCH_SIZE, PREDICTED_KEY
 from st_predict._errors import InputError, InputTypeError, MissingFileError, MissingKeyError
 from st_predict._threads import available_cores, interactive, single_thread_worker, thread_limits
+from st_predict._warnings import user_stacklevel
 
 from ._slide_image import CONVERT_HINT, PLAIN_SUFFIXES, plain_image_element
 
@@ -308,7 +309,7 @@ class SlideMixin:
         """
         if patch_size_um is not None:
             warnings.warn("predict_slide(patch_size_um=) is deprecated: use tile_size_um=.", FutureWarning,
-                          stacklevel=2)
+                          stacklevel=user_stacklevel())
             tile_size_um = patch_size_um if tile_size_um is None else tile_size_um
         self._check_if_trained(warn=False)
         _, zs = _wsi_stack()
@@ -354,7 +355,7 @@ class SlideMixin:
             if model_um and abs(tile_um - model_um) > 0.1 * model_um:
                 warnings.warn(
                     f"The tiles of {features_key!r} are {tile_um:.1f} um wide but the model was trained on {model_um:.1f} "
-                    "um patches: lay them with model.as_tile_model().tile_kwargs.", UserWarning, stacklevel=2)
+                    "um patches: lay them with model.as_tile_model().tile_kwargs.", UserWarning, stacklevel=user_stacklevel())
         else:
             num_workers = default_num_workers() if num_workers is None else int(num_workers)
             tile_mpp = float(tile_um) / size  # tiles are read straight at the network's resolution

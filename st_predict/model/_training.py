@@ -29,6 +29,7 @@ from st_predict.pp import (
 from st_predict.train import (
     BestEpoch,
     EpochCheckpoint,
+    EpochLog,
     NH2STCollate,
     NH2STDataModule,
     TrainingSettings,
@@ -37,7 +38,7 @@ from st_predict.train import (
 )
 
 from ._docstrings import nh2st_dsp
-from ._runtime import device_for, resolve_precision, without_lightning_tips
+from ._runtime import device_for, quiet_lightning, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -313,8 +314,9 @@ class TrainingMixin:
         embed_batch_size
             Patches per trunk call when filling a cache.
         progress
-            Progress bars for embedding and training (default: on a terminal or in a notebook, not when
-            the output goes to a log file).
+            Progress bars for embedding and training. Default: bars on a terminal or in a notebook; when the
+            output goes to a log file, one line per epoch instead (:class:`~st_predict.train.EpochLog`).
+            ``False``: nothing.
         checkpoint_dir
             Folder for Lightning checkpoints of the whole training state (weights, optimiser,
             schedule, epoch, random number generators): ``last.ckpt`` after every epoch and, with a
@@ -353,6 +355,7 @@ class TrainingMixin:
 
     def _fit(self, cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers, embed_batch_size,
              progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs, feature_cache=None):
+        epoch_lines = progress is None and not interactive()  # a log file: a line per epoch, no bar redraws
         progress = interactive() if progress is None else bool(progress)
         if self.module.contrastive and cfg.batch_size < 2:
             raise InputError(
@@ -419,7 +422,9 @@ class TrainingMixin:
         trainer_kwargs.setdefault("log_every_n_steps", 1)  # the plan logs epoch means only
         trainer_kwargs.setdefault("precision", resolve_precision(cfg.precision, device))
         self.train_settings_ = {**cfg.to_dict(), "train_size": train_size, "precision": trainer_kwargs["precision"]}
-        with warnings.catch_warnings(), without_lightning_tips():
+        if epoch_lines:
+            callbacks.append(EpochLog())
+        with warnings.catch_warnings(), quiet_lightning():
             # a frozen trunk is in eval mode on purpose; Lightning's pytree deprecation is not ours
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)

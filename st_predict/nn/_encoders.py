@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -14,8 +15,11 @@ import torch
 from torch import nn
 
 from st_predict._errors import InputError, MissingFileError
+from st_predict._warnings import warn
 
 logger = logging.getLogger(__name__)
+#: torch hub folders where this process failed to get torchvision's ImageNet weights (tried once per folder)
+_IMAGENET_FAILED: dict[str, Exception] = {}
 
 #: ImageNet channel statistics used to normalise patches for the ResNet18 trunk.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,18 +109,27 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
         from torchvision.models import ResNet18_Weights
 
         spec = ResNet18_Weights.IMAGENET1K_V1
+        hub = torch.hub.get_dir()
+        cached = os.path.join(hub, "checkpoints", os.path.basename(spec.url))
+        if hub in _IMAGENET_FAILED and not os.path.exists(cached):
+            # tried and failed in this process: not again (no second network timeout, no second warning)
+            logger.info("ImageNet ResNet18 weights unavailable (see the first warning): random initialisation.")
+            return "random init (ImageNet weights unavailable)"
+        said = io.StringIO()
         try:
-            state = spec.get_state_dict(progress=False)
+            with contextlib.redirect_stdout(said):  # torch.hub prints "Downloading: ..." before it knows it can
+                state = spec.get_state_dict(progress=False)
         except Exception as err:  # noqa: BLE001 - any failure (offline, corrupt cache) -> loud fallback
-            warnings.warn(
+            _IMAGENET_FAILED[hub] = err
+            warn(
                 "Could not load torchvision's ImageNet ResNet18 weights (IMAGENET1K_V1) from the torch "
                 f"hub cache or the internet ({type(err).__name__}: {err}). The ResNet18 trunk is RANDOMLY "
                 "INITIALISED: expect much weaker predictions, above all with trunk='frozen'. Put "
-                "'resnet18-f37072fd.pth' in $TORCH_HOME/hub/checkpoints or pass weights='<file>'.",
-                UserWarning,
-                stacklevel=3,
+                "'resnet18-f37072fd.pth' in $TORCH_HOME/hub/checkpoints or pass weights='<file>'."
             )
             return "random init (ImageNet weights unavailable)"
+        if said.getvalue().strip():
+            print(said.getvalue().strip().replace("Downloading:", "Downloaded", 1), flush=True)
         _load_resnet_state(trunk, state, source="torchvision IMAGENET1K_V1")
         return "torchvision ResNet18 IMAGENET1K_V1"
     if isinstance(weights, Mapping):

@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from st_predict._constants import PATCH_SIZE_PX
 from st_predict._errors import InputError
+from st_predict._warnings import user_stacklevel
 
 from ._patches import PIXEL_SIZE_KEY, section_pixel_sizes
 
@@ -106,7 +107,7 @@ class PatchGeometry:
                 f"{data}.uns['spatial'][section]['metadata'][{PIXEL_SIZE_KEY!r}] (micrometres per full-resolution "
                 "pixel) to crop the same tissue area.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return out
 

@@ -7,6 +7,7 @@ from st_predict._settings import Recipe, TrainingSettings, get_recipe
 
 from ._data import NH2STCollate, NH2STDataModule, SectionBatchSampler, even_batches
 from ._embed import compute_fmaps
+from ._epoch_log import EpochLog
 from ._split import split_validation
 from ._trainingplan import BestEpoch, EpochCheckpoint, NH2STTrainingPlan, mean_gene_pcc
 
@@ -21,6 +22,7 @@ __all__ = [
     "RECIPES",
     "BestEpoch",
     "EpochCheckpoint",
+    "EpochLog",
     "NH2STCollate",
     "NH2STDataModule",
     "NH2STTrainingPlan",

@@ -280,3 +280,27 @@ def test_gene_tokenizer_every_token_sees_a_gene():
 def test_gene_tokenizer_rejects_bad_token_count(n_tokens):
     with pytest.raises(ValueError, match="n_gene_tokens"):
         GeneTokenizer(12, n_tokens, 8)
+
+
+def test_offline_imagenet_is_tried_and_said_once_and_blamed_on_the_caller(offline_hub, monkeypatch, capsys):
+    import warnings
+
+    calls = []
+
+    def _no_network(url, dst, *args, **kwargs):
+        calls.append(url)
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load_trunk_weights(build_resnet18_trunk(), "imagenet")
+        desc = load_trunk_weights(build_resnet18_trunk(), "imagenet")
+    assert "random" in desc and len(calls) == 1  # the second trunk does not try the network again
+    assert [str(w.message).count("RANDOMLY") for w in record] == [1]
+    assert record[0].filename == __file__  # the line that called st_predict, not st_predict's or torch's
+    assert "Downloading" not in capsys.readouterr().out  # torch.hub's line is not printed when nothing came
+    # weights put into the cache afterwards are found
+    offline_hub.mkdir(parents=True, exist_ok=True)
+    torch.save(_resnet_state(1), offline_hub / IMAGENET_FILE)
+    assert "IMAGENET1K_V1" in load_trunk_weights(build_resnet18_trunk(), "imagenet")
