@@ -169,10 +169,10 @@ def _cmd_train(args) -> int:
 
         from st_predict.pl import training_curves
 
-        ax = training_curves(model)
+        fig = training_curves(model)[0].figure
         with staged_file(out / "training_curves.png") as staged:
-            ax.figure.savefig(staged, dpi=110, bbox_inches="tight", format="png")
-        plt.close(ax.figure)
+            fig.savefig(staged, dpi=110, bbox_inches="tight", format="png")
+        plt.close(fig)
     print(f"Saved the model ({len(model.genes_)} genes, trained on {adata.n_obs} spots) to {out}/")
     return 0
 

@@ -14,6 +14,7 @@ import pandas as pd
 from st_predict._constants import PATCH_SIZE_PX, PREDICTED_KEY, SECTION_KEY
 from st_predict._errors import InputError
 from st_predict._logging import quiet_logger
+from st_predict._threads import available_cores
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def run_demo(
     t_fit = time.perf_counter()
     model.train(max_epochs=epochs)  # bars on a terminal, a line per epoch in a log file
     t_fit = time.perf_counter() - t_fit
+    where = "a GPU" if torch.cuda.is_available() else f"CPU, {available_cores()} cores"
+    print(f"Trained {epochs} epochs on {train.n_obs} spots in {t_fit:.1f} s ({where}).", flush=True)
     pred = model.predict(test, key_added=PREDICTED_KEY, progress=sys.stderr.isatty())  # no bar redraws in a log file
     genes = model.genes_
     truth = pd.DataFrame(
@@ -127,5 +130,6 @@ def run_demo(
     print(f"  per-gene mean              PCC   n/a                  MSE {b['mse']:.4f}  MAE {b['mae']:.4f}")
     print("  (per-gene PCC across the held-out spots, mean over genes; the ridge baseline ran in this run on the "
           "same fold. On HER2ST, benchmarks/README.md has all five folds: NH2ST 0.285, small CNN 0.286, ridge 0.210.)")
-    print(f"{metrics['seconds_total']} s in all.")
+    print(f"{metrics['seconds_total']} s in all (training {metrics['seconds_training_incl_embedding']} s, ridge baseline "
+          f"{metrics['seconds_ridge']} s).")
     return metrics

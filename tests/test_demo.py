@@ -22,7 +22,11 @@ def test_demo_on_synthetic_tissue(tmp_path, capsys):
     assert metrics["nh2st"]["n_genes"] == 100 and metrics["nh2st"]["n_spots"] == 144
     assert metrics["nh2st"]["mse"] < metrics["per_gene_mean"]["mse"]
     assert (out / "predicted_vs_measured.png").stat().st_size > 10_000
-    assert "Held-out section S0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Held-out section S0" in printed
+    # into a file (not a terminal): one line per epoch, and the training time the README quotes
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
+    assert f"Trained 3 epochs on 576 spots in {metrics['seconds_training_incl_embedding']:.1f} s" in printed
 
 
 def test_demo_bad_section(tmp_path, capsys):

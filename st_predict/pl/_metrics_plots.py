@@ -196,6 +196,11 @@ def _curve(values, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(1, len(y) + 1, dtype=np.float64), y
 
 
+#: panels of :func:`training_curves`: terms on one scale share one, in this order; other terms join the first
+_PANELS = (("losses", ("loss", "nce_query", "nce_neighbor"), "loss"), ("MSE", ("mse",), "MSE"),
+           ("validation PCC", ("pcc",), "mean per-gene PCC"))
+
+
 def training_curves(
     model_or_history,
     keys: Sequence[str] | None = None,
@@ -208,6 +213,10 @@ def training_curves(
     """Loss terms over epochs: one solid line per training term and, when the history has it, a
     dashed line of the same colour for the validation term.
 
+    Terms on different scales get panels of their own, side by side: the total loss and the InfoNCE
+    terms; the MSE (on the standardised expression; beside InfoNCE terms of 2-6 it would look flat); and
+    the validation PCC when training had a validation set.
+
     Parameters
     ----------
     model_or_history
@@ -215,15 +224,16 @@ def training_curves(
         ``"train_<term>"`` / ``"validation_<term>"`` keys mapping to one-column DataFrames or Series
         indexed by epoch (or plain sequences, one value per epoch). Other keys are ignored.
     keys
-        Loss terms to plot, e.g. ``["loss", "mse"]`` (a ``"train_"`` or ``"validation_"`` prefix is
+        Terms to plot, e.g. ``["loss", "mse"]`` (a ``"train_"`` or ``"validation_"`` prefix is
         accepted and stripped). Default: every term in the history (``loss``, ``mse``,
-        ``nce_query``, ``nce_neighbor`` for NH2ST).
+        ``nce_query``, ``nce_neighbor`` and, with validation, ``pcc`` for NH2ST).
     log
-        Logarithmic y axis. Every plotted value must then be positive.
+        Logarithmic y axes. Every plotted value must then be positive.
     ax
-        Axes to draw into; a new figure when ``None``.
+        One Axes to draw every term into (one scale for all), or one Axes per panel; a new figure when
+        ``None``.
     title
-        Axes title (default ``"Training curves"``).
+        Figure title (default ``"Training curves"``).
     save
         Path to save the figure to.
     **kwargs
@@ -231,14 +241,15 @@ def training_curves(
 
     Returns
     -------
-    The :class:`~matplotlib.axes.Axes`; its lines are labelled ``"<term> (train)"`` and
-    ``"<term> (validation)"``.
+    A list of :class:`~matplotlib.axes.Axes`, one per panel; their lines are labelled
+    ``"<term> (train)"`` and ``"<term> (validation)"``.
 
     Raises
     ------
     ValueError
         If the model is not trained (empty history), the history has no ``train_*`` /
-        ``validation_*`` terms, or ``log=True`` with non-positive values (naming the terms).
+        ``validation_*`` terms, ``log=True`` with non-positive values (naming the terms), or ``ax`` is
+        a list of another length than the panels.
     KeyError
         If a requested term is not in the history (naming it and the available ones).
     """
@@ -273,23 +284,47 @@ def training_curves(
             key = f"{prefix}_{term}"
             if key in history:
                 x, y = _curve(history[key], key)
-                curves.append((key, f"{term} ({prefix})", x, y, ls, f"C{i % 10}"))
+                curves.append((term, key, f"{term} ({prefix})", x, y, ls, f"C{i % 10}"))
     if log:
-        bad = [key for key, _, _, y, _, _ in curves if np.any(~(y > 0))]
+        bad = [key for _, key, _, _, y, _, _ in curves if np.any(~(y > 0))]
         if bad:
             raise InputError(f"log=True needs positive values, but these have values <= 0 or NaN: {bad}. "
                              "Leave them out with keys= or use log=False.")
 
-    ax = _new_ax(ax, (5.5, 3.8))
-    for _, label, x, y, ls, color in curves:
-        ax.plot(x, y, **{"ls": ls, "color": color, "label": label, **kwargs})
-    if log:
-        ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize="x-small")
-    ax.set_title(title if title is not None else "Training curves")
+    def panel_of(term):
+        return next((i for i, (_, members, _) in enumerate(_PANELS) if term in members), 0)
+
+    panels = sorted({panel_of(t) for t in terms})
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 3.6), squeeze=False)
+        axes = list(axes[0])
+    elif isinstance(ax, Sequence | np.ndarray):
+        axes = list(np.ravel(ax))
+        if len(axes) != len(panels):
+            raise InputError(f"ax has {len(axes)} Axes but there are {len(panels)} panels "
+                             f"({', '.join(_PANELS[p][0] for p in panels)}); pass one Axes, or one per panel.")
+    else:
+        axes, panels = [ax], [None]
+    for a, panel in zip(axes, panels, strict=True):
+        for term, _, label, x, y, ls, color in curves:
+            if panel is None or panel_of(term) == panel:
+                a.plot(x, y, **{"ls": ls, "color": color, "label": label, **kwargs})
+        if log:
+            a.set_yscale("log")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlabel("epoch")
+        a.set_ylabel("loss" if panel is None else _PANELS[panel][2])
+        if panel is not None and len(panels) > 1:
+            a.set_title(_PANELS[panel][0], fontsize="medium")
+        a.legend(fontsize="x-small")
+    fig = axes[0].figure
+    if len(axes) == 1:
+        axes[0].set_title(title if title is not None else "Training curves")
+    else:
+        fig.suptitle(title if title is not None else "Training curves")
+        fig.tight_layout()
     if save is not None:
-        ax.figure.savefig(save, dpi=110, bbox_inches="tight")
-    return ax
+        fig.savefig(save, dpi=110, bbox_inches="tight")
+    return axes

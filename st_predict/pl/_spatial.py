@@ -74,11 +74,15 @@ def predicted_vs_measured(
     title: str | None = None,
     cmap: str = "viridis",
     margin: float = 0.05,
+    image_alpha: float = 0.5,
 ):
     """Predicted (top row) and measured (bottom row) expression of ``genes`` on the H&E of one section.
 
     Each gene has **one colour scale** for its two panels (from the lower to the higher of both sides'
-    extremes) and a colour bar labelled with the scale (``log1p`` counts per 10k); the predicted panel's
+    extremes, from 0 at the lowest: values below 0 do not exist on the ``log1p`` scale, and a prediction
+    below 0 takes the lowest colour) and a colour bar labelled with the scale (``log1p`` counts per 10k). The
+    H&E is drawn faded (``image_alpha``) and the spots with a thin white edge, so that the dark end of the
+    colour map stands out against haematoxylin-purple tissue. The predicted panel's
     title gives the gene's Pearson correlation with the measured values across the spots. The view is
     cropped to the spots (plus ``margin`` of their extent). ``measured`` is a spots x genes DataFrame on
     the predictions' scale; ``title`` says, for example, how the genes were chosen. Returns the figure.
@@ -121,14 +125,16 @@ def predicted_vs_measured(
     for j, gene in enumerate(genes):
         pred = np.asarray(plot[mask, f"{gene} predicted"].X).ravel()
         meas = np.asarray(plot[mask, f"{gene} measured"].X).ravel()
-        vmin, vmax = float(min(pred.min(), meas.min())), float(max(pred.max(), meas.max()))
+        vmin, vmax = max(0.0, float(min(pred.min(), meas.min()))), float(max(pred.max(), meas.max()))
+        vmax = max(vmax, vmin + 1e-6)
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.corrcoef(pred, meas)[0, 1] if pred.std() > 0 and meas.std() > 0 else np.nan
         for i, (values, label) in enumerate(((pred, "predicted"), (meas, "measured"))):
             ax = axes[i, j]
             if image is not None:
-                ax.imshow(image)
-            points = ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap=cmap, vmin=vmin, vmax=vmax, s=size, linewidths=0)
+                ax.imshow(image, alpha=image_alpha)
+            points = ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap=cmap, vmin=vmin, vmax=vmax, s=size,
+                                edgecolors="white", linewidths=0.4)
             ax.set_xlim(x0, x1)
             ax.set_ylim(y1, y0)
             ax.set_aspect("equal")

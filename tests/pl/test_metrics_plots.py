@@ -139,8 +139,8 @@ def _history(epochs=4, validation=True):
     return out
 
 
-def _lines(ax):
-    return {line.get_label(): line for line in ax.get_lines()}
+def _lines(axes):
+    return {line.get_label(): line for ax in axes for line in ax.get_lines()}
 
 
 def test_training_curves_one_line_per_term_with_history_values(tmp_path):
@@ -156,13 +156,34 @@ def test_training_curves_one_line_per_term_with_history_values(tmp_path):
         assert train.get_linestyle() == "-" and val.get_linestyle() == "--"
         assert train.get_color() == val.get_color()
     assert len({lines[f"{t} (train)"].get_color() for t in ("loss", "mse", "nce_query")}) == 3
-    assert ax.get_yscale() == "linear" and ax.get_xlabel() == "epoch"
+    assert all(a.get_yscale() == "linear" and a.get_xlabel() == "epoch" for a in ax)
     assert (tmp_path / "curves.png").stat().st_size > 5_000
+
+
+def test_training_curves_put_terms_of_other_scales_on_panels_of_their_own():
+    history = _history()
+    history["train_mse"].iloc[:, 0] = [0.95, 0.93, 0.90, 0.88]  # MSE near 1, InfoNCE terms near 2-6
+    history["validation_pcc"] = pd.DataFrame({"validation_pcc": [0.10, 0.15, 0.2, 0.22]}, index=history["train_mse"].index)
+    axes = training_curves(history)
+    assert [a.get_title() for a in axes] == ["losses", "MSE", "validation PCC"]
+    assert [sorted(line.get_label() for line in a.get_lines()) for a in axes] == [
+        ["loss (train)", "loss (validation)", "nce_query (train)", "nce_query (validation)"],
+        ["mse (train)", "mse (validation)"], ["pcc (validation)"]]
+    lo, hi = axes[2].get_ylim()
+    assert lo > 0.05 and hi < 0.3  # the PCC panel is scaled to the PCC, not to the losses
+    # one Axes given: every term on it; a list of the wrong length is refused
+    import matplotlib.pyplot as plt
+
+    fig, one = plt.subplots()
+    assert training_curves(history, ax=one) == [one] and len(one.get_lines()) == 7
+    with pytest.raises(ValueError, match="ax has 2 Axes but there are 3 panels"):
+        training_curves(history, ax=[one, one])
+    plt.close("all")
 
 
 def test_training_curves_validation_only_when_logged():
     ax = training_curves(_history(validation=False))
-    assert all(line.get_linestyle() == "-" for line in ax.get_lines())
+    assert all(line.get_linestyle() == "-" for line in _lines(ax).values())
     assert sorted(_lines(ax)) == ["loss (train)", "mse (train)", "nce_query (train)"]
 
 
@@ -170,7 +191,7 @@ def test_training_curves_keys_log_and_errors():
     history = _history()
     ax = training_curves(history, keys=["mse", "train_loss"], log=True)
     assert sorted(_lines(ax)) == ["loss (train)", "loss (validation)", "mse (train)", "mse (validation)"]
-    assert ax.get_yscale() == "log"
+    assert [a.get_yscale() for a in ax] == ["log", "log"]
     with pytest.raises(KeyError, match=r"\['bogus'\].*available: \['loss', 'mse', 'nce_query'\]"):
         training_curves(history, keys=["bogus"])
     history["validation_mse"].iloc[2, 0] = 0.0
@@ -180,7 +201,7 @@ def test_training_curves_keys_log_and_errors():
         training_curves({"elbo": [1.0, 2.0]})
     # plain sequences are accepted too
     ax = training_curves({"train_loss": [3.0, 2.0, 1.5]})
-    np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), [3.0, 2.0, 1.5])
+    np.testing.assert_array_equal(ax[0].get_lines()[0].get_ydata(), [3.0, 2.0, 1.5])
 
 
 @pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")

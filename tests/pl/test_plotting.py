@@ -55,3 +55,16 @@ def test_predicted_vs_measured_figure(predicted, tmp_path):
     assert len(bars) == 2
     assert fig._suptitle.get_text() == "two genes"
     assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def test_predicted_vs_measured_spots_stand_out_and_the_scale_starts_at_zero(predicted):
+    sec, genes, measured = predicted
+    gene = genes[0]
+    sec.obsm["nh2st"][gene] = sec.obsm["nh2st"][gene] - 0.3  # some predictions below 0 (a regression head can)
+    fig = predicted_vs_measured(sec, [gene], measured)
+    pred_ax = next(ax for ax in fig.axes if ax.get_title().startswith(f"{gene} predicted"))
+    lo, hi = pred_ax.collections[0].get_clim()
+    assert lo == 0.0 and hi == pytest.approx(max(sec.obsm["nh2st"][gene].max(), measured[gene].max()))
+    # the H&E faded under the spots, each spot edged in white against the purple tissue
+    assert pred_ax.get_images()[0].get_alpha() == 0.5
+    np.testing.assert_allclose(pred_ax.collections[0].get_edgecolors()[:, :3], 1.0)
