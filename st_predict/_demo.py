@@ -82,7 +82,8 @@ def run_demo(
     model.train(max_epochs=epochs)  # bars on a terminal, a line per epoch in a log file
     t_fit = time.perf_counter() - t_fit
     where = "a GPU" if torch.cuda.is_available() else f"CPU, {available_cores()} cores"
-    print(f"Trained {epochs} epochs on {train.n_obs} spots in {t_fit:.1f} s ({where}).", flush=True)
+    n_epochs = model.train_settings_["max_epochs"]
+    print(f"Trained {n_epochs} epochs on {train.n_obs} spots in {t_fit:.1f} s ({where}).", flush=True)
     pred = model.predict(test, key_added=PREDICTED_KEY, progress=sys.stderr.isatty())  # no bar redraws in a log file
     genes = model.genes_
     truth = pd.DataFrame(
