@@ -45,6 +45,7 @@ from st_predict.train import RECIPES, NH2STTrainingPlan, Recipe, TrainingSetting
 
 from ._docstrings import nh2st_dsp
 from ._encoder import encoder_digest, resolve_encoder
+from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
 from ._save_load import LOADING, SaveLoadMixin
 from ._slide import SlideMixin
 from ._training import TrainingData, TrainingMixin
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 
 @nh2st_dsp.dedent
-class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class NH2ST(ReliabilityMixin, SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """NH2ST :cite:p:`Qu2025`: spatial gene expression from H&E patches, trained with a query branch
     and a hypergraph neighbour branch aligned by cross-attention and contrastive learning.
 
@@ -203,6 +204,8 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         self._data: TrainingData | None = None
         self._predict_adata: AnnData | None = None
         self.validation_: dict | None = None
+        # train(reliability=True): fold models' weights, per-gene reliability, conformal calibration
+        self.fold_states_ = self.gene_reliability_ = self.conformal_ = self.reliability_sections_ = None
         self.train_sections_: list[str] | None = None
         self.best_epoch_: int | None = None
         self.train_settings_: dict | None = None
@@ -542,8 +545,16 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
         spatial_key: str | None = None,
         tta: bool | None = None,
         feature_cache: str | os.PathLike | bool | None = None,
+        interval_level: float | None = INTERVAL_LEVEL,
+        ensemble: bool | None = None,
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
+
+        A model trained with ``reliability=True`` also writes, at ``interval_level`` (default 90 %;
+        ``None``: none), the bounds ``obsm[f"{key_added}_lower"]`` and ``obsm[f"{key_added}_upper"]``
+        (split-conformal, see :meth:`train`) and each gene's reliability
+        (``uns["st_predict"][key_added]["gene_reliability"]``). ``ensemble``: the point prediction is the mean
+        of the full model and the fold models (default: as measured best, :data:`ENSEMBLE_DEFAULT`).
 
         Also records, in ``adata.uns["st_predict"][key_added]``, the sections the model trained on
         (``training_sections``) and validated on (``validation_sections``), so that scoring can keep
@@ -557,12 +568,23 @@ class NH2ST(SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin,
             target, batch_size=batch_size, progress=progress, library_key=library_key, image_key=image_key,
             spatial_key=spatial_key, tta=tta, feature_cache=feature_cache,
         )
-        target.obsm[key_added] = df
-        meta = dict(target.uns.get("st_predict", {})) if isinstance(target.uns.get("st_predict"), Mapping) else {}
-        meta[key_added] = {
+        entry = {
             "training_sections": list(self.train_sections_ or []),
             "validation_sections": [str(s) for s in ((self.validation_ or {}).get("sections") or [])],
         }
+        if self.has_reliability:
+            out = self.with_reliability(df.to_numpy(), lambda: self.get_predicted_expression(
+                target, batch_size=batch_size, library_key=library_key, image_key=image_key, spatial_key=spatial_key,
+                tta=tta, feature_cache=feature_cache, return_numpy=True), interval_level, ensemble)
+            df = pd.DataFrame(out["point"], index=df.index, columns=df.columns)
+            for bound in ("lower", "upper"):
+                if bound in out:
+                    target.obsm[f"{key_added}_{bound}"] = pd.DataFrame(out[bound], index=df.index, columns=df.columns)
+            entry.update(self.reliability_summary(), ensemble=out["ensemble"],
+                         interval_level=-1.0 if interval_level is None else float(interval_level))
+        target.obsm[key_added] = df
+        meta = dict(target.uns.get("st_predict", {})) if isinstance(target.uns.get("st_predict"), Mapping) else {}
+        meta[key_added] = entry
         target.uns["st_predict"] = meta
         logger.info("Added predicted expression of %d genes to adata.obsm[%r].", df.shape[1], key_added)
         return df

@@ -274,6 +274,7 @@ class TrainingMixin:
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
         plan_kwargs: dict | None = None,
+        reliability: bool = False,
         **overrides,
     ):
         """Train NH2ST with PyTorch Lightning, with the recipe's training settings and ``overrides``.
@@ -331,6 +332,25 @@ class TrainingMixin:
             both).
         plan_kwargs
             More keyword arguments for :class:`~st_predict.train.NH2STTrainingPlan`.
+        reliability
+            Also estimate how far each gene's predictions can be trusted on a new section, and calibrate
+            per-spot intervals. One more model is trained per training section, with that section held
+            out (same genes, network, starting weights and settings): **K more trainings** for K sections,
+            so it costs about K + 1 times a plain ``train``. Each fold model predicts every training
+            spot; the spots of its held-out section are out of fold. Kept with the model:
+
+            - :attr:`gene_reliability_`: each gene's out-of-fold PCC within each section, averaged over
+              sections (``reliability``), with a 95 % interval over sections (``ci_low``, ``ci_high``) and
+              ``reliable`` when ``ci_low > 0``;
+            - the fold models, which predict with the model: their spread makes the intervals adaptive and
+              their mean with the model is the ensemble prediction (``predict(ensemble=True)``);
+            - split-conformal calibration: the out-of-fold residuals scaled by the fold models' spread
+              (``|y - y_oof| / (spread + delta_gene)``), each section weighted equally.
+
+            ``predict`` then writes 90 % bounds by default. They cover the measured value on the model's
+            scale (``log1p`` counts per 10k) for spots of sections like the training sections, exchangeable
+            with them, at similar sequencing depth; another platform, another tissue preparation or a much
+            lower depth breaks that. Needs at least two training sections and no ``validation``.
         **overrides
             Training settings (:class:`~st_predict.train.TrainingSettings`; ``None``: the recipe's):
 
@@ -347,11 +367,18 @@ class TrainingMixin:
                 "keywords must be Lightning Trainer arguments."
             )
         cfg = self.resolve_train_settings(settings, **{k: v for k, v in overrides.items() if k in names})
+        if reliability and cfg.validation is not None:
+            raise InputError("reliability=True holds out every training section in turn; train without validation= "
+                             f"(got validation={cfg.validation!r}).")
         batch_given = settings is not None or overrides.get("batch_size") is not None
+        self.fold_states_ = self.gene_reliability_ = self.conformal_ = self.reliability_sections_ = None
         with thread_limits():
-            return self._fit(cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers,
-                             embed_batch_size, progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs,
-                             feature_cache)
+            out = self._fit(cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers,
+                            embed_batch_size, progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs,
+                            feature_cache)
+        if reliability:
+            self._fit_reliability(cfg, accelerator, devices, progress)
+        return out
 
     def _fit(self, cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers, embed_batch_size,
              progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs, feature_cache=None):
