@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from st_predict._atomic import staged_file, staged_folder
+from st_predict._cli_evaluate import _cmd_evaluate, _output_folder, reliability_lines
 from st_predict._cli_options import (
     CACHE_HELP as _CACHE_HELP,
 )
@@ -158,7 +159,8 @@ def _cmd_train(args) -> int:
                 devices=args.devices, validation=validation, train_size=args.train_size, lr=args.lr,
                 best_epoch=True if validation is not None else None,
                 progress=False if args.quiet else None,  # bars on a terminal, a line per epoch in a log file
-                checkpoint_dir=checkpoint_dir, resume=args.resume, feature_cache=_feature_cache(args))
+                checkpoint_dir=checkpoint_dir, resume=args.resume, feature_cache=_feature_cache(args),
+                reliability=args.reliability)
     model.save(str(out), overwrite=True)
     history = {k: v.iloc[:, 0].astype(float).tolist() for k, v in (model.history or {}).items()
                if k.startswith(("train_", "validation_"))}
@@ -206,16 +208,6 @@ def _model_and_output(args, suffix: str) -> Path:
     return out
 
 
-def _output_folder(out: Path, overwrite: bool, produces: tuple[str, ...]) -> None:
-    """Refuse an output folder that holds an earlier run's files (``produces``: their names or globs)
-    unless ``--overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder")
-    old = sorted({p.name for pattern in produces for p in out.glob(pattern)}) if out.is_dir() else []
-    if old and not overwrite:
-        raise InputError(f"{out} already holds {', '.join(old[:3])}{' ...' if len(old) > 3 else ''}; pass --overwrite")
-
-
 def _cmd_predict(args) -> int:
     out = _model_and_output(args, ".h5ad")  # before the heavy imports
     if not Path(args.input).exists():
@@ -232,11 +224,14 @@ def _cmd_predict(args) -> int:
     if image_key not in images:
         image_key = choose_image_key(adata)
     df = model.predict(adata, key_added=args.key_added, batch_size=args.batch_size, progress=_progress(args),
-                       library_key=library_key, image_key=image_key, feature_cache=_feature_cache(args))
+                       library_key=library_key, image_key=image_key, feature_cache=_feature_cache(args),
+                       interval_level=args.interval_level)
     downsample_images(adata)
     with staged_file(out) as staged:
         adata.write_h5ad(staged)
     print(f"Predicted {df.shape[1]} genes for {df.shape[0]} spots into obsm[{args.key_added!r}] of {out}")
+    if model.has_reliability:
+        print(reliability_lines(model, args.key_added, args.interval_level))
     return 0
 
 
@@ -262,63 +257,6 @@ def _cmd_predict_slide(args) -> int:
     table = sdata.tables[args.key_added]
     print(f"Predicted {table.n_vars} genes for {table.n_obs} tiles into table {args.key_added!r} of {out}")
     return 0
-
-
-def _cmd_evaluate(args) -> int:
-    import pandas as pd
-
-    from st_predict.data import read_h5ad
-    from st_predict.metrics import evaluate_sections, json_safe, measured_expression, sections_markdown
-
-    path = Path(args.predictions)
-    if not path.is_file():
-        raise MissingFileError(f"{args.predictions!r} is not a file (expected the .h5ad written by st-predict predict)")
-    out = Path(args.out)
-    _output_folder(out, args.overwrite, ("metrics.json", "metrics.md", "pcc_distribution_*.png"))
-    adata = read_h5ad(path)
-    if args.key not in adata.obsm:
-        raise InputError(f"adata.obsm has no predictions {args.key!r} (keys: {list(adata.obsm)})")
-    pred = adata.obsm[args.key]
-    if not isinstance(pred, pd.DataFrame):
-        raise InputError(f"adata.obsm[{args.key!r}] is not a DataFrame of predicted genes")
-    truth = measured_expression(adata, list(pred.columns), args.layer, is_count_data=not args.normalized)
-    if args.library_key in adata.obs:
-        sections = adata.obs[args.library_key].astype(str).to_numpy()
-    else:
-        sections = ["all"] * adata.n_obs
-    meta = adata.uns.get("st_predict", {})
-    training = meta.get(args.key, {}).get("training_sections") if isinstance(meta, dict) else None
-    result = evaluate_sections(pred, truth, sections, None if training is None else [str(t) for t in training])
-    result = {"predictions": str(path), "key": args.key, **result}
-    table = sections_markdown(result)
-    with staged_folder(out) as staging:
-        _pcc_figures(pred, truth, sections, staging)
-        (staging / "metrics.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
-        (staging / "metrics.md").write_text(table)
-    if training is None:
-        print(f"No training sections recorded in adata.uns['st_predict'][{args.key!r}]: every section is scored as "
-              "held out.")
-    else:
-        print(f"Training sections of the model (adata.uns['st_predict'][{args.key!r}]): "
-              f"{', '.join(map(str, training)) or 'none'}")
-    print(table, end="")
-    print(f"Wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(result['sections'])} PCC distribution figure(s)")
-    return 0
-
-
-def _pcc_figures(pred, truth, sections, folder: Path) -> None:
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import pandas as pd
-
-    from st_predict.pl import pcc_distribution
-
-    sections = np.asarray(sections)
-    for sec in pd.unique(sections):
-        m = sections == sec
-        ax = pcc_distribution(pred.loc[m], truth.loc[m], title=f"Per-gene PCC, section {sec}")
-        ax.figure.savefig(folder / f"pcc_distribution_{sec}.png", dpi=110, bbox_inches="tight")
-        plt.close(ax.figure)
 
 
 def _cmd_benchmark(args) -> int:
@@ -424,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", default=None, help='more NH2ST hyperparameters as JSON, e.g. \'{"n_neighbors": 4}\'')
     p.add_argument("--seed", type=int, default=0, help="random seed (scvi-tools and torch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--reliability", action="store_true",
+                   help="also train one model per section with it held out (K more trainings for K sections): each "
+                   "gene's reliability on a new section, and calibrated per-spot intervals that predict writes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -442,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_number(int, 1), default=PREDICT_BATCH_SIZE, help="patches per forward pass")
     p.add_argument("--encoder-weights", default=None, help=_LOAD_WEIGHTS_HELP)
     p.add_argument("--feature-cache", nargs="?", const="", default=None, metavar="DIR", help=_CACHE_HELP)
+    p.add_argument("--interval-level", type=_number(float, 0, strict=True, high=1), default=0.9,
+                   help="coverage of the per-spot intervals (models trained with --reliability)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -246,3 +246,24 @@ def test_training_into_a_log_file_prints_a_line_per_epoch_and_no_noise(run, tmp_
     args[args.index("--weights") + 1] = "random"
     assert main([*args[:args.index("--out") + 1], str(tmp_path / "q"), *args[args.index("--out") + 2:], "--quiet"]) == 0
     assert "epoch 1/3" not in capsys.readouterr().out
+
+
+def test_reliability_from_the_command_line(run, tmp_path, capsys):
+    import anndata as ad
+
+    root, data = run
+    args = ["train", str(data), "--out", str(tmp_path / "m"), "--sections", "S0", "S1", *SMALL_TRAIN, "--reliability"]
+    assert main(args) == 0  # two sections: two fold models
+    assert main(["predict", str(tmp_path / "m"), str(data), "--sections", "S2", "--out", str(tmp_path / "p.h5ad"),
+                 "--quiet", "--interval-level", "0.8"]) == 0
+    printed = capsys.readouterr().out
+    assert "80% intervals in obsm['nh2st_lower'] and obsm['nh2st_upper']" in printed and "most reliable:" in printed
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert {"nh2st_lower", "nh2st_upper"} <= set(pred.obsm)
+    assert list(pred.uns["st_predict"]["nh2st"]["gene_reliability"].columns[:3]) == ["reliability", "ci_low", "ci_high"]
+    assert main(["evaluate", str(tmp_path / "p.h5ad"), "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    metrics = _strict_json((tmp_path / "e" / "metrics.json").read_text())
+    cov = metrics["intervals"]
+    assert cov["level"] == 0.8 and 0 < cov["coverage_held_out"] <= 1 and set(cov["coverage_by_section"]) == {"S2"}
+    assert f"80% intervals (obsm['nh2st_lower'], obsm['nh2st_upper']) hold {cov['coverage_held_out']:.1%}" in printed

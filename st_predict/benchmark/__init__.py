@@ -10,6 +10,7 @@ from ._methods import (
     SmallCNN,
     STNetRegressor,
 )
+from ._reliability_metrics import crps_gaussian, reliability_metrics
 from ._runner import default_methods, frozen_methods, run_benchmark, to_markdown
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "RidgeProbe",
     "STNetRegressor",
     "SmallCNN",
+    "crps_gaussian",
     "default_methods",
     "frozen_methods",
+    "reliability_metrics",
     "run_benchmark",
     "to_markdown",
 ]

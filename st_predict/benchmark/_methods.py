@@ -392,6 +392,14 @@ class NH2STMethod:
         self.model_ = NH2ST(train, **kwargs)
         self.model_.train(progress=False, trunk_features=features, **self.train_kwargs)
 
+    def uncertainty(self, fold: Fold) -> dict | None:
+        """With ``train_kwargs={"reliability": True}``: the model and its fold models' predictions of the held-out
+        spots (for :func:`~st_predict.benchmark.reliability_metrics`); otherwise ``None``."""
+        model = self.model_
+        if not model.has_reliability:
+            return None
+        return {"model": model, "folds": model.fold_predictions(lambda: self.predict(fold))}
+
     def predict(self, fold: Fold) -> np.ndarray:
         if self.frozen and fold.extra.get("fmaps_test") is not None:
             # the same frozen trunk already embedded the held-out spots: skip the second forward pass

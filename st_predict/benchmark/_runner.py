@@ -40,6 +40,7 @@ from ._methods import (
     SmallCNN,
     STNetRegressor,
 )
+from ._reliability_metrics import reliability_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +287,9 @@ def run_benchmark(
             pred = np.asarray(method.predict(fold))
             m = evaluate(pred, y_test)
             rows.append({"method": name, "held_out": test_group, **m, "seconds": round(time.perf_counter() - t, 2)})
+            unc = method.uncertainty(fold) if hasattr(method, "uncertainty") else None
+            if unc is not None:  # reliability and intervals, calibrated on the training sections only
+                rows[-1].update(reliability_metrics(unc["model"], pred, unc["folds"], np.asarray(y_test)))
             if getattr(method, "selected_", None) is not None:  # a setting chosen inside the training sections
                 rows[-1]["selected"] = method.selected_
             held_out[name][0].append(pd.DataFrame(pred, columns=genes))
@@ -300,6 +304,10 @@ def run_benchmark(
         .reset_index()
     )
     summary["pcc_pooled"] = [pooled_pcc(*held_out[name]) for name in summary["method"]]
+    extra = [c for c in df.columns if c.startswith(("coverage_", "width_", "spearman_", "crps_", "pcc_ensemble",
+                                                    "pcc_single"))]
+    if extra:  # methods with intervals: their reliability columns, mean over folds
+        summary = summary.merge(df.groupby("method", sort=False)[extra].mean().reset_index(), on="method", how="left")
     result = {
         "protocol": "leave-one-section-out; genes (top-n by mean log1p CP10k, detected in every training section) "
         "and any model selection from the training sections only; per-gene PCC within the held-out section, "

@@ -138,7 +138,9 @@ class ReliabilityMixin:
         self.fold_states_ = states
         self.reliability_sections_ = sections
         self.conformal_ = {"scores": scores.astype(np.float32), "weights": weights.astype(np.float64),
-                           "delta": delta.astype(np.float32)}
+                           "delta": delta.astype(np.float32),
+                           # the out-of-fold residual SD per gene: a constant-width interval to compare against
+                           "oof_residual_sd": (truth - oof).std(0).astype(np.float32)}
         self.oof_predictions_ = pd.DataFrame(oof, index=adata.obs_names, columns=genes)
 
     def _fold_modules(self):

@@ -226,6 +226,8 @@ class SlideMixin:
         tissue_method: str = "entropy",
         min_tissue_fraction: float = 0.7,
         image_mpp: float | None = 2.0,
+        interval_level: float | None = 0.9,
+        ensemble: bool | None = None,
     ):
         """Predict expression over the tissue of a whole H&E slide that has no expression.
 
@@ -289,6 +291,11 @@ class SlideMixin:
             multiscale image element ``f"{key_added}_image"`` over the tiles' frame, so spatialdata-plot draws
             the tiles over the H&E); ``None``: no image. It is read from the slide only when the output is
             written or drawn.
+        interval_level, ensemble
+            For a model trained with ``reliability=True``: the tiles' lower and upper bounds at this level go
+            into the table's layers ``"lower"`` and ``"upper"`` (``None``: none), each gene's reliability into
+            its ``var``, and ``ensemble`` is as in :meth:`predict`. The fold models then predict every tile too
+            (K more passes over the tiles).
         features_key
             Predict from tile features already in ``slide`` instead of tiling and encoding it: the
             table ``slide.tables[features_key]`` that LazySlide's ``zs.tl.feature_extraction`` wrote
@@ -345,7 +352,7 @@ class SlideMixin:
             )
         size = self.module.image_size
         tta = self.tta_ if tta is None else bool(tta)
-        tissue_level = None
+        tissue_level = bounds = None
         tissue_key = f"{key_added}_tissues"
         if features_key is not None:
             tile_key, tiles, pred = self._from_tile_features(wsi, features_key, batch_size)
@@ -380,6 +387,10 @@ class SlideMixin:
                 print(f"{len(tiles)} tiles of {tile_um:g} um every {pitch:g} um on {name}")
             with thread_limits():
                 pred = self._predict_tiles(wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress)
+                if self.has_reliability:
+                    bounds = self.with_reliability(pred, lambda: self._predict_tiles(
+                        wsi, tile_key, len(tiles), batch_size, num_workers, tta, False), interval_level, ensemble)
+                    pred = bounds["point"]
         centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
         from anndata import AnnData
         from spatialdata.models import TableModel
@@ -389,6 +400,12 @@ class SlideMixin:
                             "tissue_fraction": _tissue_fraction(tiles, wsi.shapes[tissue_key] if tissue_key in wsi.shapes else None)},
                            index=[f"tile_{i}" for i in tiles["tile_id"]])
         table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(self.genes_)))
+        if bounds is not None:
+            for name in ("lower", "upper"):
+                if name in bounds:
+                    table.layers[name] = bounds[name].astype(np.float32)
+            rel = self.gene_reliability_
+            table.var = table.var.join(rel[["reliability", "ci_low", "ci_high", "reliable"]])
         # tile centres in the slide's level-0 pixels (for an AnnData image: the AnnData's full-resolution
         # pixels, the frame of its obsm["spatial"], so scanpy/squidpy draw the tiles over its image)
         table.obsm["spatial"] = centres * opened.to_fullres
@@ -399,6 +416,9 @@ class SlideMixin:
             "tissue_method": tissue_method if features_key is None else "", "min_tissue_fraction": float(min_tissue_fraction),
             "scale": "log1p(counts / library size * 1e4)",
         }
+        if bounds is not None:
+            table.uns["st_predict"].update(ensemble=bool(bounds["ensemble"]),
+                                           interval_level=-1.0 if interval_level is None else float(interval_level))
         if opened.spatial_uns:
             lib, entry = next(iter(opened.spatial_uns.items()))
             scalef = dict(entry.get("scalefactors", {}))

@@ -222,3 +222,43 @@ def test_hest_probe_recovers_a_linear_signal():
     assert probe.reduce_[-1].n_components == 256 and probe.ridge_.fit_intercept is False
     pcc = [np.corrcoef(pred[:, j], y[300:, j])[0, 1] for j in range(5)]
     assert min(pcc) > 0.9
+
+
+def test_reliability_columns_and_calibration_never_reads_the_held_out_section(tissue, monkeypatch):
+    """A method trained with reliability=True gains the coverage, width, Spearman, CRPS and ensemble columns;
+    the fold models and their calibration see the training sections only (a spy on every prediction they make
+    while calibrating)."""
+    from st_predict import NH2ST
+
+    read = []
+    calibrating = []
+    real_fit, real_predict = NH2ST._fit_reliability, NH2ST.get_predicted_expression
+
+    def fit_spy(self, *args, **kwargs):
+        calibrating.append(True)
+        try:
+            return real_fit(self, *args, **kwargs)
+        finally:
+            calibrating.pop()
+
+    def predict_spy(self, adata=None, *args, **kwargs):
+        if calibrating:
+            read.append(set((self.adata if adata is None else adata).obs["section"]))
+        return real_predict(self, adata, *args, **kwargs)
+
+    monkeypatch.setattr(NH2ST, "_fit_reliability", fit_spy)
+    monkeypatch.setattr(NH2ST, "get_predicted_expression", predict_spy)
+    method = lambda: NH2STMethod(epochs=3, latent_dim=64, n_heads=4, image_size=32,  # noqa: E731
+                                 train_kwargs={"reliability": True})
+    res = run_benchmark(tissue, {"NH2ST reliability": method}, folds=["S2"], n_genes=20, patch_size=32,
+                        image_size=32, weights="random")
+    assert read == [{"S0", "S1"}, {"S0", "S1"}]  # two fold models, each predicting the training spots only
+    row = res["rows"][0]
+    for key in ("coverage_80", "coverage_90", "coverage_mae_90", "width_90", "spearman_reliability", "pcc_ensemble",
+                "crps_adaptive", "crps_constant_width"):
+        assert np.isfinite(row[key]), key
+    assert 0 < row["coverage_80"] <= row["coverage_90"] <= 1 and row["width_80"] < row["width_90"]
+    assert row["pcc_single"] == pytest.approx(row["pcc"])
+    assert [p["keep"] for p in row["risk_coverage"]] == [1.0, 0.9, 0.8, 0.7, 0.5]
+    assert row["risk_coverage"][0]["mse"] == pytest.approx(row["mse"], rel=1e-5)
+    assert res["summary"][0]["coverage_90"] == pytest.approx(row["coverage_90"])

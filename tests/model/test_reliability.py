@@ -101,3 +101,45 @@ def test_reliability_needs_two_sections_and_no_validation(tissue):
     setup(two)
     with pytest.raises(ValueError, match="train without validation="):
         NH2ST(two, **SMALL).train(max_epochs=1, reliability=True, validation="section", progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_predict_slide_writes_bounds_and_reliability_into_its_table(fitted, tmp_path):
+    pytest.importorskip("lazyslide")
+    from helpers import slide_tissue, write_slide
+
+    model, _ = fitted
+    slide = write_slide(tmp_path / "slide.tif", slide_tissue(1024), mpp=0.5)
+    table = model.predict_slide(slide, tile_size_um=32.0, pitch_um=40.0, progress=False, image_mpp=None).tables["nh2st"]
+    x, lo, hi = np.asarray(table.X), table.layers["lower"], table.layers["upper"]
+    assert lo.shape == x.shape and (lo <= x + 1e-6).all() and (x <= hi + 1e-6).all() and (hi - lo).min() > 0
+    pd.testing.assert_series_equal(table.var["reliability"], model.gene_reliability_["reliability"], check_names=False)
+    assert table.uns["st_predict"]["interval_level"] == 0.9
+    plain = model.predict_slide(slide, tile_size_um=32.0, pitch_um=40.0, progress=False, image_mpp=None,
+                                interval_level=None).tables["nh2st"]
+    assert "lower" not in plain.layers
+    np.testing.assert_allclose(np.asarray(plain.X), x, atol=1e-5)  # the single model's point either way
+
+
+def test_reliability_plots(fitted, tissue):
+    import matplotlib.pyplot as plt
+
+    from st_predict.metrics import measured_expression, pcc_per_gene
+    from st_predict.pl import gene_reliability, interval_map, reliability_vs_achieved
+
+    model, _ = fitted
+    ax = gene_reliability(model)
+    crosses = [c for c in ax.collections if c.get_label().startswith("unreliable")][0]
+    assert len(crosses.get_offsets()) == int((~model.gene_reliability_["reliable"]).sum()) >= 1
+    assert NOISE in [t.get_text() for t in ax.get_yticklabels()]
+    test = select_sections(tissue, ["S0"])
+    pred = model.predict(test)
+    achieved = pd.Series(pcc_per_gene(pred, measured_expression(test, model.genes_)), index=model.genes_)
+    ax = reliability_vs_achieved(test, achieved)  # the table read back from the predictions' uns
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(points) == len(model.genes_) and "Spearman" in ax.get_title()
+    assert any(line.get_label() == "identity" for line in ax.get_lines())
+    fig = interval_map(test, [model.genes_[0]])
+    assert sorted(a.get_title() for a in fig.axes if a.get_title()) == sorted(
+        [f"{model.genes_[0]} predicted", f"{model.genes_[0]} interval width"])
+    plt.close("all")

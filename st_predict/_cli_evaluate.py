@@ -1,0 +1,127 @@
+"""``st-predict evaluate``: metrics of predictions against the measured expression, and the coverage of the
+prediction intervals when the model wrote them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from st_predict._atomic import staged_folder
+from st_predict._errors import InputError, MissingFileError
+
+
+def _output_folder(out: Path, overwrite: bool, produces: tuple[str, ...]) -> None:
+    """Refuse an output folder that holds an earlier run's files (``produces``: their names or globs)
+    unless ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+    old = sorted({p.name for pattern in produces for p in out.glob(pattern)}) if out.is_dir() else []
+    if old and not overwrite:
+        raise InputError(f"{out} already holds {', '.join(old[:3])}{' ...' if len(old) > 3 else ''}; pass --overwrite")
+
+
+def _cmd_evaluate(args) -> int:
+    import pandas as pd
+
+    from st_predict.data import read_h5ad
+    from st_predict.metrics import evaluate_sections, json_safe, measured_expression, sections_markdown
+
+    path = Path(args.predictions)
+    if not path.is_file():
+        raise MissingFileError(f"{args.predictions!r} is not a file (expected the .h5ad written by st-predict predict)")
+    out = Path(args.out)
+    _output_folder(out, args.overwrite, ("metrics.json", "metrics.md", "pcc_distribution_*.png"))
+    adata = read_h5ad(path)
+    if args.key not in adata.obsm:
+        raise InputError(f"adata.obsm has no predictions {args.key!r} (keys: {list(adata.obsm)})")
+    pred = adata.obsm[args.key]
+    if not isinstance(pred, pd.DataFrame):
+        raise InputError(f"adata.obsm[{args.key!r}] is not a DataFrame of predicted genes")
+    truth = measured_expression(adata, list(pred.columns), args.layer, is_count_data=not args.normalized)
+    if args.library_key in adata.obs:
+        sections = adata.obs[args.library_key].astype(str).to_numpy()
+    else:
+        sections = ["all"] * adata.n_obs
+    meta = adata.uns.get("st_predict", {})
+    training = meta.get(args.key, {}).get("training_sections") if isinstance(meta, dict) else None
+    result = evaluate_sections(pred, truth, sections, None if training is None else [str(t) for t in training])
+    result = {"predictions": str(path), "key": args.key, **result}
+    coverage = _interval_coverage(adata, args.key, truth, sections, training)
+    if coverage is not None:
+        result["intervals"] = coverage
+    table = sections_markdown(result)
+    with staged_folder(out) as staging:
+        _pcc_figures(pred, truth, sections, staging)
+        (staging / "metrics.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
+        (staging / "metrics.md").write_text(table)
+    if training is None:
+        print(f"No training sections recorded in adata.uns['st_predict'][{args.key!r}]: every section is scored as "
+              "held out.")
+    else:
+        print(f"Training sections of the model (adata.uns['st_predict'][{args.key!r}]): "
+              f"{', '.join(map(str, training)) or 'none'}")
+    print(table, end="")
+    if coverage is not None:
+        level = coverage["level"]
+        print(f"{level:.0%} intervals (obsm[{args.key + '_lower'!r}], obsm[{args.key + '_upper'!r}]) hold "
+              f"{coverage['coverage_held_out']:.1%} of the measured values of held-out sections (per gene, mean over "
+              f"genes; nominal {level:.0%}); mean width {coverage['mean_width']:.3f}")
+    print(f"Wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(result['sections'])} PCC distribution figure(s)")
+    return 0
+
+
+def _pcc_figures(pred, truth, sections, folder: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    from st_predict.pl import pcc_distribution
+
+    sections = np.asarray(sections)
+    for sec in pd.unique(sections):
+        m = sections == sec
+        ax = pcc_distribution(pred.loc[m], truth.loc[m], title=f"Per-gene PCC, section {sec}")
+        ax.figure.savefig(folder / f"pcc_distribution_{sec}.png", dpi=110, bbox_inches="tight")
+        plt.close(ax.figure)
+
+
+def _interval_coverage(adata, key: str, truth, sections, training) -> dict | None:
+    """Per section and over the held-out sections: the fraction of measured values inside the intervals
+    ``obsm[key_lower]``..``obsm[key_upper]`` (per gene, mean over genes), and the mean width."""
+    import numpy as np
+
+    lo, hi = adata.obsm.get(f"{key}_lower"), adata.obsm.get(f"{key}_upper")
+    if lo is None or hi is None:
+        return None
+    meta = adata.uns.get("st_predict", {}).get(key, {}) if isinstance(adata.uns.get("st_predict"), dict) else {}
+    level = float(meta.get("interval_level", float("nan")))
+    cols = list(truth.columns)
+    inside = (truth.to_numpy() >= lo[cols].to_numpy()) & (truth.to_numpy() <= hi[cols].to_numpy())
+    width = (hi[cols].to_numpy() - lo[cols].to_numpy())
+    sections = np.asarray(sections).astype(str)
+    trained = set() if training is None else {str(t) for t in training}
+    per = {str(s): float(inside[sections == s].mean(0).mean()) for s in dict.fromkeys(sections)}
+    held = ~np.isin(sections, list(trained)) if trained else np.ones(len(sections), bool)
+    return {"level": level, "coverage_held_out": float(inside[held].mean(0).mean()) if held.any() else float("nan"),
+            "coverage_by_section": per, "mean_width": float(width[held].mean()) if held.any() else float("nan")}
+
+
+def reliability_lines(model, key: str, level: float, n_show: int = 5) -> str:
+    """What ``st-predict predict`` says of a model trained with ``--reliability``: the interval keys and the
+    genes ranked by reliability, the unreliable ones counted and named first."""
+    rel = model.gene_reliability_.sort_values("reliability", ascending=False)
+    bad = rel.index[~rel["reliable"].to_numpy()]
+
+    def show(genes):
+        return ", ".join(f"{g} {rel.loc[g, 'reliability']:.2f}" for g in genes[:n_show]) + (" ..." if len(genes) > n_show else "")
+
+    lines = [f"{level:.0%} intervals in obsm[{key + '_lower'!r}] and obsm[{key + '_upper'!r}]; per-gene reliability "
+             f"(out-of-fold PCC on {len(model.reliability_sections_)} held-out training sections) in "
+             f"uns['st_predict'][{key!r}]['gene_reliability'].",
+             f"  most reliable: {show(list(rel.index))}"]
+    if len(bad):
+        lines.append(f"  {len(bad)} of {len(rel)} genes unreliable (their reliability's 95 % interval reaches 0 or "
+                     f"below; do not read their maps): {show(list(bad[::-1]))}")
+    else:
+        lines.append(f"  all {len(rel)} genes reliable (95 % interval above 0)")
+    return "\n".join(lines)
