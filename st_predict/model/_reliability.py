@@ -7,6 +7,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,9 @@ def reliability_table(oof: np.ndarray, truth: np.ndarray, libraries: np.ndarray,
     sections = list(pd.unique(libraries))
     per = np.stack([pcc_per_gene(oof[libraries == s], truth[libraries == s]) for s in sections])  # (K, G)
     n = np.isfinite(per).sum(0)
-    mean = np.nanmean(np.where(np.isfinite(per), per, np.nan), axis=0) if len(sections) else np.full(len(genes), np.nan)
-    sd = np.nanstd(per, axis=0, ddof=1) if len(sections) > 1 else np.full(len(genes), np.nan)
+    with warnings.catch_warnings():  # a gene constant in every section has no PCC: NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, sd = np.nanmean(per, axis=0), np.nanstd(per, axis=0, ddof=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         half = stats.t.ppf(0.975, np.maximum(n - 1, 1)) * sd / np.sqrt(np.maximum(n, 1))
     half = np.where(n > 1, half, np.nan)
