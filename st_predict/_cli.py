@@ -1,4 +1,4 @@
-"""The ``st-predict`` command line: ``train``, ``predict``, ``predict-slide``, ``evaluate``,
+"""The ``st-predict`` command line: ``train``, ``predict``, ``predict-slide``, ``predict-slides``, ``evaluate``,
 ``benchmark`` and ``demo``.
 
 Each subcommand is a thin layer over the Python API. Bad input (an :class:`~st_predict.InputError`,
@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from st_predict._atomic import staged_file, staged_folder
+from st_predict._cli_cohort import add_predict_slides_parser
 from st_predict._cli_evaluate import _cmd_evaluate, _output_folder, reliability_lines
 from st_predict._cli_options import (
     CACHE_HELP as _CACHE_HELP,
@@ -38,9 +39,6 @@ from st_predict._cli_options import (
     WEIGHTS_HELP as _WEIGHTS_HELP,
 )
 from st_predict._cli_options import (
-    Deprecated as _Deprecated,
-)
-from st_predict._cli_options import (
     HelpFormatter as _HelpFormatter,
 )
 from st_predict._cli_options import (
@@ -56,8 +54,15 @@ from st_predict._cli_options import (
     add_patch_options as _add_patch_options,
 )
 from st_predict._cli_options import (
+    add_slide_options as _add_slide_options,
+)
+from st_predict._cli_options import (
     number as _number,
 )
+from st_predict._cli_options import (
+    slide_kwargs as _slide_kwargs,
+)
+from st_predict._cohort import write_prediction
 from st_predict._constants import (
     DEFAULT_WEIGHTS,
     N_GENES,
@@ -242,18 +247,8 @@ def _cmd_predict_slide(args) -> int:
     from st_predict import NH2ST
 
     model = NH2ST.load(args.model, accelerator=args.accelerator, encoder_weights=args.encoder_weights)
-    sdata = model.predict_slide(args.slide, mpp=args.mpp, pitch_um=args.pitch_um, tile_size_um=args.tile_size_um,
-                                batch_size=args.batch_size, key_added=args.key_added, progress=_progress(args),
-                                num_workers=args.num_workers, image_key=args.image_element,
-                                tissue_method=args.tissue_method, min_tissue_fraction=args.min_tissue_fraction,
-                                image_mpp=None if args.no_image else args.image_mpp)
-    import spatialdata
-
-    image_key = f"{args.key_added}_image"
-    images = {image_key: sdata.images[image_key]} if image_key in sdata.images else {}
-    result = spatialdata.SpatialData(images=images, shapes=dict(sdata.shapes), tables=dict(sdata.tables))
-    with staged_folder(out, replace=True, create=False) as staging:  # the old store goes only once the new one is in
-        result.write(staging)
+    sdata = model.predict_slide(args.slide, progress=_progress(args), num_workers=args.num_workers, **_slide_kwargs(args))
+    write_prediction(sdata, args.key_added, out)
     table = sdata.tables[args.key_added]
     print(f"Predicted {table.n_vars} genes for {table.n_obs} tiles into table {args.key_added!r} of {out}")
     return 0
@@ -400,33 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="folder of a model saved by st-predict train (or NH2ST.save)")
     p.add_argument("slide", help="whole-slide image file, plain image (JPEG, PNG, TIFF), or a SpatialData .zarr store")
     p.add_argument("--out", required=True, help="output SpatialData .zarr")
-    p.add_argument("--mpp", type=_POSITIVE,
-                   help="micrometres per level-0 pixel, for a slide whose metadata has none (a JPEG or PNG never has)")
-    p.add_argument("--image-mpp", type=_POSITIVE, default=2.0,
-                   help="micrometres per pixel of the slide image written into the output")
-    p.add_argument("--no-image", action="store_true", help="write no slide image into the output")
-    p.add_argument("--pitch-um", type=_POSITIVE, help="distance between tile centres (default: the training spot pitch)")
-    p.add_argument("--tile-size-um", type=_POSITIVE,
-                   help="tile side in micrometres (default: the training patches'); needed only for a model "
-                   "trained without a known pixel size")
-    p.add_argument("--patch-size-um", dest="tile_size_um", type=_POSITIVE, action=_Deprecated, new="--tile-size-um",
-                   help="deprecated spelling of --tile-size-um")
-    p.add_argument("--batch-size", type=_number(int, 1), default=PREDICT_BATCH_SIZE, help="tiles per forward pass")
-    p.add_argument("--encoder-weights", default=None, help=_LOAD_WEIGHTS_HELP)
-    p.add_argument("--tissue-method", choices=["entropy", "otsu"], default="entropy",
-                   help="how tissue is told from glass: entropy (a smooth stain haze on the glass is not tissue) or "
-                   "otsu (a brightness threshold, which keeps pale eosin haze)")
-    p.add_argument("--min-tissue-fraction", type=_number(float, 0, high=1), default=0.7,
-                   help="drop tiles less than this fraction tissue (the fraction is written to the table)")
-    p.add_argument("--image-element", default=None,
-                   help="SpatialData input: the H&E image element (needed when it has several)")
+    _add_slide_options(p)
     p.add_argument("--num-workers", type=_number(int, 0), default=None,
                    help="processes reading tiles while the network runs (default: none on <= 4 cores)")
-    p.add_argument("--key-added", default=PREDICTED_KEY, help="name of the table")
-    p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict_slide)
+    add_predict_slides_parser(sub, fmt, debug)
 
     p = sub.add_parser("evaluate", formatter_class=fmt, parents=[debug], help="metrics of predictions against measured expression",
                        description="Per section: per-gene PCC (mean over genes, NaN genes counted), MSE, MAE on the "

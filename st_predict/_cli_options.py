@@ -103,3 +103,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or not action.option_strings):
             return text
         return super()._get_help_string(action)
+
+
+def add_slide_options(p) -> None:
+    """The options of ``predict-slide`` and ``predict-slides`` that go to ``NH2ST.predict_slide``."""
+    from st_predict._constants import PREDICT_BATCH_SIZE, PREDICTED_KEY
+
+    p.add_argument("--mpp", type=POSITIVE,
+                   help="micrometres per level-0 pixel, for a slide whose metadata has none (a JPEG or PNG never has)")
+    p.add_argument("--image-mpp", type=POSITIVE, default=2.0,
+                   help="micrometres per pixel of the slide image written into the output")
+    p.add_argument("--no-image", action="store_true", help="write no slide image into the output")
+    p.add_argument("--pitch-um", type=POSITIVE, help="distance between tile centres (default: the training spot pitch)")
+    p.add_argument("--tile-size-um", type=POSITIVE,
+                   help="tile side in micrometres (default: the training patches'); needed only for a model "
+                   "trained without a known pixel size")
+    p.add_argument("--patch-size-um", dest="tile_size_um", type=POSITIVE, action=Deprecated, new="--tile-size-um",
+                   help="deprecated spelling of --tile-size-um")
+    p.add_argument("--batch-size", type=number(int, 1), default=PREDICT_BATCH_SIZE, help="tiles per forward pass")
+    p.add_argument("--encoder-weights", default=None, help=LOAD_WEIGHTS_HELP)
+    p.add_argument("--tissue-method", choices=["entropy", "otsu"], default="entropy",
+                   help="how tissue is told from glass: entropy (a smooth stain haze on the glass is not tissue) or "
+                   "otsu (a brightness threshold, which keeps pale eosin haze)")
+    p.add_argument("--min-tissue-fraction", type=number(float, 0, high=1), default=0.7,
+                   help="drop tiles less than this fraction tissue (the fraction is written to the table)")
+    p.add_argument("--image-element", default=None,
+                   help="SpatialData input: the H&E image element (needed when it has several)")
+    p.add_argument("--key-added", default=PREDICTED_KEY, help="name of the table")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
+
+
+def slide_kwargs(args) -> dict:
+    """The ``predict_slide`` keywords of the options of :func:`add_slide_options`."""
+    return {"mpp": args.mpp, "pitch_um": args.pitch_um, "tile_size_um": args.tile_size_um,
+            "batch_size": args.batch_size, "key_added": args.key_added, "image_key": args.image_element,
+            "tissue_method": args.tissue_method, "min_tissue_fraction": args.min_tissue_fraction,
+            "image_mpp": None if args.no_image else args.image_mpp}

@@ -43,6 +43,7 @@ from st_predict.pp import (
 )
 from st_predict.train import RECIPES, NH2STTrainingPlan, Recipe, TrainingSettings, get_recipe
 
+from ._cohort import CohortMixin
 from ._docstrings import nh2st_dsp
 from ._encoder import encoder_digest, resolve_encoder
 from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 @nh2st_dsp.dedent
-class NH2ST(ReliabilityMixin, SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """NH2ST :cite:p:`Qu2025`: spatial gene expression from H&E patches, trained with a query branch
     and a hypergraph neighbour branch aligned by cross-attention and contrastive learning.
 
