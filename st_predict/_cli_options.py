@@ -80,8 +80,8 @@ ENCODER_HELP = ("image encoder: resnet18 (default), a lazyslide-models vision ke
 ENCODER_WEIGHTS_HELP = "the encoder's weights as a local file (default: its published weights from the HF cache)"
 LOAD_WEIGHTS_HELP = ("where the model's frozen encoder weights are on this machine, when not where they were at "
                       "training (checked against the saved digest)")
-CACHE_HELP = ("keep a frozen encoder's features on disk and reuse them (DIR, or the default folder: "
-               "$ST_PREDICT_CACHE_DIR, else ~/.cache/st_predict/features)")
+CACHE_HELP = ("keep a frozen encoder's features, or an end-to-end trunk's training patches, on disk and reuse "
+               "them (DIR, or the default folder: $ST_PREDICT_CACHE_DIR, else ~/.cache/st_predict/features)")
 
 
 def add_encoder_options(p) -> None:

@@ -71,6 +71,12 @@ def maps_key(info, weights: str, input_size: int, views: int, pooled: bool, sect
     }
 
 
+def patches_key(out_size: int, section: str, image: str, boxes) -> dict:
+    """The key of one section's training patches in the on-disk patch store: the section, its image digest,
+    its spots' crop boxes (in the image's pixels) and the side the crops are resampled to."""
+    return {"kind": "nh2st-patches", "out_size": int(out_size), "section": section, "image": image, "boxes": boxes}
+
+
 def image_digest(image) -> str:
     """SHA-256 of a section image: all its bytes when it is in memory (numpy); for a lazy image (dask,
     zarr) its shape, dtype and every 16th row and column, so that keying does not read the whole slide."""

@@ -81,6 +81,7 @@ class PatchReader:
         out_size: int,
     ):
         self.images = dict(images)
+        self._decoded: tuple[str, np.ndarray] | None = None
         self.out_size = int(out_size)
         libraries = np.asarray(libraries).astype(str)
         self.libraries = libraries
@@ -101,13 +102,32 @@ class PatchReader:
             mask[sel] = boxes_outside(self.boxes[sel], img.shape)
         return mask
 
+    def _image(self, lib: str):
+        """The image of ``lib`` to crop from: as given, or, for a lazy image stored as a single block (a JPEG
+        or PNG read lazily, which cannot be decoded in parts), decoded once and kept until another
+        section's is needed (or :meth:`release`)."""
+        img = self.images[lib]
+        if getattr(img, "npartitions", None) != 1:
+            return img
+        if self._decoded is None or self._decoded[0] != lib:
+            self._decoded = None  # the previous section's pixels go before the next ones are decoded
+            self._decoded = (lib, _materialise(img))
+        return self._decoded[1]
+
+    def release(self) -> None:
+        """Drop the decoded pixels kept by :meth:`read` (a lazy single-block image)."""
+        self._decoded = None
+
+    def __getstate__(self):  # DataLoader workers get the lazy images, not decoded pixels
+        return {**self.__dict__, "_decoded": None}
+
     def read(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """uint8 patches ``(len(indices), 3, out_size, out_size)``."""
         indices = np.asarray(indices, dtype=np.int64)
         out = torch.empty((len(indices), 3, self.out_size, self.out_size), dtype=torch.uint8)
         for i, idx in enumerate(indices):
             y0, x0, y1, x1 = self.boxes[idx]
-            crop = _to_uint8_rgb(_materialise(self.images[self.libraries[idx]][y0:y1, x0:x1]))
+            crop = _to_uint8_rgb(_materialise(self._image(self.libraries[idx])[y0:y1, x0:x1]))
             t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
             if t.shape[-1] != self.out_size or t.shape[-2] != self.out_size:
                 t = F.interpolate(

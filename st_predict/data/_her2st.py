@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -14,6 +13,8 @@ from scipy import sparse
 
 from st_predict._constants import SECTION_KEY
 from st_predict._errors import InputError, MissingFileError
+
+from ._images import _read_image, read_fullres_image
 
 logger = logging.getLogger(__name__)
 
@@ -84,34 +85,8 @@ def _find_image(root: Path, section: str) -> Path:
     return hits[0]
 
 
-def _read_image(path: Path) -> np.ndarray:
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        # torchvision decodes straight into one HxWx3 buffer: the peak is the image itself (PIL's
-        # decode + convert + array copies peaked at 3-4x the image; same pixels, checked in the tests)
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-        try:
-            arr = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
-            return np.ascontiguousarray(arr)
-        except RuntimeError:  # a JPEG variant libjpeg in torchvision does not read: PIL below
-            pass
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # full-resolution H&E is larger than PIL's decompression-bomb guard
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated data, unknown format, bad header
-        raise InputError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
 def read_her2st(
-    path: str | os.PathLike, sections: list[str] | None = None, load_images: bool = True
+    path: str | os.PathLike, sections: list[str] | None = None, load_images: bool | str = True
 ) -> ad.AnnData:
     """Read sections in the HER2ST / legacy-ST layout into one AnnData.
 
@@ -127,7 +102,9 @@ def read_her2st(
     sections
         Section ids to read (default: every ``counts/*.tsv.gz``).
     load_images
-        Load the H&E images (about 280 MB of RAM each for HER2ST).
+        Load the H&E images (about 280 MB of RAM each for HER2ST); ``"lazy"``: read each image's header
+        only, and its pixels when they are used (a one-block dask array; training decodes each section's
+        image once, to crop its patches).
 
     Returns
     -------
@@ -138,6 +115,8 @@ def read_her2st(
     (micrometres per pixel, from the 200 µm spot grid).
     """
     root = Path(path)
+    if load_images not in (True, False, "lazy"):
+        raise InputError(f"load_images must be True, False or 'lazy', got {load_images!r}.")
     if not (root / "counts").is_dir():
         raise MissingFileError(f"{root} has no 'counts' folder; is it a HER2ST-format folder?")
     available = sorted(p.name[: -len(".tsv.gz")] for p in (root / "counts").glob("*.tsv.gz"))
@@ -188,7 +167,10 @@ def read_her2st(
             entry["metadata"]["pixel_size_um"] = _SPOT_SPACING_UM / spacing
         if load_images:
             img_path = _find_image(root, sec)
-            entry["images"]["hires"] = _read_image(img_path)
+            if load_images == "lazy":
+                entry["images"]["hires"] = read_fullres_image(img_path, lazy=True)
+            else:
+                entry["images"]["hires"] = _read_image(img_path)
             entry["metadata"]["source_image"] = img_path.name
         uns[sec] = entry
         adatas.append(a)

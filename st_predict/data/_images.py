@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import weakref
 from pathlib import Path
 
@@ -106,20 +107,69 @@ def _as_rgb_uint8(arr, path: Path, axes: str):
     return arr
 
 
-def read_fullres_image(path: str | os.PathLike, level: int = 0):
+def _read_image(path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        # torchvision decodes straight into one HxWx3 buffer: the peak is the image itself (PIL's
+        # decode + convert + array copies peaked at 3-4x the image; same pixels, checked in the tests)
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        try:
+            arr = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+            return np.ascontiguousarray(arr)
+        except RuntimeError:  # a JPEG variant libjpeg in torchvision does not read: PIL below
+            pass
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # full-resolution H&E is larger than PIL's decompression-bomb guard
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated data, unknown format, bad header
+        raise InputError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _lazy_plain_image(path: Path):
+    """A JPEG / PNG as a one-block dask array: the header is read now (size), the pixels when computed."""
+    import dask
+    import dask.array as da
+    from dask.base import tokenize
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"Could not read the image {path}: {err} (a truncated or corrupted file?)") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    stat = path.stat()
+    name = "image-" + tokenize(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return da.from_delayed(dask.delayed(_read_image, pure=True)(path), shape=(height, width, 3), dtype=np.uint8,
+                           name=name)
+
+
+def read_fullres_image(path: str | os.PathLike, level: int = 0, lazy: bool = False):
     """A full-resolution H&E image as an ``(H, W, 3)`` uint8 array.
 
     TIFF files (also BigTIFF, pyramidal / whole-slide TIFF, OME-TIFF, SVS) are read **lazily**: a dask
     array over ``level`` (0 = full resolution) of the first image series, chunked by the file's tiles
     (or strips), so cropping a patch reads only the tiles under it. Other formats (JPEG, PNG...) are
-    decoded into memory with PIL.
+    decoded into memory with PIL, or with ``lazy=True`` only when the pixels are needed (a one-block dask
+    array: training decodes each section's image once, to crop its patches, and lets it go).
     """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"Image file {path} does not exist.")
     if path.suffix.lower() not in _TIFF_SUFFIXES:
-        from ._her2st import _read_image
-
+        if lazy:
+            return _lazy_plain_image(path)
         return _read_image(path)
     import dask.array as da
     import tifffile

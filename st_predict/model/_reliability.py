@@ -93,7 +93,7 @@ class ReliabilityMixin:
         """Whether :meth:`train` ran with ``reliability=True`` (fold models, reliability, calibration)."""
         return getattr(self, "fold_states_", None) is not None
 
-    def _fit_reliability(self, settings, accelerator, devices, progress) -> None:
+    def _fit_reliability(self, settings, accelerator, devices, progress, feature_cache=None) -> None:
         """Train one model per training section with that section held out (same genes, network, weights and
         settings), predict every training spot with each, and keep: each gene's out-of-fold reliability, the
         fold models' weights, and the conformal scores of the out-of-fold residuals."""
@@ -126,7 +126,8 @@ class ReliabilityMixin:
             fold = type(self)(sub, **{**init, "genes": genes})
             if progress is not False:
                 print(f"Reliability: fold model {k + 1}/{len(sections)}, section {held} held out", flush=True)
-            fold.train(settings=settings, accelerator=accelerator, devices=devices, progress=progress)
+            fold.train(settings=settings, accelerator=accelerator, devices=devices, progress=progress,
+                       feature_cache=feature_cache)
             preds[k] = fold.get_predicted_expression(adata, return_numpy=True)
             states.append({key: v.detach().cpu().clone() for key, v in fold.module.state_dict().items()})
             del fold, sub

@@ -42,6 +42,10 @@ from ._runtime import device_for, quiet_lightning, resolve_precision
 
 logger = logging.getLogger(__name__)
 
+#: End-to-end training keeps its patches in memory up to this many bytes (7,100 spots at 224 px, 87,000 at
+#: 64 px); above, they go to the on-disk patch store (``train(feature_cache=...)`` chooses it always).
+PATCHES_IN_MEMORY_MAX = 1 << 30
+
 #: keywords of Lightning's ``Trainer`` (through scvi-tools' ``Trainer``) that ``train`` passes on
 _TRAINER_KEYWORDS = (
     frozenset(inspect.signature(Trainer).parameters) | frozenset(inspect.signature(pl.Trainer).parameters)
@@ -57,7 +61,7 @@ class TrainingData:
         self.reader = reader
         self.libraries = libraries
         self.fmaps: torch.Tensor | None = None  # frozen trunk: cached maps (n, C, h, w) or (n, 8, C, h, w)
-        self.patches: torch.Tensor | None = None  # end to end: uint8 patches at the trunk's resolution
+        self.patches = None  # end to end: uint8 patches at the trunk's resolution (a tensor or a PatchStore)
 
 
 def _safe_sd(y: torch.Tensor) -> torch.Tensor:
@@ -95,18 +99,34 @@ class TrainingMixin:
         self._data = TrainingData(torch.from_numpy(targets), neighbors, reader, libraries)
         return self._data
 
-    def training_patches(self, progress: bool = False) -> torch.Tensor:
-        """uint8 patches ``(n_obs, 3, S, S)`` of every training spot at the network's resolution,
-        cropped once (and kept) for end-to-end training."""
+    def training_patches(self, progress: bool = False, feature_cache=None):
+        """uint8 patches ``(n_obs, 3, S, S)`` of every training spot at the network's resolution, cropped
+        once for end-to-end training: kept in memory (a tensor; always with ``feature_cache=False``), or with
+        ``feature_cache`` (a folder, or ``True`` for the default one), and with ``None`` when they would take
+        more than :data:`PATCHES_IN_MEMORY_MAX` bytes, in the on-disk patch store (a
+        :class:`~st_predict._patch_store.PatchStore` that batches index like the tensor)."""
         data = self._training_data()
         if data.patches is None:
-            n, chunk = len(data.targets), 256
+            n, size = len(data.targets), self.module.image_size
+            if feature_cache is None and n * 3 * size * size > PATCHES_IN_MEMORY_MAX:
+                logger.info("The %d training patches take %.1f GiB: they go to the on-disk patch store of the "
+                            "default cache folder (pass feature_cache= to choose it).", n, n * 3 * size**2 / 2**30)
+                feature_cache = True
+            if feature_cache not in (None, False):
+                from st_predict._patch_store import patch_store
+
+                cache = feature_cache if isinstance(feature_cache, FeatureCache) else FeatureCache(
+                    None if feature_cache is True else feature_cache)
+                data.patches = patch_store(data.reader, cache, progress)
+                return data.patches
+            chunk = 256
             starts = range(0, n, chunk)
             if progress:
                 from tqdm.auto import tqdm
 
                 starts = tqdm(starts, desc="Cropping patches", unit="batch")
             data.patches = torch.cat([data.reader.read(np.arange(s, min(s + chunk, n))) for s in starts])
+            data.reader.release()
         return data.patches
 
     def fit_scales(self, train_idx: np.ndarray) -> None:
@@ -243,13 +263,13 @@ class TrainingMixin:
             return {"fmaps": maps}, {}
         if trunk_features is not None:
             raise InputError("trunk_features is for trunk='frozen': an end-to-end trunk changes as it trains.")
-        if feature_cache not in (None, False):
-            raise InputError("feature_cache is for trunk='frozen': an end-to-end trunk changes as it trains.")
-        patches = self.training_patches(progress)
+        patches = self.training_patches(progress, feature_cache)
         if module.neighbor_trunk_grad or not module.use_neighbor_branch or not module.contrastive:
             return {"patches": patches, "neighbor_patches": True}, {}
-        cache = compute_fmaps(module, patches, batch_size=embed_batch_size, device=device, progress=progress,
-                              desc="Neighbour cache")
+        read = patches if isinstance(patches, torch.Tensor) else patches.__getitem__
+        # pooled when the head reads only the maps' mean: 2 KB a spot instead of 100 KB at 224 px
+        cache = self._reduce_maps(compute_fmaps(module, read, len(patches), batch_size=embed_batch_size,
+                                                device=device, progress=progress, desc="Neighbour cache"))
         return {"patches": patches, "neighbor_patches": False}, {"feature_cache": cache}
 
     # -- training --------------------------------------------------------------------------------
@@ -295,7 +315,8 @@ class TrainingMixin:
         settings
             All training settings at once (default: the recipe's, :attr:`recipe_`'s ``training``).
         accelerator, devices
-            Lightning's ``"cpu"``, ``"gpu"``, ``"auto"``...; several GPUs with ``strategy="ddp"``.
+            Lightning's ``"cpu"``, ``"gpu"``, ``"auto"``...; several GPUs with ``strategy="ddp"``, several
+            machines with ``num_nodes=`` as well (started by ``torchrun`` or Slurm; see the user guide).
         train_size
             With ``validation="random"``: the fraction of spots to train on.
         trunk_features
@@ -303,12 +324,17 @@ class TrainingMixin:
             model's trunk (:func:`~st_predict.train.compute_fmaps`, ``(n_obs, 512, h, w)`` or with 8
             views ``(n_obs, 8, 512, h, w)``), e.g. shared between the folds of a benchmark.
         feature_cache
-            ``trunk="frozen"`` only: a folder (``True``: ``$ST_PREDICT_CACHE_DIR``, else
-            ``~/.cache/st_predict/features``) where the trunk's maps are kept, one file per section,
-            keyed by the trunk's weights, input size, views, the section's image and its spots' crop
-            boxes. A later ``train`` of any model with the same trunk on the same sections (another
-            fold, another run) reads them instead of computing them; a change to any part of the key
-            computes them afresh. ``None``: kept in memory for this model only.
+            A folder (``True``: ``$ST_PREDICT_CACHE_DIR``, else ``~/.cache/st_predict/features``) of
+            what training computes from the images, one entry per section, keyed by everything it depends
+            on. ``trunk="frozen"``: the trunk's maps, keyed by the trunk's weights, input size, views, the
+            section's image and its spots' crop boxes. End to end: the patch store, each section's patches
+            cropped once (the section's image decoded only then) into a zarr array keyed by the section's
+            image, crop boxes and patch size, from which each batch reads its own rows, so memory is bounded
+            by the batch, not by the data. A later ``train`` on the same sections (another model, fold or
+            run) reads them instead of computing them; a change to any part of the key computes them
+            afresh. ``None``: kept in memory for this model only, except end-to-end patches of more than
+            1 GiB (:data:`PATCHES_IN_MEMORY_MAX`), which go to the store in the default folder; ``False``:
+            in memory whatever their size.
         num_workers
             DataLoader workers (each draws its own augmentations; see
             :class:`~st_predict.train.NH2STCollate`).
@@ -377,7 +403,7 @@ class TrainingMixin:
                             embed_batch_size, progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs,
                             feature_cache)
         if reliability:
-            self._fit_reliability(cfg, accelerator, devices, progress)
+            self._fit_reliability(cfg, accelerator, devices, progress, feature_cache)
         return out
 
     def _fit(self, cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers, embed_batch_size,

@@ -218,7 +218,7 @@ def test_select_sections_shares_images(tissue):
 def test_her2st_jpeg_reader_gives_pils_pixels_for_rgb_and_greyscale(tmp_path):
     from PIL import Image
 
-    from st_predict.data._her2st import _read_image
+    from st_predict.data._images import _read_image
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)

@@ -53,11 +53,3 @@ def test_another_patch_size_or_trunk_recomputes(split, tmp_path, encoder_calls):
     _train(_model(train, seed=5), tmp_path)  # other (random) trunk weights
     assert sum(encoder_calls) == train.n_obs
     assert len(list(tmp_path.rglob("*.pt"))) == 6
-
-
-def test_feature_cache_needs_a_frozen_trunk(split, tmp_path):
-    train, _ = split
-    setup(train)
-    model = NH2ST(train, trunk="finetune", **SMALL)
-    with pytest.raises(ValueError, match="feature_cache is for trunk='frozen'"):
-        model.train(max_epochs=1, progress=False, feature_cache=tmp_path)
