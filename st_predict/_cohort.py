@@ -268,8 +268,10 @@ def run(model_dir: str | os.PathLike, slides, out_dir: str | os.PathLike, *, loa
                 sid = futures[fut]
                 try:
                     res = fut.result()
-                except Exception as err:  # noqa: BLE001 - the worker died (e.g. out of memory): this slide failed
-                    res = {"status": FAILED, "tiles": 0, "seconds": np.nan, "error": f"the worker died: {_one_line(err)}"}
+                except Exception as err:  # noqa: BLE001 - the task never returned (its worker died, e.g. out of
+                    # memory, or could not run it): this slide failed
+                    res = {"status": FAILED, "tiles": 0, "seconds": np.nan,
+                           "error": f"the task did not return: {_one_line(err)}"}
                 i = where.get_loc(sid)
                 for col in ("status", "tiles", "seconds", "error"):
                     manifest.iat[i, manifest.columns.get_loc(col)] = res[col]

@@ -222,10 +222,10 @@ class TrainingMixin:
         desc = desc or "Embedding patches (frozen trunk" + (", 8 views)" if views == 8 else ")")
 
         def compute(rows: np.ndarray) -> torch.Tensor:
-            return self._reduce_maps(compute_fmaps(
+            return compute_fmaps(
                 self.module, lambda i: reader.read(rows[i]), len(rows), batch_size=batch_size,
-                device=device, progress=progress, desc=desc, views=views,
-            ))
+                device=device, progress=progress, desc=desc, views=views, reduce=self._reduce_maps,
+            )
 
         if feature_cache is None or feature_cache is False:
             return compute(np.arange(len(reader.libraries)))
@@ -268,8 +268,8 @@ class TrainingMixin:
             return {"patches": patches, "neighbor_patches": True}, {}
         read = patches if isinstance(patches, torch.Tensor) else patches.__getitem__
         # pooled when the head reads only the maps' mean: 2 KB a spot instead of 100 KB at 224 px
-        cache = self._reduce_maps(compute_fmaps(module, read, len(patches), batch_size=embed_batch_size,
-                                                device=device, progress=progress, desc="Neighbour cache"))
+        cache = compute_fmaps(module, read, len(patches), batch_size=embed_batch_size, device=device,
+                              progress=progress, desc="Neighbour cache", reduce=self._reduce_maps)
         return {"patches": patches, "neighbor_patches": False}, {"feature_cache": cache}
 
     # -- training --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def compute_fmaps(
     progress: bool = True,
     desc: str = "Embedding patches",
     views: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the module's trunk (in eval mode) over every spot's patch.
 
@@ -43,6 +44,9 @@ def compute_fmaps(
     views
         1: the patches as they are, ``(n_spots, 512, h, w)``. 8: also their flips/90-degree
         rotations, ``(n_spots, 8, 512, h, w)`` (identity first), the augmentation of a frozen cache.
+    reduce
+        Applied to each batch's maps before they are kept (e.g. their spatial mean), so that only the
+        reduced maps of all spots are ever held in memory.
 
     Returns float32 maps on the CPU.
     """
@@ -69,6 +73,8 @@ def compute_fmaps(
             x = read_patches(idx).to(device)
             batch_views = dihedral_views(x) if views == 8 else [x]
             fm = torch.stack([module.trunk_features(v).float().cpu() for v in batch_views], dim=1)
+            if reduce is not None:
+                fm = reduce(fm)
             if out is None:
                 out = torch.empty((n_spots, *fm.shape[1:]), dtype=torch.float32)
             out[idx] = fm
