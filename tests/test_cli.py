@@ -118,6 +118,10 @@ def test_benchmark_command_writes_tables(trained, tmp_path, capsys):
         (["evaluate", "{data}", "--out", "{tmp}/e"], "no predictions 'nh2st'"),
         (["evaluate", "{tmp}/nothing.h5ad", "--out", "{tmp}/e"], "is not a file"),
         (["benchmark", "{data}", "--methods", "magic", "--out", "{tmp}/b"], "unknown methods ['magic']"),
+        (["predict-slides", "{tmp}/no_model", "{data}", "--out", "{tmp}/s"], "no saved model"),
+        (["predict-slides", "{model}", "--out", "{tmp}/s"], "give the slides, or --manifest"),
+        (["predict-slides", "{model}", "{tmp}/gone.svs", "--out", "{tmp}/s"], "gone.svs does not exist"),
+        (["predict-slides", "{model}", "--manifest", "{tmp}/gone.csv", "--out", "{tmp}/s"], "gone.csv does not exist"),
         (["benchmark", "{data}", "--folds", "S7", "--out", "{tmp}/b", "--weights", "random"], "S7"),
         (["demo", "--no-fetch", "--epochs", "1", "--weights", "random", "--test-section", "Z9", "--out", "{tmp}/d"],
          "test_section='Z9'"),
@@ -137,7 +141,7 @@ def test_bad_input_gives_one_line_error_and_exit_code_2(trained, tmp_path, capsy
 def test_every_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "predict", "predict-slide", "evaluate", "benchmark", "demo"}
+    assert set(sub.choices) == {"train", "predict", "predict-slide", "predict-slides", "evaluate", "benchmark", "demo"}
     for name, p in sub.choices.items():
         assert p.description, name
         for action in p._actions:
