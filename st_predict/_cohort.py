@@ -154,10 +154,16 @@ def predict_one(model_dir: str, load_kwargs: dict, slide: str, out: str, predict
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
+        import dask
+
         model = _model(model_dir, load_kwargs)
         key = predict_kwargs.get("key_added", PREDICTED_KEY)
-        sdata = model.predict_slide(slide, progress=False, num_workers=0, **predict_kwargs)
-        write_prediction(sdata, key, out)
+        # the slide readers' dask arrays are computed here, in this task: with dask's default in a worker they
+        # would go to the cluster, and the task, waiting, would let the worker start another slide (three at
+        # once in one worker here: slower, and more memory)
+        with dask.config.set(scheduler="synchronous"):
+            sdata = model.predict_slide(slide, progress=False, num_workers=0, **predict_kwargs)
+            write_prediction(sdata, key, out)
         tiles = int(sdata.tables[key].n_obs)
         del sdata
         return {"status": DONE, "tiles": tiles, "seconds": time.perf_counter() - start, "error": ""}
