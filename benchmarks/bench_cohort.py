@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_slide_memory import BLOBS, MPP, TILE  # the same slides, one layout per seed
+from bench_slide_memory import BLOBS, MPP, write_slide  # the same slides, one layout per seed
 
 SPACING_PX, PATCH_PX = 200, 224  # training spots 100 um apart, 112 um patches, at MPP
 # (workers, torch threads per worker)
@@ -57,38 +57,6 @@ def slide_blobs(seed: int) -> tuple:
     rng = np.random.default_rng(seed)
     return tuple((cy + rng.uniform(-0.04, 0.04), cx + rng.uniform(-0.04, 0.04), r * rng.uniform(0.85, 1.15))
                  for cy, cx, r in BLOBS)
-
-
-def _tiles(size: int, down: int, blobs):
-    """Tiles (row-major) of the level with downsample ``down`` (as in bench_slide_memory, with given blobs)."""
-    side = -(-size // down)
-    for y0 in range(0, side, TILE):
-        for x0 in range(0, side, TILE):
-            yy, xx = np.mgrid[y0:y0 + TILE, x0:x0 + TILE].astype(np.float32) * down / size
-            tile = np.full((TILE, TILE, 3), 242, np.uint8)
-            inside = np.zeros((TILE, TILE), bool)
-            for cy, cx, r in blobs:
-                inside |= ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
-            if inside.any():
-                stripes = (np.sin(xx * size / 16 * 2 * np.pi) * 40).astype(np.int16)
-                tex = np.array([150, 80, 160], np.int16) + stripes[..., None]
-                tile[inside] = tex[inside].clip(0, 255).astype(np.uint8)
-            yield tile
-
-
-def write_slide(path: Path, size: int, blobs) -> None:
-    import tifffile
-
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        down = 1
-        while True:
-            side = -(-size // down)
-            tw.write(_tiles(size, down, blobs), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE),
-                     compression="zlib", photometric="rgb", subfiletype=0 if down == 1 else 1,
-                     resolution=(1e4 / (MPP * down),) * 2, resolutionunit="CENTIMETER")
-            if side <= 2048:
-                break
-            down *= 2
 
 
 def train(model_dir: Path) -> dict:

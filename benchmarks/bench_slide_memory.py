@@ -29,7 +29,7 @@ TILE = 512
 BLOBS = ((0.3, 0.3, 0.12), (0.62, 0.55, 0.16), (0.3, 0.75, 0.08))
 
 
-def _tiles(size: int, down: int):
+def _tiles(size: int, down: int, blobs=BLOBS):
     """Tiles (row-major) of the level with downsample ``down`` of a ``size``-px slide."""
     side = -(-size // down)
     for y0 in range(0, side, TILE):
@@ -37,7 +37,7 @@ def _tiles(size: int, down: int):
             yy, xx = np.mgrid[y0:y0 + TILE, x0:x0 + TILE].astype(np.float32) * down / size
             tile = np.full((TILE, TILE, 3), 242, np.uint8)
             inside = np.zeros((TILE, TILE), bool)
-            for cy, cx, r in BLOBS:
+            for cy, cx, r in blobs:
                 inside |= ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
             if inside.any():
                 stripes = (np.sin(xx * size / 16 * 2 * np.pi) * 40).astype(np.int16)
@@ -46,14 +46,14 @@ def _tiles(size: int, down: int):
             yield tile
 
 
-def write_slide(path: Path, size: int) -> None:
+def write_slide(path: Path, size: int, blobs=BLOBS) -> None:
     import tifffile
 
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         down = 1
         while True:
             side = -(-size // down)
-            tw.write(_tiles(size, down), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE),
+            tw.write(_tiles(size, down, blobs), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE),
                      compression="zlib", photometric="rgb", subfiletype=0 if down == 1 else 1,
                      resolution=(1e4 / (MPP * down),) * 2, resolutionunit="CENTIMETER")
             if side <= 2048:
