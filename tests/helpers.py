@@ -27,6 +27,19 @@ def setup(adata, **kwargs):
     NH2ST.setup_anndata(adata, **kwargs)
 
 
+def model_with_pixel_size(tissue):
+    """A small model trained one epoch on S0 + S1 of ``tissue``, whose sections have a pixel size (0.5 um/px)."""
+    from st_predict import NH2ST
+
+    adata = tissue[tissue.obs["section"] != "S2"].copy()
+    for lib in adata.uns["spatial"]:
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
+    setup(adata)
+    m = NH2ST(adata, **SMALL)
+    m.train(max_epochs=1, progress=False)
+    return m
+
+
 def per_gene_pcc(pred, truth):
     pred, truth = np.asarray(pred, float), np.asarray(truth, float)
     pc, tc = pred - pred.mean(0), truth - truth.mean(0)

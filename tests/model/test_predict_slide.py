@@ -10,21 +10,11 @@ pytest.importorskip("wsidata")
 pytest.importorskip("lazyslide")
 
 from helpers import BLOBS, SMALL, setup
+from helpers import model_with_pixel_size as _model_with_pixel_size
 from helpers import slide_tissue as _tissue
 from helpers import write_slide as _write_slide
 
 from st_predict import NH2ST
-
-
-def _model_with_pixel_size(tissue) -> NH2ST:
-    """A small trained model whose training sections have a pixel size (0.5 um/px)."""
-    adata = tissue[tissue.obs["section"] != "S2"].copy()
-    for lib in adata.uns["spatial"]:
-        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
-    setup(adata)
-    m = NH2ST(adata, **SMALL)
-    m.train(max_epochs=1, progress=False)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ pytest.importorskip("wsidata")
 pytest.importorskip("lazyslide")
 pytest.importorskip("distributed")
 
-from helpers import SMALL, setup
+from helpers import model_with_pixel_size
 from helpers import slide_tissue as _tissue
 from helpers import write_slide as _write_slide
 
-from st_predict import NH2ST, InputError
+from st_predict import InputError
 from st_predict._cli import main
 from st_predict._cohort import read_manifest, slide_table
 
@@ -30,12 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.Pytes
 def saved(tissue, tmp_path_factory):
     """A small trained model whose training sections have a pixel size (0.5 um/px), saved."""
     torch.manual_seed(0)
-    adata = tissue[tissue.obs["section"] != "S2"].copy()
-    for lib in adata.uns["spatial"]:
-        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
-    setup(adata)
-    m = NH2ST(adata, **SMALL)
-    m.train(max_epochs=1, progress=False)
+    m = model_with_pixel_size(tissue)
     path = tmp_path_factory.mktemp("model") / "model"
     m.save(str(path))
     return m, str(path)
