@@ -185,9 +185,9 @@ def _clean_staging(out_dir: Path) -> None:
 def plan(table: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The manifest to start from (the earlier run's rows, this run's slides added as pending) and the slides
     still to predict: every slide not recorded as done with its output in place."""
-    old = read_manifest(out_dir)
-    old = old[~old["slide_id"].isin(table["slide_id"])] if len(old) else old  # other slides' rows are kept
-    prev = read_manifest(out_dir).set_index("slide_id")
+    earlier = read_manifest(out_dir)
+    old = earlier[~earlier["slide_id"].isin(table["slide_id"])]  # other slides' rows are kept
+    prev = earlier.set_index("slide_id")
     rows = []
     for r in table.itertuples(index=False):
         done = (r.slide_id in prev.index and prev.at[r.slide_id, "status"] == DONE
@@ -197,8 +197,9 @@ def plan(table: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame
         else:
             rows.append({"slide_id": r.slide_id, "slide": r.slide, "status": PENDING, "tiles": 0, "seconds": np.nan,
                          "error": "", "finished": ""})
-    manifest = pd.concat([old, pd.DataFrame(rows, columns=list(COLUMNS))], ignore_index=True) if len(old) else \
-        pd.DataFrame(rows, columns=list(COLUMNS))
+    manifest = pd.DataFrame(rows, columns=list(COLUMNS))
+    if len(old):
+        manifest = pd.concat([old, manifest], ignore_index=True)
     todo = table[manifest.set_index("slide_id").loc[table["slide_id"], "status"].to_numpy() != DONE]
     return manifest, todo
 
