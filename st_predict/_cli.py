@@ -90,10 +90,11 @@ def _progress(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def _read(args):
+def _read(args, lazy_images: bool = False):
     from st_predict.data import read_input
 
-    return read_input(args.input, args.library_key, args.image_element, args.table, args.fullres_image, args.sample)
+    return read_input(args.input, args.library_key, args.image_element, args.table, args.fullres_image, args.sample,
+                      lazy_images=lazy_images)
 
 
 def _sections(adata, library_key, sections):
@@ -147,7 +148,7 @@ def _cmd_train(args) -> int:
     from st_predict import NH2ST
     from st_predict.data import choose_image_key
 
-    adata, library_key, found_key = _read(args)
+    adata, library_key, found_key = _read(args, lazy_images=True)  # each image decoded only to crop its patches
     adata = _sections(adata, library_key, args.sections)
     image_key = choose_image_key(adata, args.image_key, found_key)
     with quiet_logger("lightning.fabric.utilities.seed"):  # not "Seed set to 0"

@@ -343,3 +343,39 @@ def test_every_command_shares_the_defaults():
     assert not shared, shared
     assert sub.choices["predict"].get_default("batch_size") == sub.choices["predict-slide"].get_default("batch_size")
     assert sub.choices["predict"].get_default("batch_size") == PREDICT_BATCH_SIZE
+
+
+def test_train_reads_a_her2st_folder_lazily(tmp_path, monkeypatch):
+    """`st-predict train` on a HER2ST folder decodes each JPEG only to crop its patches."""
+    import dask.array as da
+    import pandas as pd
+    from PIL import Image
+
+    import st_predict.data._her2st as her2st
+    from st_predict.data import synthetic_tissue
+
+    root = tmp_path / "her2st"
+    for d in ("counts", "spots", "images"):
+        (root / d).mkdir(parents=True)
+    tissue = synthetic_tissue(n_sections=2, n_rows=8, n_cols=8, n_genes=40)
+    for sec in ("S0", "S1"):
+        t = tissue[tissue.obs["section"] == sec]
+        Image.fromarray(tissue.uns["spatial"][sec]["images"]["hires"]).save(root / "images" / f"{sec}_HE.jpg")
+        xy = t.obsm["spatial"]
+        ids = [f"{int(x // 32)}x{int(y // 32)}" for x, y in xy]
+        pd.DataFrame(t.X.toarray() if hasattr(t.X, "toarray") else t.X, index=ids, columns=t.var_names).to_csv(
+            root / "counts" / f"{sec}.tsv.gz", sep="\t")
+        pd.DataFrame({"x": xy[:, 0] // 32, "y": xy[:, 1] // 32, "pixel_x": xy[:, 0], "pixel_y": xy[:, 1]}).to_csv(
+            root / "spots" / f"{sec}_selection.tsv", sep="\t", index=False)
+    images = []
+    real = her2st.read_her2st
+
+    def spy(*args, **kwargs):
+        adata = real(*args, **kwargs)
+        images.extend(e["images"]["hires"] for e in adata.uns["spatial"].values())
+        return adata
+
+    monkeypatch.setattr(her2st, "read_her2st", spy)
+    assert main(["train", str(root), "--out", str(tmp_path / "model"), *SMALL_TRAIN]) == 0
+    assert len(images) == 2 and all(isinstance(img, da.Array) for img in images)
+    assert (tmp_path / "model" / "model.pt").is_file()

@@ -41,12 +41,15 @@ def read_input(
     table: str = "table",
     fullres_image: str | None = None,
     sample: list[str] | None = None,
+    lazy_images: bool = False,
 ) -> InputData:
     """Read ``path``, recognised by its layout: an ``.h5ad`` file (Visium-style ``uns['spatial']``
     images, ``obsm['spatial']`` in full-resolution pixels), a SpatialData ``.zarr`` store
     (``image_element``, ``table``), a folder in the HER2ST layout (``counts/``, ``spots/``,
     ``images/``), a Space Ranger output folder (``spatial/``; ``fullres_image``) or a HEST-1k folder
-    (``st/``, ``wsis/``; ``sample``). ``library_key`` is the obs column of sections of an .h5ad."""
+    (``st/``, ``wsis/``; ``sample``). ``library_key`` is the obs column of sections of an .h5ad.
+    ``lazy_images``: a HER2ST folder's JPEGs are decoded only when their patches are cropped
+    (``read_her2st(load_images="lazy")``; SpatialData and TIFF images are always lazy)."""
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"input {str(path)!r} does not exist")
@@ -71,7 +74,7 @@ def read_input(
     if p.is_dir() and all((p / d).is_dir() for d in ("counts", "spots", "images")):
         from ._her2st import read_her2st
 
-        return InputData(read_her2st(p), SECTION_KEY, None)
+        return InputData(read_her2st(p, load_images="lazy" if lazy_images else True), SECTION_KEY, None)
     if p.is_dir() and ((p / "spatial").is_dir() or (p / "outs" / "spatial").is_dir()):
         from ._visium import read_visium
 
