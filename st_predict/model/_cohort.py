@@ -62,7 +62,7 @@ class CohortMixin:
             time.
         threads_per_worker
             Torch threads in each worker (default on a local cluster: the cores divided among the workers;
-            on an existing cluster: torch's default, capped to the worker's cores).
+            on an existing cluster: one, since dask starts its workers with ``OMP_NUM_THREADS=1``).
         progress
             A progress bar over slides (default: on a terminal or in a notebook).
         key_added

@@ -378,7 +378,7 @@ class SlideMixin:
                 raise InputError(f"No tissue found on the slide {name}.")
             zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
                                key_added=tile_key, background_fraction=1 - min_tissue_fraction)
-            tiles = wsi.shapes[tile_key]
+            tiles = wsi.shapes[tile_key] if tile_key in wsi.shapes else ()  # lazyslide may add no element
             if len(tiles) == 0:
                 raise InputError(f"No tissue found on the slide {name} (no tile of {tile_um:g} um on tissue).")
             if progress is None:

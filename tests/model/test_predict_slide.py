@@ -528,3 +528,13 @@ def test_a_jpeg_with_mpp_predicts_the_tiles_of_the_same_image_as_a_pyramidal_tif
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(ValueError, match=r"Could not open .*bad\.jpg.* as a whole-slide or a plain image"):
         model.predict_slide(tmp_path / "bad.jpg", mpp=0.5, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:No tiles are found")  # lazyslide's own warning, before st_predict's error
+def test_tissue_without_a_whole_tile_is_a_clear_error(tissue, tmp_path):
+    """Tissue found but no tile fully on it: lazyslide adds no tile element; the error says so (not a KeyError)."""
+    from st_predict import InputError
+
+    path = _write_slide(tmp_path / "slide.tif", _tissue(768), mpp=0.5)
+    with pytest.raises(InputError, match="no tile of 300 um on tissue"):
+        _model_with_pixel_size(tissue).predict_slide(path, tile_size_um=300, min_tissue_fraction=1.0, progress=False)
