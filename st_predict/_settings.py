@@ -24,6 +24,8 @@ SCHEDULES = ("onecycle", "step", "constant")
 AUGMENTATIONS = ("none", "dihedral", "dihedral+stain")
 #: ``TrainingSettings.batches`` values
 BATCHES = ("mixed", "section")
+#: ``NetworkSettings.context`` values: what the translator sees at training and at inference
+CONTEXTS = ("patch", "neighbors")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -75,8 +77,18 @@ class NetworkSettings:
         One cross-attention block for both branches (authors' code) instead of one per branch.
     use_neighbor_branch
         ``False`` gives the "query branch only" ablation.
+    context
+        What the translator predicts from, at training and at inference. ``"patch"``: the target spot's
+        pathology latent ``h_s^p`` alone, ``y_hat = translator(h_s^p)`` (the paper: only the query branch
+        runs at inference; each spot is predicted from its own patch). ``"neighbors"``: also the pathology
+        neighbourhood ``h_n^p``, the hypergraph over the target's and its ``K`` spatial neighbours' patch
+        features (the image half of the neighbour branch, built from images alone), pooled:
+        ``y_hat = translator([h_s^p, h_n^p])``. Prediction then needs the neighbours' patches too: spots
+        take their ``K`` nearest spots of the same section (squidpy's graph on the spots predicted), a
+        whole slide its neighbouring tiles. No expression is needed either way.
     n_neighbors
-        ``K``: spatial neighbours per spot in the neighbour branch.
+        ``K``: spatial neighbours per spot in the neighbour branch and, with ``context="neighbors"``, in
+        the translator's neighbourhood.
     hyperedge_degree
         Nodes per hyperedge (self + ``degree - 1`` most similar), at most ``K + 1``.
     n_hgnn_layers
@@ -139,6 +151,7 @@ class NetworkSettings:
     n_heads: int = 8
     share_attention: bool = False
     use_neighbor_branch: bool = True
+    context: Literal["patch", "neighbors"] = "patch"
     n_neighbors: int = 8
     hyperedge_degree: int = 4
     n_hgnn_layers: int = 2
@@ -168,6 +181,7 @@ class NetworkSettings:
         _choice("graph", self.graph, ("hypergraph", "graph"))
         _choice("hypergraph_norm", self.hypergraph_norm, ("rw", "sym"))
         _choice("activation", self.activation, ("relu", "gelu", "none"))
+        _choice("context", self.context, CONTEXTS)
         if not isinstance(self.encoder, str) or not self.encoder:
             raise InputError(f"encoder must be a name, got {self.encoder!r}.")
         if self.encoder == "resnet18" and (self.image_size < 32 or self.image_size % 32):
@@ -178,7 +192,7 @@ class NetworkSettings:
             raise InputError(
                 f"latent_dim ({self.latent_dim}) must be a positive multiple of n_heads ({self.n_heads})."
             )
-        if self.use_neighbor_branch:
+        if self.use_neighbor_branch or self.context != "patch":
             if self.n_neighbors < 1:
                 raise InputError(f"n_neighbors (K) must be >= 1, got {self.n_neighbors}.")
             if not 1 <= self.hyperedge_degree <= self.n_neighbors + 1:
@@ -203,6 +217,12 @@ class NetworkSettings:
     def names(cls) -> tuple[str, ...]:
         """The setting names, in order."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @property
+    def uses_neighbors(self) -> bool:
+        """Whether a spot's ``K`` spatial neighbours take part: in training (the contrastive neighbour
+        branch, or the translator's context) or at inference (``context="neighbors"``)."""
+        return (self.use_neighbor_branch and self.contrastive) or self.context != "patch"
 
     def replace(self, **overrides) -> NetworkSettings:
         """A copy with ``overrides``; an unknown name is a ``TypeError`` that lists the settings."""
@@ -402,6 +422,7 @@ PAPER = Recipe(
     "Adam lr 1e-4 with StepLR(50, 0.9), batch 8, 20 epochs, flips and 90-degree rotations.",
     network=NetworkSettings(
         image_size=224, trunk="finetune", pooling="avg", neighbor_trunk_grad=True, standardize_targets=False,
+        context="patch",
         latent_dim=512, n_neighbors=8, hyperedge_degree=4, n_hgnn_layers=2, temperature=0.05, lambda_query=1.0,
         lambda_neighbor=0.5, gene_dropout=0.0, translator_hidden=256, dropout=0.0, translator_dropout=0.0,
     ),

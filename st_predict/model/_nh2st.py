@@ -27,7 +27,6 @@ from st_predict._constants import (
 )
 from st_predict._errors import InputError, MissingKeyError
 from st_predict._logging import quiet_logger
-from st_predict._threads import thread_limits
 from st_predict.module import NetworkSettings, NH2STModule
 from st_predict.nn import encoder_name
 from st_predict.pp import (
@@ -46,6 +45,7 @@ from st_predict.train import RECIPES, NH2STTrainingPlan, Recipe, TrainingSetting
 from ._cohort import CohortMixin
 from ._docstrings import nh2st_dsp
 from ._encoder import encoder_digest, resolve_encoder
+from ._inference import InferenceMixin
 from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
 from ._save_load import LOADING, SaveLoadMixin
 from ._slide import SlideMixin
@@ -55,12 +55,16 @@ logger = logging.getLogger(__name__)
 
 
 @nh2st_dsp.dedent
-class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, TrainingMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceMixin, TrainingMixin,
+            UnsupervisedTrainingMixin, BaseModelClass):
     """NH2ST :cite:p:`Qu2025`: spatial gene expression from H&E patches, trained with a query branch
     and a hypergraph neighbour branch aligned by cross-attention and contrastive learning.
 
-    Only the translator path, ``translator(head(trunk(patch)))``, runs at inference, so
-    :meth:`predict` works on slides with an H&E image and spot positions but no expression.
+    Only the pathology side runs at inference, so :meth:`predict` works on slides with an H&E image and
+    spot positions but no expression: with ``context="patch"`` (the paper) the translator path
+    ``translator(head(trunk(patch)))`` of each spot's own patch; with ``context="neighbors"`` also the
+    pathology hypergraph over the spot's ``K`` nearest spots (or tiles), ``translator([h_s^p, h_n^p])``,
+    built from their patches alone.
 
     Every setting of the network and of its training comes from a named ``recipe``; any keyword
     given here (or to :meth:`train`) overrides it. ``recipe="default"`` trains the ResNet18 end to end
@@ -162,6 +166,12 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, TrainingMi
         if library_size not in ("all_genes", "selected_genes"):
             raise InputError(f"library_size must be 'all_genes' or 'selected_genes', got {library_size!r}.")
         the_recipe = get_recipe(recipe)
+        if LOADING.get():
+            # saved before the translator had a context (format <= 2): it predicted from the patch alone
+            if isinstance(network, Mapping) and "context" not in network:
+                network = {**network, "context": "patch"}
+            elif network is None and "context" not in network_overrides:
+                network_overrides = {**network_overrides, "context": "patch"}
         if network is None:
             network = the_recipe.network
         elif not isinstance(network, NetworkSettings):
@@ -289,11 +299,13 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, TrainingMi
             best = f", best epoch {self.best_epoch_}" if self.best_epoch_ else ""
             val = f"\nValidation: {where}{best}."
         patch = f"; patches {self.patch_geometry_}" if self.patch_geometry_ is not None else ""
+        sees = ("predicts each spot from its own patch (context 'patch', the paper)" if p.context == "patch" else
+                f"predicts each spot from its patch and its {p.n_neighbors} nearest spots' (context 'neighbors')")
         return (
             f"NH2ST model (recipe {self.recipe_.name!r}): {len(self.genes_)} genes, latent {p.latent_dim}, "
             f"{'ResNet18' if p.encoder == 'resnet18' else p.encoder} trunk {p.trunk} at {p.image_size} px "
             f"({p.pooling} pooling), weights: "
-            f"{self.weights_source_}; {p.attention}-attention ({p.attention_mode}), {branch}; {nce}{patch}."
+            f"{self.weights_source_}; {p.attention}-attention ({p.attention_mode}), {branch}; {nce}{patch}; {sees}."
             f"{val}"
         )
 
@@ -383,90 +395,6 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, TrainingMi
         cls.register_manager(adata_manager)
 
     # -- inference -------------------------------------------------------------------------------
-    def _reader_for(self, adata: AnnData, keys: dict | None = None):
-        """Patches of ``adata``'s spots: the setup's keys unless ``keys`` names others; the patch is
-        the model's :attr:`patch_geometry_` on ``adata``'s sections."""
-        setup = {**self.registry_["setup_args"], **{k: v for k, v in (keys or {}).items() if v is not None}}
-        library_key = setup["library_key"]
-        if library_key is not None and library_key not in adata.obs:
-            if keys and keys.get("library_key"):
-                raise MissingKeyError(f"adata.obs has no column {library_key!r} (library_key).")
-            library_key = None  # single-section data without the column: spot_libraries checks uns
-        if self.patch_geometry_ is None:
-            raise InputError("This model has no patch geometry (it was neither set up nor loaded).")
-        libraries = spot_libraries(adata, library_key)
-        sizes = self.patch_geometry_.pixels_for(adata, libraries)
-        return make_patch_reader(adata, setup["spatial_key"], setup["image_key"], library_key, sizes,
-                                 self.module.image_size)
-
-    def _target(self, adata: AnnData | None) -> AnnData:
-        if adata is None:
-            adata = self.adata if self.adata is not None else self._predict_adata
-        if adata is None:
-            raise InputError("This model was loaded without AnnData: pass adata=.")
-        return adata
-
-    def _inference(
-        self, adata, indices, batch_size, what: str, progress: bool = False, keys: dict | None = None,
-        tta: bool = False, trunk_features: torch.Tensor | None = None, feature_cache=None,
-    ) -> tuple[np.ndarray, pd.Index]:
-        adata = self._target(adata)
-        if feature_cache is not None and feature_cache is not False and trunk_features is None:
-            if self.module.trunk_mode != "frozen":
-                raise InputError("feature_cache is for a frozen encoder (trunk='frozen').")
-            with thread_limits():
-                trunk_features = self.encoder_maps(self._reader_for(adata, keys), 8 if tta else 1, feature_cache,
-                                                   self.module.device, batch_size, progress)
-        cache = trunk_features
-        if cache is None and adata is self.adata and self._data is not None and not any((keys or {}).values()):
-            cache = self._data.fmaps
-        if cache is not None and len(cache) != adata.n_obs:
-            raise InputError(f"trunk_features has {len(cache)} rows for {adata.n_obs} spots.")
-        reader = None if cache is not None else self._reader_for(adata, keys)
-        n_obs = adata.n_obs
-        indices = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-        if len(indices) and (indices.min() < 0 or indices.max() >= n_obs):
-            raise InputError(f"indices must be in [0, {n_obs}).")
-        module = self.module
-        was_training = module.training
-        module.eval()
-        out = []
-        starts = range(0, len(indices), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"Predicting {len(indices)} spots", unit="batch")
-        try:
-            with thread_limits(), torch.inference_mode():
-                for start in starts:
-                    idx = indices[start : start + batch_size]
-                    if cache is not None:
-                        fm = cache[torch.as_tensor(idx)].to(module.device)
-                        res = self._from_fmaps(fm, what, tta)
-                    else:
-                        batch = {"patches": reader.read(idx).to(module.device)}
-                        if what == "expression":
-                            res = module.predict_expression(batch, tta=tta)
-                        else:
-                            res = module.latent(batch)
-                    out.append(res.float().cpu().numpy())
-        finally:
-            module.train(was_training)
-        width = len(self.genes_) if what == "expression" else module.path_head.proj.out_features
-        arr = np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
-        return arr, adata.obs_names[indices]
-
-    def _from_fmaps(self, fm: torch.Tensor, what: str, tta: bool) -> torch.Tensor:
-        module = self.module
-        if fm.ndim == 5:  # (m, 8, C, h, w): the 8 views of a frozen trunk's cache
-            if what == "expression" and tta:
-                preds = [module.predict_expression({"fmaps": fm[:, v]}) for v in range(fm.shape[1])]
-                return torch.stack(preds).mean(0)
-            fm = fm[:, 0]
-        if what == "expression":
-            return module.predict_expression({"fmaps": fm})
-        return module.latent({"fmaps": fm})
-
     def get_predicted_expression(
         self,
         adata: AnnData | None = None,

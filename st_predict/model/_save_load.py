@@ -21,8 +21,9 @@ from ._encoder import ENCODER_OVERRIDE, check_encoder_digest
 #: Raised when a change means older releases cannot read new files or this release cannot read old
 #: ones; models saved before versions were recorded are format 1. Format 2 records the network's
 #: settings as one dict (``init_params_["non_kwargs"]["network"]``) and the patch geometry
-#: (``patch_geometry_``); format 1 is read and migrated (:meth:`SaveLoadMixin.load`).
-SAVE_FORMAT = 2
+#: (``patch_geometry_``). Format 3 adds the network setting ``context`` (what the translator predicts from);
+#: formats 1 and 2 are read and migrated (:meth:`SaveLoadMixin.load`; they predicted from the patch alone).
+SAVE_FORMAT = 3
 
 # Set while ``load`` rebuilds a model: the trunk weights then come from the saved state dict, so
 # ``__init__`` must not fetch pretrained weights.

@@ -385,11 +385,15 @@ class SlideMixin:
                 progress = interactive()
             if progress:
                 print(f"{len(tiles)} tiles of {tile_um:g} um every {pitch:g} um on {name}")
+            # a network that predicts from its neighbourhood reads the neighbouring tiles, one training pitch away
+            neighbors = (self._tile_neighbors(tiles, slide_mpp, stride * tile_mpp) if self.module.context != "patch"
+                         else None)
             with thread_limits():
-                pred = self._predict_tiles(wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress)
+                pred = self._predict_tiles(wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress, neighbors)
                 if self.has_reliability:
                     bounds = self.with_reliability(pred, lambda: self._predict_tiles(
-                        wsi, tile_key, len(tiles), batch_size, num_workers, tta, False), interval_level, ensemble)
+                        wsi, tile_key, len(tiles), batch_size, num_workers, tta, False, neighbors), interval_level,
+                        ensemble)
                     pred = bounds["point"]
         centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
         from anndata import AnnData
@@ -459,15 +463,32 @@ class SlideMixin:
         feats = torch.from_numpy(feats[order])
         was = module.training
         module.eval()
-        out = np.empty((len(tiles), len(self.genes_)), dtype=np.float32)
+        context = module.context != "patch"
+        out = []
         try:
             with torch.no_grad():
                 for s in range(0, len(tiles), batch_size):
-                    fm = feats[s:s + batch_size, :, None, None].to(module.device)
-                    out[s:s + batch_size] = module.predict_expression({"fmaps": fm}).float().cpu().numpy()
+                    fm = {"fmaps": feats[s:s + batch_size, :, None, None].to(module.device)}
+                    out.append((module.latent(fm) if context else module.predict_expression(fm)).float().cpu())
+                out = torch.cat(out) if out else torch.zeros((0, len(self.genes_)))
+                if context:
+                    slide_mpp = wsi.properties.mpp
+                    neighbors = self._tile_neighbors(tiles, slide_mpp, _tile_geometry_um(tiles, slide_mpp)[1])
+                    out = self._translate_neighborhoods(out, np.arange(len(tiles)), np.arange(len(tiles)), neighbors,
+                                                        batch_size)
         finally:
             module.train(was)
-        return tile_key, tiles, out
+        return tile_key, tiles, out.numpy()
+
+    def _tile_neighbors(self, tiles, slide_mpp: float, pitch_um: float) -> np.ndarray:
+        """Each tile's ``K`` neighbours for a ``context="neighbors"`` network: the nearest tiles of its sub-grid
+        at about the training spot pitch (every ``round(spot pitch / tile pitch)``-th tile; the adjacent tiles
+        when the pitch is unknown or the tiles are at least that far apart)."""
+        from st_predict.pp import grid_neighbors
+
+        centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+        every = max(1, int(round(self.spot_pitch_um_ / pitch_um))) if self.spot_pitch_um_ else 1
+        return grid_neighbors(centres, pitch_um / slide_mpp, every, self.module.n_neighbors)
 
     def as_tile_model(self, tta: bool | None = None):
         """This model as a lazyslide-models tile-prediction model, for LazySlide users::
@@ -476,14 +497,18 @@ class SlideMixin:
             zs.pp.tile_tissues(wsi, **tiles.tile_kwargs)
             zs.tl.tile_prediction(wsi, tiles)  # one column per gene in wsi["tiles"]
 
-        ``tta``: the model's setting by default. Needs the ``wsi`` extra (lazyslide-models)."""
+        ``tta``: the model's setting by default. Needs the ``wsi`` extra (lazyslide-models). A model with
+        ``context="neighbors"`` cannot be one (tile_prediction gives it no neighbouring tiles): it raises an
+        :class:`~st_predict.InputError` that says to use :meth:`predict_slide`."""
         from ._tile_model import NH2STTileModel
 
         return NH2STTileModel(self, tta=tta)
 
     def _predict_tiles(self, wsi, tile_key: str, n_tiles: int, batch_size: int, num_workers: int, tta: bool,
-                       progress: bool) -> np.ndarray:
-        """Predictions ``(n_tiles, n_genes)`` of the tiles ``tile_key``, read in batches by wsidata."""
+                       progress: bool, neighbors: np.ndarray | None = None) -> np.ndarray:
+        """Predictions ``(n_tiles, n_genes)`` of the tiles ``tile_key``, read in batches by wsidata. A
+        ``context="neighbors"`` network first embeds every tile, then predicts each from the latents of its
+        ``neighbors`` (``(n_tiles, K)``) too."""
         size = self.module.image_size
         dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
         # workers read and resize the next batches while the network runs on this one
@@ -496,17 +521,24 @@ class SlideMixin:
         module = self.module
         was_training = module.training
         module.eval()
-        pred = np.empty((n_tiles, len(self.genes_)), dtype=np.float32)
+        context = module.context != "patch"
+        if context and neighbors is None:  # pragma: no cover - predict_slide always gives them
+            raise RuntimeError("A context='neighbors' network needs the tiles' neighbours.")
+        width = module.path_head.proj.out_features if context else len(self.genes_)
+        pred = torch.empty((n_tiles, width), dtype=torch.float32)
         start = 0
         try:
             with torch.no_grad():
                 for batch in loader:
-                    img = batch["image"].permute(0, 3, 1, 2).contiguous()  # (B, 3, size, size) uint8
-                    out = module.predict_expression({"patches": img.to(module.device)}, tta=tta)
-                    pred[start:start + len(img)] = out.float().cpu().numpy()
-                    start += len(img)
+                    img = {"patches": batch["image"].permute(0, 3, 1, 2).contiguous().to(module.device)}
+                    out = module.latent(img, tta=tta) if context else module.predict_expression(img, tta=tta)
+                    pred[start:start + len(out)] = out.float().cpu()
+                    start += len(out)
+                if context and start == n_tiles:
+                    every = np.arange(n_tiles)
+                    pred = self._translate_neighborhoods(pred, every, every, neighbors, batch_size)
         finally:
             module.train(was_training)
         if start != n_tiles:  # pragma: no cover - a dataset that lost tiles would be a wsidata bug
             raise RuntimeError(f"Read {start} tiles of {n_tiles}.")
-        return pred
+        return pred.numpy()

@@ -20,6 +20,15 @@ class NH2STTileModel(TilePredictionModel):
     """
 
     def __init__(self, model, tta: bool | None = None):
+        if model.module.context != "patch":
+            from st_predict._errors import InputError
+
+            raise InputError(
+                "This model predicts each tile from its neighbourhood (context='neighbors'), but LazySlide's "
+                "tile_prediction gives a model one batch of tiles at a time, without their neighbours: its "
+                "predictions would be wrong. Use model.predict_slide(slide), which reads the neighbouring tiles, or "
+                "train a model with context='patch' (each tile from its own pixels) for tile_prediction."
+            )
         self.nh2st = model
         self.model = model.module  # what LazySlide moves with .to(device)
         self.tta = model.tta_ if tta is None else bool(tta)

@@ -89,7 +89,7 @@ class TrainingMixin:
         targets = normalize_expression(counts, gene_idx, setup["is_count_data"], self._library_size)
         libraries = spot_libraries(adata, setup["library_key"])
         neighbors = None
-        if self.module.use_neighbor_branch and self.module.contrastive:  # only the neighbour branch uses them
+        if self.module.settings.uses_neighbors:  # the neighbour branch and the translator's context use them
             coords = spot_coordinates(adata, setup["spatial_key"])
             neighbors = torch.from_numpy(spatial_knn(coords, libraries, self.module.n_neighbors))
         reader = make_patch_reader(
@@ -264,7 +264,7 @@ class TrainingMixin:
         if trunk_features is not None:
             raise InputError("trunk_features is for trunk='frozen': an end-to-end trunk changes as it trains.")
         patches = self.training_patches(progress, feature_cache)
-        if module.neighbor_trunk_grad or not module.use_neighbor_branch or not module.contrastive:
+        if module.neighbor_trunk_grad or not module.settings.uses_neighbors:
             return {"patches": patches, "neighbor_patches": True}, {}
         read = patches if isinstance(patches, torch.Tensor) else patches.__getitem__
         # pooled when the head reads only the maps' mean: 2 KB a spot instead of 100 KB at 224 px

@@ -108,7 +108,8 @@ class NH2STModule(nn.Module):
         self.attention = attention
         self.attention_mode = attention_mode
         self.use_neighbor_branch = use_neighbor_branch
-        self.n_neighbors = n_neighbors if use_neighbor_branch else 0
+        self.context = s.context
+        self.n_neighbors = n_neighbors if use_neighbor_branch or s.context != "patch" else 0
         self.contrastive = contrastive
         self.symmetric_nce = s.symmetric_nce
         self.gather_negatives = s.gather_negatives
@@ -146,8 +147,10 @@ class NH2STModule(nn.Module):
             self.map_size, latent_dim, pooling, in_channels=self.encoder_info.out_channels, with_tokens=tokens,
             input_norm="fixed" if trunk == "frozen" else "batch",
         )
+        # with context="neighbors" the translator reads [h_s^p, h_n^p]: the target's latent and its pooled neighbourhood
         self.translator = Translator(
-            latent_dim, s.translator_hidden, n_genes, s.activation, dropout if s.translator_dropout is None else s.translator_dropout
+            latent_dim * (2 if s.context == "neighbors" else 1), s.translator_hidden, n_genes, s.activation,
+            dropout if s.translator_dropout is None else s.translator_dropout,
         )
         self.register_buffer("target_shift", torch.zeros(n_genes))
         self.register_buffer("target_scale", torch.ones(n_genes))
@@ -159,10 +162,12 @@ class NH2STModule(nn.Module):
         self.gene_tokenizer = GeneTokenizer(n_genes, s.n_gene_tokens, latent_dim) if tokens and contrastive else None
         block = {"n_heads": s.n_heads, "dropout": dropout, "residual": s.cross_residual, "single_key": not tokens}
         self.attn_query = CrossAttentionBlock(latent_dim, **block) if contrastive and attention != "none" else None
+        hg = {"n_layers": s.n_hgnn_layers, "degree": s.hyperedge_degree, "graph": s.graph,
+              "normalization": s.hypergraph_norm, "dropout": dropout}
+        # the pathology hypergraph serves the contrastive neighbour branch and the translator's context; both read
+        # the same h_n^p
+        self.hgnn_path = NeighbourhoodEncoder(latent_dim, **hg) if s.uses_neighbors else None
         if use_neighbor_branch and contrastive:
-            hg = {"n_layers": s.n_hgnn_layers, "degree": s.hyperedge_degree, "graph": s.graph}
-            hg.update(normalization=s.hypergraph_norm, dropout=dropout)
-            self.hgnn_path = NeighbourhoodEncoder(latent_dim, **hg)
             self.hgnn_gene = NeighbourhoodEncoder(latent_dim, **hg)
             if attention == "none":
                 self.attn_neighbor = None
@@ -171,7 +176,7 @@ class NH2STModule(nn.Module):
             else:
                 self.attn_neighbor = CrossAttentionBlock(latent_dim, **block)
         else:
-            self.hgnn_path = self.hgnn_gene = self.attn_neighbor = None
+            self.hgnn_gene = self.attn_neighbor = None
         self.register_load_state_dict_post_hook(_external_trunk_not_missing)
 
     @property
@@ -278,14 +283,42 @@ class NH2STModule(nn.Module):
         rows = batch["patch_rows"]
         return cached.to(live.dtype).index_put((rows,), live), live
 
+    def translate(self, h_target: torch.Tensor, h_nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """The translator on the training scale: from the targets' latents ``(B, N)`` and, with
+        ``context="neighbors"``, their neighbourhoods' node latents ``(B, K + 1, N)`` (node 0 the target)."""
+        if self.context == "patch":
+            return self.translator(h_target)
+        if h_nodes is None:
+            raise InputError(
+                "This network predicts from each spot's neighbourhood (context='neighbors'): it needs the latents of "
+                "the spot's K nearest spots too (predict and predict_slide find them; a batch needs 'node_map')."
+            )
+        return self.translator(torch.cat([h_target, self.hgnn_path(h_nodes)[0]], dim=-1))
+
+    @torch.no_grad()
+    def predict_from_latents(self, h_target: torch.Tensor, h_nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted expression on the data's scale from pathology latents (see :meth:`translate`)."""
+        return self.unstandardize(self.translate(h_target, h_nodes))
+
     @torch.no_grad()
     def predict_expression(self, batch: dict[str, torch.Tensor], tta: bool = False) -> torch.Tensor:
-        """Inference path ``y_hat = translator(head(trunk(x)))`` for every row of the batch's
-        ``patches``/``fmaps``, on the data's scale: no expression, no neighbours needed.
+        """Inference path for the batch's targets, on the data's scale; no expression needed.
 
-        ``tta``: average the predictions of the 8 flips/90-degree rotations of each patch
-        (test-time augmentation; ``patches`` only).
+        With ``context="patch"`` (the paper) ``y_hat = translator(head(trunk(x)))`` for every row of the
+        batch's ``patches``/``fmaps``, and no neighbours are needed. With ``context="neighbors"`` the batch
+        also needs ``"node_map"`` ``(B, K + 1)`` (as in training: column 0 the target row, then its
+        neighbours' rows), and one prediction is returned per row of ``node_map``.
+
+        ``tta``: test-time augmentation over the 8 flips/90-degree rotations of each patch (``patches``
+        only): the mean of the 8 predictions, or with ``context="neighbors"`` the prediction from each
+        row's latent averaged over its 8 views.
         """
+        if self.context != "patch":
+            if "node_map" not in batch:
+                return self.translate(self.latent(batch, tta))  # raises the error that names what is missing
+            h_all = self.latent(batch, tta)
+            node_map = batch["node_map"]
+            return self.predict_from_latents(h_all[node_map[:, 0]], h_all[node_map])
         if tta and "patches" in batch:
             views = dihedral_views(batch["patches"])
             out = torch.stack([self.translator(self.path_head(self.trunk_features(v))) for v in views])
@@ -294,8 +327,11 @@ class NH2STModule(nn.Module):
         return self.unstandardize(self.translator(self.path_head(fmaps)))
 
     @torch.no_grad()
-    def latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pathology latent ``h^p`` ``(U, N)`` of every row of ``patches``/``fmaps``."""
+    def latent(self, batch: dict[str, torch.Tensor], tta: bool = False) -> torch.Tensor:
+        """Pathology latent ``h^p`` ``(U, N)`` of every row of ``patches``/``fmaps``; ``tta``: the mean of
+        the latents of the 8 flips/rotations of each patch (``patches`` only)."""
+        if tta and "patches" in batch:
+            return torch.stack([self.path_head(self.trunk_features(v)) for v in dihedral_views(batch["patches"])]).mean(0)
         return self.path_head(self.node_fmaps(batch)[0])
 
     def _attend(self, block, hp, hg, ctx_p, ctx_g):
@@ -321,7 +357,7 @@ class NH2STModule(nn.Module):
         y = batch["expression"]
         if node_map.ndim != 2 or y.shape[:2] != node_map.shape:
             raise InputError(f"node_map {tuple(node_map.shape)} and expression {tuple(y.shape)} disagree.")
-        need_nodes = self.use_neighbor_branch and self.contrastive
+        need_nodes = (self.use_neighbor_branch and self.contrastive) or self.context != "patch"
         if need_nodes and node_map.shape[1] != self.n_neighbors + 1:
             raise InputError(
                 f"The neighbour branch needs K + 1 = {self.n_neighbors + 1} nodes per spot, got {node_map.shape[1]}."
@@ -330,7 +366,10 @@ class NH2STModule(nn.Module):
         h_all = self.path_head(fmaps)  # (U, N)
         hp_s = h_all[node_map[:, 0]]
         z_s = z[:, 0]
-        pred = self.translator(hp_s)
+        hp_n = nodes_p = None
+        if self.hgnn_path is not None and node_map.shape[1] > 1:
+            hp_n, nodes_p = self.hgnn_path(h_all[node_map])  # the pathology neighbourhood, from images alone
+        pred = self.translator(hp_s if self.context == "patch" else torch.cat([hp_s, hp_n], dim=-1))
         out = {"prediction": self.unstandardize(pred.detach()), "h_path": hp_s, "mse": F.mse_loss(pred, z_s)}
         if live is not None:
             out["live_fmaps"] = live
@@ -353,8 +392,6 @@ class NH2STModule(nn.Module):
             out["nce_query"] = info_nce(zp, zg, self.temperature, self.symmetric_nce, self.gather_negatives and self.training)
             out["z_path"], out["z_gene"] = zp, zg
             if self.use_neighbor_branch:
-                h_nodes = h_all[node_map]  # (B, V, N)
-                hp_n, nodes_p = self.hgnn_path(h_nodes)
                 hg_n, nodes_g = self.hgnn_gene(g_nodes)
                 if tokens:
                     ctx_p, ctx_g = nodes_p, nodes_g

@@ -2,7 +2,7 @@
 
 from ._genes import check_expression, check_sections_have_counts, normalize_expression, select_genes
 from ._geometry import PatchGeometry, spot_pitch_um
-from ._neighbors import spatial_knn
+from ._neighbors import context_neighbors, grid_neighbors, spatial_knn
 from ._patches import (
     PIXEL_SIZE_KEY,
     make_patch_reader,
@@ -17,6 +17,8 @@ __all__ = [
     "PatchGeometry",
     "check_expression",
     "check_sections_have_counts",
+    "context_neighbors",
+    "grid_neighbors",
     "make_patch_reader",
     "normalize_expression",
     "section_images",

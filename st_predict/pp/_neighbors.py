@@ -54,3 +54,37 @@ def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
     # squidpy sorts each row by column index; order by distance instead (a stable sort keeps ties by index)
     order = np.argsort(d, axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+
+
+def context_neighbors(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
+    """:func:`spatial_knn` for prediction: ``(n_obs, K)`` indices of each spot's ``K`` nearest spots of its
+    section, where a section with ``K`` spots or fewer (which training refuses) lists all its other spots,
+    nearest first, and then the spot itself to fill the row (the neighbourhood of a spot with no neighbours is
+    the spot alone)."""
+    coords = np.asarray(coords, dtype=np.float64)
+    libraries = np.asarray(libraries).astype(str)
+    out = np.empty((len(coords), n_neighbors), dtype=np.int64)
+    counts = pd.Series(libraries).value_counts()
+    large = np.isin(libraries, counts.index[counts > n_neighbors])
+    if large.any():
+        rows = np.flatnonzero(large)
+        out[rows] = rows[spatial_knn(coords[rows], libraries[rows], n_neighbors)]
+    for lib in counts.index[counts <= n_neighbors]:
+        rows = np.flatnonzero(libraries == lib)
+        d = np.linalg.norm(coords[rows, None] - coords[None, rows], axis=-1)
+        for i, row in enumerate(rows):
+            others = [int(rows[j]) for j in np.argsort(d[i], kind="stable") if j != i]
+            out[row] = (others + [int(row)] * n_neighbors)[:n_neighbors]
+    return out
+
+
+def grid_neighbors(centres: np.ndarray, stride: float, every: int, n_neighbors: int) -> np.ndarray:
+    """``(n, K)`` neighbours of tiles laid on a regular grid (centres in pixels, ``stride`` pixels apart), taken
+    among the tiles of the tile's own sub-grid of every ``every``-th row and column: with tiles at half the
+    training spot pitch and ``every=2``, a tile's neighbours are the tiles one training pitch away, the
+    neighbourhood the network was trained on, not the adjacent tiles half that far."""
+    centres = np.asarray(centres, dtype=np.float64)
+    every = max(1, int(every))
+    grid = np.rint((centres - centres.min(0)) / float(stride)).astype(np.int64)
+    classes = (grid[:, 0] % every) * every + grid[:, 1] % every
+    return context_neighbors(centres, classes, n_neighbors)

@@ -1,0 +1,142 @@
+"""Prediction from spots' patches: the patch reader of new data, batched trunk passes, and, for a network
+that predicts from each spot's neighbourhood (``context="neighbors"``), the neighbours and the latents they
+need."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from st_predict._errors import InputError, MissingKeyError
+from st_predict._threads import thread_limits
+from st_predict.pp import context_neighbors, make_patch_reader, spot_coordinates, spot_libraries
+
+
+class InferenceMixin:
+    """:meth:`_inference`, the one loop behind :meth:`get_predicted_expression` and
+    :meth:`get_latent_representation`."""
+
+    def _reader_for(self, adata: AnnData, keys: dict | None = None):
+        """Patches of ``adata``'s spots: the setup's keys unless ``keys`` names others; the patch is
+        the model's :attr:`patch_geometry_` on ``adata``'s sections."""
+        setup, library_key = self._prediction_keys(adata, keys)
+        if self.patch_geometry_ is None:
+            raise InputError("This model has no patch geometry (it was neither set up nor loaded).")
+        libraries = spot_libraries(adata, library_key)
+        sizes = self.patch_geometry_.pixels_for(adata, libraries)
+        return make_patch_reader(adata, setup["spatial_key"], setup["image_key"], library_key, sizes,
+                                 self.module.image_size)
+
+    def _prediction_keys(self, adata: AnnData, keys: dict | None) -> tuple[dict, str | None]:
+        """The setup's keys with ``keys``' replacements, and the library column to use on ``adata`` (``None``
+        for single-section data without the column)."""
+        setup = {**self.registry_["setup_args"], **{k: v for k, v in (keys or {}).items() if v is not None}}
+        library_key = setup["library_key"]
+        if library_key is not None and library_key not in adata.obs:
+            if keys and keys.get("library_key"):
+                raise MissingKeyError(f"adata.obs has no column {library_key!r} (library_key).")
+            library_key = None  # single-section data without the column: spot_libraries checks uns
+        return setup, library_key
+
+    def spot_neighbors(self, adata: AnnData, library_key: str | None = None,
+                       spatial_key: str | None = None) -> np.ndarray:
+        """``(n_obs, K)`` row indices of each spot's ``K`` nearest spots of the same section in ``adata``
+        (squidpy's graph on these spots), the neighbourhood a ``context="neighbors"`` network predicts from.
+        A section with ``K`` spots or fewer pads its spots' lists with the spot itself."""
+        setup, lib_key = self._prediction_keys(adata, {"library_key": library_key, "spatial_key": spatial_key})
+        coords = spot_coordinates(adata, setup["spatial_key"])
+        return context_neighbors(coords, spot_libraries(adata, lib_key), self.module.n_neighbors)
+
+    def _target(self, adata: AnnData | None) -> AnnData:
+        if adata is None:
+            adata = self.adata if self.adata is not None else self._predict_adata
+        if adata is None:
+            raise InputError("This model was loaded without AnnData: pass adata=.")
+        return adata
+
+    def _inference(
+        self, adata, indices, batch_size, what: str, progress: bool = False, keys: dict | None = None,
+        tta: bool = False, trunk_features: torch.Tensor | None = None, feature_cache=None,
+    ) -> tuple[np.ndarray, pd.Index]:
+        adata = self._target(adata)
+        if feature_cache is not None and feature_cache is not False and trunk_features is None:
+            if self.module.trunk_mode != "frozen":
+                raise InputError("feature_cache is for a frozen encoder (trunk='frozen').")
+            with thread_limits():
+                trunk_features = self.encoder_maps(self._reader_for(adata, keys), 8 if tta else 1, feature_cache,
+                                                   self.module.device, batch_size, progress)
+        cache = trunk_features
+        if cache is None and adata is self.adata and self._data is not None and not any((keys or {}).values()):
+            cache = self._data.fmaps
+        if cache is not None and len(cache) != adata.n_obs:
+            raise InputError(f"trunk_features has {len(cache)} rows for {adata.n_obs} spots.")
+        reader = None if cache is not None else self._reader_for(adata, keys)
+        n_obs = adata.n_obs
+        indices = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= n_obs):
+            raise InputError(f"indices must be in [0, {n_obs}).")
+        module = self.module
+        context = what == "expression" and module.context != "patch"
+        neighbors = None
+        if context:  # the neighbours' latents are needed too
+            neighbors = self.spot_neighbors(adata, (keys or {}).get("library_key"), (keys or {}).get("spatial_key"))
+            rows = np.unique(np.concatenate([indices, neighbors[indices].ravel()]))
+        else:
+            rows = indices
+        was_training = module.training
+        module.eval()
+        out = []
+        starts = range(0, len(rows), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"Predicting {len(indices)} spots", unit="batch")
+        try:
+            with thread_limits(), torch.inference_mode():
+                for start in starts:
+                    idx = rows[start : start + batch_size]
+                    if cache is not None:
+                        res = self._from_fmaps(cache[torch.as_tensor(idx)].to(module.device),
+                                               "latent" if context else what, tta)
+                    else:
+                        batch = {"patches": reader.read(idx).to(module.device)}
+                        if what == "expression" and not context:
+                            res = module.predict_expression(batch, tta=tta)
+                        else:
+                            res = module.latent(batch, tta=tta)
+                    out.append(res.float().cpu())
+                if context:
+                    out = [self._translate_neighborhoods(torch.cat(out), rows, indices, neighbors, batch_size)]
+        finally:
+            module.train(was_training)
+        width = len(self.genes_) if what == "expression" else module.path_head.proj.out_features
+        arr = torch.cat(out).numpy() if out else np.zeros((0, width), dtype=np.float32)
+        return arr, adata.obs_names[indices]
+
+    def _translate_neighborhoods(self, latents: torch.Tensor, rows: np.ndarray, targets: np.ndarray,
+                                 neighbors: np.ndarray, batch_size: int) -> torch.Tensor:
+        """Predictions of ``targets`` from the latents of ``rows`` (which hold every target and its neighbours)."""
+        module = self.module
+        where = np.full(len(neighbors), -1, dtype=np.int64)
+        where[rows] = np.arange(len(rows))
+        preds = []
+        for start in range(0, len(targets), batch_size):
+            t = targets[start : start + batch_size]
+            nodes = torch.as_tensor(where[np.concatenate([t[:, None], neighbors[t]], axis=1)])
+            h = latents.to(module.device)
+            preds.append(module.predict_from_latents(h[nodes[:, 0]], h[nodes]).float().cpu())
+        return torch.cat(preds) if preds else torch.zeros((0, len(self.genes_)))
+
+    def _from_fmaps(self, fm: torch.Tensor, what: str, tta: bool) -> torch.Tensor:
+        module = self.module
+        if fm.ndim == 5:  # (m, 8, C, h, w): the 8 views of a frozen trunk's cache
+            if tta:
+                if what == "expression":
+                    return torch.stack([module.predict_expression({"fmaps": fm[:, v]}) for v in range(fm.shape[1])]).mean(0)
+                return torch.stack([module.latent({"fmaps": fm[:, v]}) for v in range(fm.shape[1])]).mean(0)
+            fm = fm[:, 0]
+        if what == "expression":
+            return module.predict_expression({"fmaps": fm})
+        return module.latent({"fmaps": fm})
