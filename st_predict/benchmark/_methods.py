@@ -50,6 +50,8 @@ def _standardise(train: np.ndarray, *others: np.ndarray):
 class MeanBaseline:
     """Per-gene mean of the training spots."""
 
+    sees_context = False  # predicts each spot from its own patch (or features) alone
+
     def fit(self, fold: Fold) -> None:
         self.mean_ = fold.y_train.mean(0)
 
@@ -60,6 +62,8 @@ class MeanBaseline:
 class RidgeProbe:
     """Ridge regression on PCA-reduced frozen trunk embeddings (the HEST-Benchmark probe). The penalty
     is chosen by leave-one-section-out cross-validation within the training sections."""
+
+    sees_context = False  # predicts each spot from its own patch (or features) alone
 
     def __init__(self, n_components: int = 256, alphas=(1.0, 10.0, 100.0, 1000.0, 10000.0)):
         self.n_components, self.alphas = n_components, alphas
@@ -98,6 +102,8 @@ class HESTProbe:
     Without an intercept the per-gene means are not fitted (their metric, PCC, ignores them), so its
     MSE is not comparable with the other rows'."""
 
+    sees_context = False  # predicts each spot from its own patch (or features) alone
+
     def __init__(self, n_components: int = 256, seed: int = 0):
         self.n_components, self.seed = n_components, seed
 
@@ -121,6 +127,8 @@ class HESTProbe:
 
 class STNetRegressor:
     """ST-Net style: the same (frozen) trunk and a linear head trained with MSE (Adam)."""
+
+    sees_context = False  # predicts each spot from its own patch (or features) alone
 
     def __init__(self, epochs: int = 20, batch_size: int = 8, lr: float = 1e-4, seed: int = 0):
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
@@ -154,6 +162,8 @@ class BLEEPRetrieval:
     """BLEEP style: image and expression projected into a shared space with a symmetric InfoNCE on the
     training spots; a test spot's prediction is the similarity-weighted mean expression of the ``k``
     training spots whose expression embeddings are closest to its image embedding."""
+
+    sees_context = False  # predicts each spot from its own patch (or features) alone
 
     def __init__(self, dim: int = 256, epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
                  temperature: float = 0.1, k: int = 50, seed: int = 0):
@@ -221,6 +231,8 @@ class SmallCNN:
     per-gene standardised targets; Adam (lr 1e-3, one-cycle with 10 %% warm-up, weight decay 1e-4),
     batch 32, 20 epochs; a random 90-degree rotation per batch and a random horizontal flip per
     patch; MSE."""
+
+    sees_context = False  # predicts each spot from its own patch (or features) alone
 
     def __init__(self, image_size: int = 64, epochs: int = 20, batch_size: int = 32, lr: float = 1e-3,
                  weight_decay: float = 1e-4, seed: int = 0, patch_size: float | None = None):
@@ -318,16 +330,36 @@ class NH2STMethod:
     or ``"max_epochs"``) by the mean per-gene PCC on the last training section after training on the
     others, then refits on all training sections: model selection that never sees the held-out
     section. The choice is kept in ``selected_``.
+
+    ``inner_loso=True``: before fitting, score this configuration on the leave-one-section-out splits of
+    the fold's *training* sections (train on all but one, per-gene PCC on that one, for each), kept in
+    ``inner_`` (``{"sections": [...], "pcc": [...], "mean": ...}``); the runner records it per fold, and
+    :func:`~st_predict.benchmark.nested_selection` compares candidates on it: a fully nested selection.
     """
 
     def __init__(self, epochs: int | None = None, batch_size: int | None = None, seed: int = 0,
                  train_kwargs: dict | None = None, select: dict | None = None, setup: dict | None = None,
-                 **model_kwargs):
+                 inner_loso: bool = False, **model_kwargs):
         self.seed, self.model_kwargs, self.setup = seed, model_kwargs, dict(setup or {})
         self.train_kwargs = {"max_epochs": epochs, "batch_size": batch_size, **(train_kwargs or {})}
         if select is not None and len(select) != 1:
             raise InputError(f"select takes one setting to choose, got {list(select)}.")
+        if select is not None and inner_loso:
+            raise InputError("Give select= (one validation section) or inner_loso=True (every training section), "
+                             "not both.")
         self.select = select
+        self.inner_loso = inner_loso
+        self.inner_ = None
+
+    @property
+    def sees_context(self) -> bool:
+        """Whether the fitted model looks beyond each spot's own patch at inference (``context="neighbors"``)."""
+        model = getattr(self, "model_", None)
+        if model is not None:
+            return model.module.context != "patch"
+        from st_predict.module import NetworkSettings
+
+        return self.model_kwargs.get("context", NetworkSettings().context) != "patch"
 
     def _with(self, name: str, value) -> NH2STMethod:
         train_kwargs, model_kwargs = dict(self.train_kwargs), dict(self.model_kwargs)
@@ -337,7 +369,26 @@ class NH2STMethod:
             model_kwargs[name] = value
         return NH2STMethod(seed=self.seed, train_kwargs=train_kwargs, setup=self.setup, **model_kwargs)
 
+    def _score_inner(self, fold: Fold) -> None:
+        """``inner_``: this configuration's per-gene PCC on each leave-one-section-out split of the fold's
+        training sections (nothing of the held-out section is read)."""
+        from st_predict.metrics import evaluate
+
+        sections = list(dict.fromkeys(fold.groups.tolist()))
+        if len(sections) < 2:
+            raise InputError("inner_loso needs at least two training sections.")
+        scores = []
+        for val in sections:
+            inner = _inner_fold(fold, val)
+            candidate = NH2STMethod(seed=self.seed, train_kwargs=self.train_kwargs, setup=self.setup,
+                                    **self.model_kwargs)
+            candidate.fit(inner)
+            scores.append(float(evaluate(candidate.predict(inner), fold.y_train[fold.groups == val])["pcc"]))
+        self.inner_ = {"sections": sections, "pcc": scores, "mean": float(np.mean(scores))}
+
     def fit(self, fold: Fold) -> None:
+        if self.inner_loso:
+            self._score_inner(fold)
         if self.select:
             from st_predict.metrics import evaluate
 

@@ -30,6 +30,7 @@ from st_predict.pp import (
     spot_libraries,
 )
 
+from ._egn import EGNStyle
 from ._methods import (
     BLEEPRetrieval,
     Fold,
@@ -41,6 +42,8 @@ from ._methods import (
     STNetRegressor,
 )
 from ._reliability_metrics import reliability_metrics
+from ._triplex import TRIPLEXStyle
+from ._whole_section import His2STStyle, HisToGeneStyle
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,12 @@ def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Calla
     return {
         **_feature_baselines(seed),
         "small CNN (from scratch)": lambda: SmallCNN(seed=seed),
-        "ST-Net-style end to end": nh(contrastive=False, use_neighbor_branch=False, translator_hidden=0),
+        # the paper's other comparisons, written after reading the authors' code (see _peer_common's CPU rule)
+        "TRIPLEX-style": lambda: TRIPLEXStyle(seed=seed),
+        "His2ST-style": lambda: His2STStyle(seed=seed),
+        "HisToGene-style": lambda: HisToGeneStyle(seed=seed),
+        "EGN-style": lambda: EGNStyle(seed=seed),
+        "ST-Net-style end to end": nh(contrastive=False, use_neighbor_branch=False, translator_hidden=0, context="patch"),
         "NH2ST": nh(),
         "NH2ST residual cross-attention (authors' code)": nh(cross_residual=True),
         "NH2ST query branch only": nh(use_neighbor_branch=False),
@@ -281,12 +289,16 @@ def run_benchmark(
         )
         y_test = normalize_expression(test.X, gidx_te)
         for name, factory in methods.items():
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             method = factory()
             method.fit(fold)
             pred = np.asarray(method.predict(fold))
             m = evaluate(pred, y_test)
-            rows.append({"method": name, "held_out": test_group, **m, "seconds": round(time.perf_counter() - t, 2)})
+            rows.append({"method": name, "held_out": test_group, **m, "seconds": round(time.perf_counter() - t, 2),
+                         "cpu_seconds": round(time.process_time() - cpu, 2),
+                         "sees_context": bool(getattr(method, "sees_context", False))})
+            if getattr(method, "inner_", None) is not None:  # scored on splits of the training sections only
+                rows[-1]["inner"] = method.inner_
             unc = method.uncertainty(fold) if hasattr(method, "uncertainty") else None
             if unc is not None:  # reliability and intervals, calibrated on the training sections only
                 rows[-1].update(reliability_metrics(unc["model"], pred, unc["folds"], np.asarray(y_test)))
@@ -300,6 +312,7 @@ def run_benchmark(
         df.groupby("method", sort=False)
         .agg(pcc_mean=("pcc", "mean"), pcc_std=("pcc", lambda x: x.std(ddof=0)), mse=("mse", "mean"),
              mae=("mae", "mean"), n_nan_genes=("n_nan_genes", "sum"), seconds=("seconds", "sum"),
+             cpu_seconds=("cpu_seconds", "sum"), sees_context=("sees_context", "max"),
              pcc_top50=("pcc_top50", "mean"))
         .reset_index()
     )
@@ -334,25 +347,46 @@ def run_benchmark(
     return result
 
 
+def _cell(value, fmt: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, fmt)
+
+
 def to_markdown(result: dict) -> str:
-    """The summary table of :func:`run_benchmark` as Markdown."""
-    lines = [
+    """The summary table of :func:`run_benchmark` as Markdown (with the per-fold choices of any
+    :func:`~st_predict.benchmark.nested_selection` added to it)."""
+    lines = [f"**{result['title']}**", ""] if result.get("title") else []
+    lines += [
         f"Leave-one-section-out over {len(result['folds'])} sections ({', '.join(result['folds'])}), "
         f"{result['n_genes']} genes, encoder {result.get('encoder', 'resnet18')}, weights: {result['weights']}.",
         "",
-        "| method | PCC (mean ± std over folds) | MSE | MAE | NaN genes | seconds | "
-        "top-50 PCC (optimistic) | pooled PCC (optimistic) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | sees beyond its patch at inference | PCC (mean ± std over folds) | MSE | MAE | NaN genes | "
+        "CPU seconds | seconds | top-50 PCC (optimistic) | pooled PCC (optimistic) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["summary"]:
+        sees = {True: "yes", False: "no"}.get(r.get("sees_context"), "—")
         lines.append(
-            f"| {r['method']} | {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['mse']:.4f} | {r['mae']:.4f} | "
-            f"{r['n_nan_genes']} | {r['seconds']:.1f} | {r['pcc_top50']:.3f} | {r['pcc_pooled']:.3f} |"
+            f"| {r['method']} | {sees} | {r['pcc_mean']:.3f} ± {r['pcc_std']:.3f} | {r['mse']:.4f} | {r['mae']:.4f} | "
+            f"{r['n_nan_genes']} | {_cell(r.get('cpu_seconds'), '.1f')} | {r['seconds']:.1f} | "
+            f"{_cell(r.get('pcc_top50'), '.3f')} | {_cell(r.get('pcc_pooled'), '.3f')} |"
         )
     lines += [
         "",
         "PCC: per-gene Pearson correlation within the held-out section, mean over genes, then mean ± std over "
         "folds (the honest number). The two optimistic columns are what papers often report instead: the 50 best "
-        "genes chosen after seeing the results, and PCC over all held-out spots pooled across sections.",
+        "genes chosen after seeing the results, and PCC over all held-out spots pooled across sections. CPU "
+        "seconds: the process's CPU time for the method over all folds (fit and predict); seconds: wall time.",
     ]
+    for name, nested in (result.get("nested") or {}).items():
+        cands = nested["candidates"]
+        lines += ["", f"Nested selection **{name}** ({nested['rule']}):", "",
+                  "| held-out section | " + " | ".join(f"inner PCC: {c}" for c in cands) + " | chosen | its PCC |",
+                  "|---|" + "---|" * (len(cands) + 2)]
+        for fold in result["folds"]:
+            if fold not in nested["choices"]:
+                continue
+            means = nested["inner_means"][fold]
+            lines.append(f"| {fold} | " + " | ".join(f"{means[c]:.3f}" for c in cands)
+                         + f" | {nested['choices'][fold]} | {nested['pcc'][fold]:.3f} |")
+        lines += ["", f"Chosen on most folds (the default it gives): {nested['default']}."]
     return "\n".join(lines) + "\n"
