@@ -151,7 +151,7 @@ class NetworkSettings:
     n_heads: int = 8
     share_attention: bool = False
     use_neighbor_branch: bool = True
-    context: Literal["patch", "neighbors"] = "patch"
+    context: Literal["patch", "neighbors"] = "neighbors"
     n_neighbors: int = 8
     hyperedge_degree: int = 4
     n_hgnn_layers: int = 2
@@ -236,6 +236,12 @@ class NetworkSettings:
     def to_dict(self) -> dict:
         """The settings as a plain dict."""
         return dataclasses.asdict(self)
+
+    def __setstate__(self, state: dict) -> None:
+        # pickled before the translator had a context (save formats 1 and 2): it predicted from the patch
+        # alone, whatever the default is now
+        for key, value in {"context": "patch", **state}.items():
+            object.__setattr__(self, key, value)
 
 
 def _known(cls, values: Mapping) -> dict:
@@ -393,7 +399,7 @@ class Recipe:
             tta = bool(train.pop("tta", False))
             state = {
                 "name": state["name"], "description": state["description"],
-                "network": NetworkSettings.from_dict(model), "training": TrainingSettings.from_dict(train), "tta": tta,
+                "network": NetworkSettings.from_dict({"context": "patch", **model}), "training": TrainingSettings.from_dict(train), "tta": tta,
             }
         for key, value in state.items():
             object.__setattr__(self, key, value)
@@ -405,7 +411,8 @@ class Recipe:
 #: :class:`~st_predict.train.TrainingSettings`.
 DEFAULT = Recipe(
     "default",
-    "End to end at 64 px with cached neighbour features; InfoNCE at temperature 0.1 against a gene encoder "
+    "End to end at 64 px with cached neighbour features; the translator reads each spot's patch and the "
+    "pathology hypergraph of its 8 nearest spots (context 'neighbors'); InfoNCE at temperature 0.1 against a gene encoder "
     "whose input genes are dropped out (p 0.5); per-gene standardised targets, standardised within each "
     "section; AdamW one-cycle (lr 1e-3), batch 32, 20 epochs; flips/rotations and H&E stain jitter; "
     "bfloat16 where the hardware has it; test-time augmentation.",
