@@ -42,7 +42,7 @@ def _throughput(model, path: Path, pitch: float) -> dict:
     patches, in the same process with the same threads; the first call warms reader and network."""
     import torch
 
-    from st_predict.model import default_num_workers
+    from st_predict.tl import default_num_workers
 
     model.predict_slide(path, pitch_um=pitch, tta=False, progress=False, key_added="warm", num_workers=0)
     out: dict = {"image_size": model.module.image_size, "pitch_um": pitch}

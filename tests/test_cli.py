@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from st_predict._cli import build_parser, main
+from st_predict.cli._main import build_parser, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
@@ -178,7 +178,7 @@ def test_train_recipe_and_section_validation(tmp_path):
 _CLI = """
 import os, signal, sys, warnings
 warnings.filterwarnings("ignore")
-from st_predict._cli import main
+from st_predict.cli._main import main
 from st_predict.train import EpochCheckpoint
 
 if sys.argv[1] == "killed":  # dies right after the checkpoint of the second epoch, as if pre-empted
@@ -238,7 +238,7 @@ _PREDICT_DIES_WHILE_WRITING = """
 import os, signal, sys, warnings
 warnings.filterwarnings("ignore")
 import anndata as ad
-from st_predict._cli import main
+from st_predict.cli._main import main
 
 real_write = ad.AnnData.write_h5ad
 
@@ -330,7 +330,7 @@ def test_old_option_names_still_work_and_say_what_replaced_them(trained, tmp_pat
 
 def test_every_command_shares_the_defaults():
     """The same option has the same default in every command that has it (from one place)."""
-    from st_predict._constants import PREDICT_BATCH_SIZE
+    from st_predict._utils._constants import PREDICT_BATCH_SIZE
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))

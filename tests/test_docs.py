@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-SUBPACKAGES = ("data", "pp", "nn", "module", "train", "metrics", "pl", "benchmark")
+SUBPACKAGES = ("data", "pp", "nn", "module", "train", "dataloaders", "metrics", "pl", "benchmark", "tl", "model", "cli")
 
 pytest.importorskip("sphinx", reason="needs the docs dependency group (pip install -e . --group docs)")
 pytest.importorskip("myst_nb", reason="needs the docs dependency group (pip install -e . --group docs)")
@@ -138,7 +138,8 @@ def test_api_page_lists_every_public_name():
     missing = []
     for sub in SUBPACKAGES:
         mod = importlib.import_module(f"st_predict.{sub}")
-        missing += [f"{sub}.{name}" for name in mod.__all__ if f"{sub}.{name}" not in listed]
+        missing += [f"{sub}.{name}" for name in mod.__all__
+                    if f"{sub}.{name}" not in listed and name not in listed]  # model.NH2ST is listed as NH2ST
     if "NH2ST" not in listed:
         missing.append("NH2ST")
     assert not missing, f"docs/api.md lacks {missing}: add them to the autosummary block of their subpackage."

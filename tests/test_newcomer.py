@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from st_predict._cli import build_parser, main
+from st_predict.cli._main import build_parser, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
@@ -152,7 +152,7 @@ def test_loading_and_training_are_quiet_and_view_anndata_setup_works(run, caplog
 
 
 def test_cli_reference_is_written_from_the_parser():
-    from st_predict._cli import cli_reference_markdown
+    from st_predict.cli._main import cli_reference_markdown
 
     text = cli_reference_markdown()
     parser = build_parser()
@@ -168,7 +168,7 @@ def test_argument_errors_come_before_the_heavy_imports(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from st_predict._cli import main; "
+    code = ("import sys; from st_predict.cli._main import main; "
             "rc = main(['predict', 'no_model', 'missing.h5ad', '--out', 'x.h5ad']); "
             "rc2 = main(['train', 'missing.h5ad', '--out', 'm']); "
             "print(rc, rc2, 'scvi' in sys.modules, 'torch' in sys.modules)")
@@ -197,7 +197,7 @@ def test_numeric_arguments_are_checked_before_the_heavy_imports(tmp_path):
         "demo --epochs 0": "--epochs: must be >= 1, got 0",
     }
     code = (
-        "import sys, json\nfrom st_predict._cli import main\ncodes = []\n"
+        "import sys, json\nfrom st_predict.cli._main import main\ncodes = []\n"
         f"for argv in {[c.split() for c in cases]!r}:\n"
         "    try:\n        codes.append(main(argv))\n    except SystemExit as e:\n        codes.append(e.code)\n"
         "print(json.dumps([codes, 'torch' in sys.modules, 'scvi' in sys.modules]))"

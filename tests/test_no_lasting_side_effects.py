@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import SMALL, setup, slide_tissue, write_slide
 
-from st_predict import NH2ST, _threads
+from st_predict import NH2ST
+from st_predict._utils import _threads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 

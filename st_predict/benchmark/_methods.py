@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from anndata import AnnData
 
-from st_predict._errors import InputError
-from st_predict._settings import TrainingSettings
+from st_predict._utils import InputError
 from st_predict.nn import info_nce
+from st_predict.train import TrainingSettings
 
 
 @dataclass

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from anndata import AnnData
 from torch import nn
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 from ._methods import Fold
 

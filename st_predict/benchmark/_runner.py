@@ -14,12 +14,17 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from st_predict._constants import N_GENES, PATCH_SIZE_PX, SECTION_KEY
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._settings import DEFAULT
-from st_predict._warnings import user_stacklevel
+from st_predict._utils import (
+    N_GENES,
+    PATCH_SIZE_PX,
+    SECTION_KEY,
+    InputError,
+    MissingKeyError,
+    user_stacklevel,
+)
 from st_predict.data import select_sections
 from st_predict.metrics import evaluate, pooled_pcc
+from st_predict.model import DEFAULT
 from st_predict.nn import build_encoder, prepare_patches
 from st_predict.pp import (
     PatchGeometry,
@@ -109,7 +114,7 @@ def _encoder_fmaps(adata, setup, geometry: PatchGeometry, image_size, encoder, w
                    batch_size=16):
     """The frozen encoder's maps ``(n_obs, C, h, w)`` of every spot (a vector encoder: ``(n_obs, D, 1, 1)``),
     section by section from ``feature_cache`` when given."""
-    from st_predict._feature_cache import FeatureCache, image_digest, maps_key, state_digest
+    from st_predict.dataloaders import FeatureCache, image_digest, maps_key, state_digest
 
     net, info = build_encoder(encoder, weights, image_size=image_size)
     net.eval()

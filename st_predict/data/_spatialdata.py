@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._errors import InputError, MissingKeyError
+from st_predict._utils import InputError, MissingKeyError
 
 
 def _image_array(element):

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from st_predict._errors import InputError, MissingFileError
-from st_predict._feature_cache import state_digest
+from st_predict._utils import InputError, MissingFileError
+from st_predict.dataloaders import state_digest
 from st_predict.module import NetworkSettings
 from st_predict.nn import EncoderInfo, build_encoder
 

@@ -9,8 +9,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._threads import thread_limits
+from st_predict._utils import InputError, MissingKeyError, thread_limits
 from st_predict.pp import context_neighbors, make_patch_reader, spot_coordinates, spot_libraries
 
 

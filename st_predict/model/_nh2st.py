@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -17,16 +20,18 @@ from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
-from st_predict._constants import (
+from st_predict import tl
+from st_predict._utils import (
     DEFAULT_WEIGHTS,
     N_GENES,
     PATCH_SIZE_PX,
     PREDICT_BATCH_SIZE,
     PREDICTED_KEY,
     REGISTRY_KEYS,
+    InputError,
+    MissingKeyError,
+    quiet_logger,
 )
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._logging import quiet_logger
 from st_predict.module import NetworkSettings, NH2STModule
 from st_predict.nn import encoder_name
 from st_predict.pp import (
@@ -40,23 +45,36 @@ from st_predict.pp import (
     spot_libraries,
     spot_pitch_um,
 )
-from st_predict.train import RECIPES, NH2STTrainingPlan, Recipe, TrainingSettings, get_recipe
+from st_predict.train import NH2STTrainingPlan, TrainingSettings
 
-from ._cohort import CohortMixin
 from ._docstrings import nh2st_dsp
 from ._encoder import encoder_digest, resolve_encoder
 from ._inference import InferenceMixin
+from ._recipes import RECIPES, Recipe, get_recipe
 from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
 from ._save_load import LOADING, SaveLoadMixin
-from ._slide import SlideMixin
 from ._training import TrainingData, TrainingMixin
 
 logger = logging.getLogger(__name__)
 
 
+def _method_of(func):
+    """``func(model, ...)`` as a method: its signature with ``self`` for ``model``, its docstring without the
+    ``model`` parameter."""
+    @functools.wraps(func)
+    def method(self, *args, **kwargs):
+        return func(self, *args, **kwargs)
+
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    method.__signature__ = sig.replace(parameters=[params[0].replace(name="self"), *params[1:]])
+    method.__doc__ = re.sub(r"\n    model\n        [^\n]*\n", "\n", func.__doc__ or "", count=1)
+    return method
+
+
 @nh2st_dsp.dedent
-class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceMixin, TrainingMixin,
-            UnsupervisedTrainingMixin, BaseModelClass):
+class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, UnsupervisedTrainingMixin,
+            BaseModelClass):
     """NH2ST :cite:p:`Qu2025`: spatial gene expression from H&E patches, trained with a query branch
     and a hypergraph neighbour branch aligned by cross-attention and contrastive learning.
 
@@ -78,8 +96,8 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
     registry
         Saved registry (used by :meth:`load`).
     recipe
-        ``"default"`` or ``"paper"`` (see :data:`st_predict.train.RECIPES`), or a
-        :class:`~st_predict.train.Recipe`.
+        ``"default"`` or ``"paper"`` (see :data:`st_predict.model.RECIPES`), or a
+        :class:`~st_predict.model.Recipe`.
     n_genes
         Number of genes to predict: the most highly expressed genes detected in every section
         (ignored when ``genes`` is given).
@@ -146,6 +164,11 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
 
     _module_cls = NH2STModule
     _training_plan_cls = NH2STTrainingPlan
+
+    # whole slides and cohorts: the functions of st_predict.tl, as methods
+    predict_slide = _method_of(tl.predict_slide)
+    predict_slides = _method_of(tl.predict_slides)
+    as_tile_model = _method_of(tl.as_tile_model)
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 from st_predict.metrics import pcc_per_gene
 
 logger = logging.getLogger(__name__)

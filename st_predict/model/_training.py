@@ -15,10 +15,16 @@ import torch
 from scvi import settings
 from scvi.train import Trainer
 
-from st_predict._constants import REGISTRY_KEYS
-from st_predict._errors import InputError
-from st_predict._feature_cache import FeatureCache, image_digest, maps_key, state_digest
-from st_predict._threads import interactive, thread_limits
+from st_predict._utils import REGISTRY_KEYS, InputError, interactive, thread_limits
+from st_predict.dataloaders import (
+    FeatureCache,
+    NH2STCollate,
+    NH2STDataModule,
+    image_digest,
+    maps_key,
+    split_validation,
+    state_digest,
+)
 from st_predict.pp import (
     make_patch_reader,
     normalize_expression,
@@ -26,16 +32,7 @@ from st_predict.pp import (
     spot_coordinates,
     spot_libraries,
 )
-from st_predict.train import (
-    BestEpoch,
-    EpochCheckpoint,
-    EpochLog,
-    NH2STCollate,
-    NH2STDataModule,
-    TrainingSettings,
-    compute_fmaps,
-    split_validation,
-)
+from st_predict.train import BestEpoch, EpochCheckpoint, EpochLog, TrainingSettings, compute_fmaps
 
 from ._docstrings import nh2st_dsp
 from ._runtime import device_for, quiet_lightning, resolve_precision
@@ -104,7 +101,7 @@ class TrainingMixin:
         once for end-to-end training: kept in memory (a tensor; always with ``feature_cache=False``), or with
         ``feature_cache`` (a folder, or ``True`` for the default one), and with ``None`` when they would take
         more than :data:`PATCHES_IN_MEMORY_MAX` bytes, in the on-disk patch store (a
-        :class:`~st_predict._patch_store.PatchStore` that batches index like the tensor)."""
+        :class:`~st_predict.dataloaders._patch_store.PatchStore` that batches index like the tensor)."""
         data = self._training_data()
         if data.patches is None:
             n, size = len(data.targets), self.module.image_size
@@ -113,7 +110,7 @@ class TrainingMixin:
                             "default cache folder (pass feature_cache= to choose it).", n, n * 3 * size**2 / 2**30)
                 feature_cache = True
             if feature_cache not in (None, False):
-                from st_predict._patch_store import patch_store
+                from st_predict.dataloaders import patch_store
 
                 cache = feature_cache if isinstance(feature_cache, FeatureCache) else FeatureCache(
                     None if feature_cache is True else feature_cache)
@@ -337,7 +334,7 @@ class TrainingMixin:
             in memory whatever their size.
         num_workers
             DataLoader workers (each draws its own augmentations; see
-            :class:`~st_predict.train.NH2STCollate`).
+            :class:`~st_predict.dataloaders.NH2STCollate`).
         embed_batch_size
             Patches per trunk call when filling a cache.
         progress

@@ -1,6 +1,6 @@
 """The NH2ST network and its loss, in pure torch (no AnnData, no scvi-tools).
 
-A batch is a dict of tensors (see :class:`~st_predict.train.NH2STCollate`). Its ``U`` rows are the
+A batch is a dict of tensors (see :class:`~st_predict.dataloaders.NH2STCollate`). Its ``U`` rows are the
 distinct spots of the batch (targets and their neighbours, each encoded once):
 
 ``"patches"``
@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._imaging import dihedral_views
-from st_predict._settings import NetworkSettings
+from st_predict._utils import InputError, MissingKeyError
+from st_predict.module._config import NetworkSettings
 from st_predict.nn import (
     CrossAttentionBlock,
     EncoderInfo,
@@ -42,6 +41,7 @@ from st_predict.nn import (
     Translator,
     TwoLayerMLP,
     build_encoder,
+    dihedral_views,
     info_nce,
     prepare_patches,
 )

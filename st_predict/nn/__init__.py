@@ -1,6 +1,7 @@
 """Building blocks of NH2ST (pure torch)."""
 
 from ._attention import CrossAttentionBlock
+from ._augment import dihedral_views, random_dihedral, stain_jitter
 from ._encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,11 +32,14 @@ __all__ = [
     "build_encoder",
     "build_resnet18_trunk",
     "canonical_name",
+    "dihedral_views",
     "encoder_name",
     "info_nce",
     "knn_adjacency",
     "knn_hyperedges",
     "load_trunk_weights",
     "prepare_patches",
+    "random_dihedral",
     "registry_vision_keys",
+    "stain_jitter",
 ]

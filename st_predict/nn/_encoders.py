@@ -14,8 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from st_predict._errors import InputError, MissingFileError
-from st_predict._warnings import warn
+from st_predict._utils import InputError, MissingFileError, warn
 
 logger = logging.getLogger(__name__)
 #: torch hub folders where this process failed to get torchvision's ImageNet weights (tried once per folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from st_predict._errors import InputError, MissingFileError
+from st_predict._utils import InputError, MissingFileError
 
 from ._encoders import IMAGENET_MEAN, IMAGENET_STD, TRUNK_CHANNELS, build_resnet18_trunk, load_trunk_weights
 

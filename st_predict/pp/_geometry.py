@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from anndata import AnnData
 
-from st_predict._constants import PATCH_SIZE_PX
-from st_predict._errors import InputError
-from st_predict._warnings import user_stacklevel
+from st_predict._utils import PATCH_SIZE_PX, InputError, user_stacklevel
 
 from ._patches import PIXEL_SIZE_KEY, section_pixel_sizes
 

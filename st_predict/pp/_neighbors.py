@@ -6,8 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._errors import InputError
-from st_predict._logging import quiet_logger
+from st_predict._utils import InputError, quiet_logger
 
 
 def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
@@ -17,7 +16,7 @@ def spatial_knn(coords: np.ndarray, libraries, n_neighbors: int) -> np.ndarray:
     throw-away AnnData, so the user's object is not touched. Raises a ``ValueError`` naming every
     section with fewer than ``K + 1`` spots.
     """
-    from st_predict._deps import import_squidpy
+    from st_predict._utils import import_squidpy
 
     sq = import_squidpy()
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from st_predict._errors import InputError
-from st_predict._imaging import dihedral_views
+from st_predict._utils import InputError
+from st_predict.nn import dihedral_views
 
 
 @torch.no_grad()  # not inference_mode: the result may be updated in place (neighbour cache)

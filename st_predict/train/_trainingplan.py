@@ -13,9 +13,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from st_predict._atomic import commit_file, staging_path
-from st_predict._errors import InputError
-from st_predict._settings import TrainingSettings
+from st_predict._utils import InputError, commit_file, staging_path
+from st_predict.train._config import TrainingSettings
 
 logger = logging.getLogger(__name__)
 

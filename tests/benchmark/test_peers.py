@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from st_predict._errors import InputError
+from st_predict._utils._errors import InputError
 from st_predict.benchmark import (
     EGNStyle,
     His2STStyle,

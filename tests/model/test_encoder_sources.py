@@ -210,7 +210,7 @@ def test_predict_slide_streams_tiles_through_the_encoder(small, hf_cache, tmp_pa
 def test_command_line_trains_and_predicts_with_a_hub_encoder(small, hf_cache, tmp_path, encoder_calls):
     import anndata as ad
 
-    from st_predict._cli import main
+    from st_predict.cli._main import main
 
     train, test = small
     train.write_h5ad(tmp_path / "train.h5ad")

@@ -156,7 +156,7 @@ def test_a_loaded_model_tiles_at_its_training_patch_size_and_pitch(tissue, tmp_p
 def test_predict_slide_command(tissue, model, tmp_path, capsys):
     import spatialdata as sd_
 
-    from st_predict._cli import main
+    from st_predict.cli._main import main
 
     m = _model_with_pixel_size(tissue)
     m.save(tmp_path / "model")
@@ -454,7 +454,7 @@ def test_output_zarr_holds_the_slide_image_and_tiles_draw_over_it(tissue, tmp_pa
     import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
     from spatialdata.transformations import get_transformation
 
-    from st_predict._cli import main
+    from st_predict.cli._main import main
 
     _model_with_pixel_size(tissue).save(tmp_path / "model")
     img = _tissue(2048)

@@ -20,8 +20,8 @@ from helpers import slide_tissue as _tissue
 from helpers import write_slide as _write_slide
 
 from st_predict import InputError
-from st_predict._cli import main
-from st_predict._cohort import read_manifest, slide_table
+from st_predict.cli._main import main
+from st_predict.tl._cohort import read_manifest, slide_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 

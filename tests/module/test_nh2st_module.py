@@ -1,5 +1,5 @@
 """Tests for :class:`st_predict.module.NH2STModule`, its batches (:class:`NH2STCollate`) and
-:func:`st_predict._imaging.random_dihedral`."""
+:func:`st_predict.nn.random_dihedral`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from st_predict._imaging import random_dihedral
 from st_predict.module import NH2STModule
 from st_predict.nn import DenseGraphConv, HypergraphConv, info_nce
+from st_predict.nn._augment import random_dihedral
 from st_predict.train import NH2STCollate
 
 N_SPOTS, N_GENES, IMAGE, LATENT = 24, 12, 64, 32

@@ -4,7 +4,7 @@ Each entry is one tensor (e.g. a frozen encoder's features of one section's spot
 named by the SHA-256 of its key: the encoder and its weights, the section and its image, the spot
 coordinates, the patch size and the transform. A changed part of the key is another file, so a
 stale feature is never read; the key is stored in the file too and checked on reading. Entries are
-written through :func:`~st_predict._atomic.staged_file`, so a crash while writing leaves no entry
+written through :func:`~st_predict._utils._atomic.staged_file`, so a crash while writing leaves no entry
 (only a hidden temporary file that is never read). torch and the standard library only.
 
 The location is ``root=``, else ``$ST_PREDICT_CACHE_DIR``, else ``$XDG_CACHE_HOME/st_predict/features``
@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from st_predict._atomic import staged_file
-from st_predict._errors import InputTypeError
+from st_predict._utils import InputTypeError, staged_file
 
 logger = logging.getLogger(__name__)
 
