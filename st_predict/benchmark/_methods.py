@@ -441,7 +441,9 @@ class NH2STMethod:
             raise InputError("Only frozen methods use the runner's encoder: an end-to-end NH2ST here would train "
                              "a ResNet18 instead. Use benchmark.frozen_methods().")
         self.model_ = NH2ST(train, **kwargs)
-        self.model_.train(progress=False, trunk_features=features, **self.train_kwargs)
+        # None in train_kwargs: the recipe's value (epochs=None, batch_size=None by default)
+        self.model_.train(progress=False, trunk_features=features,
+                          **{k: v for k, v in self.train_kwargs.items() if v is not None})
 
     def uncertainty(self, fold: Fold) -> dict | None:
         """With ``train_kwargs={"reliability": True}``: the model and its fold models' predictions of the held-out

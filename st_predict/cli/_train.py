@@ -64,12 +64,13 @@ def _cmd_train(args) -> int:
     validation = args.validation
     if validation is not None and len(validation) == 1 and validation[0] in ("section", "random"):
         validation = validation[0]
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.accelerator,
-                devices=args.devices, validation=validation, train_size=args.train_size, lr=args.lr,
-                best_epoch=True if validation is not None else None,
+    settings = {"batch_size": args.batch_size, "lr": args.lr}  # options left out keep the recipe's values
+    if validation is not None:
+        settings.update(validation=validation, best_epoch=True)
+    model.train(args.epochs, accelerator=args.accelerator, devices=args.devices, train_size=args.train_size,
                 progress=False if args.quiet else None,  # bars on a terminal, a line per epoch in a log file
                 checkpoint_dir=checkpoint_dir, resume=args.resume, feature_cache=feature_cache(args),
-                reliability=args.reliability)
+                reliability=args.reliability, **{k: v for k, v in settings.items() if v is not None})
     model.save(str(out), overwrite=True)
     history = {k: v.iloc[:, 0].astype(float).tolist() for k, v in (model.history or {}).items()
                if k.startswith(("train_", "validation_"))}

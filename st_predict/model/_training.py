@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 import os
 import warnings
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,7 +34,7 @@ from st_predict.pp import (
     spot_coordinates,
     spot_libraries,
 )
-from st_predict.train import BestEpoch, EpochCheckpoint, EpochLog, TrainingSettings, compute_fmaps
+from st_predict.train import RECIPE, BestEpoch, EpochCheckpoint, EpochLog, TrainingSettings, compute_fmaps
 
 from ._docstrings import nh2st_dsp
 from ._runtime import device_for, quiet_lightning, resolve_precision
@@ -271,15 +273,30 @@ class TrainingMixin:
 
     # -- training --------------------------------------------------------------------------------
     def resolve_train_settings(self, settings: TrainingSettings | None = None, **overrides) -> TrainingSettings:
-        """The training settings :meth:`train` would use: ``settings`` (default: the model's recipe's)
-        with ``overrides`` replaced (``None`` values leave a setting as it is)."""
+        """The training settings :meth:`train` would use: ``settings`` (default: the model's recipe's) with
+        ``overrides`` replaced, each as it is (:data:`~st_predict.train.RECIPE` leaves a setting as it is)."""
         return (settings or self.recipe_.training).replace(**overrides)
 
     @nh2st_dsp.dedent
     def train(
         self,
-        settings: TrainingSettings | None = None,
+        max_epochs: int | None = None,
         *,
+        batch_size: int = RECIPE,
+        optimizer: str = RECIPE,
+        lr: float = RECIPE,
+        weight_decay: float = RECIPE,
+        schedule: str = RECIPE,
+        warmup: float = RECIPE,
+        lr_step_size: int = RECIPE,
+        lr_gamma: float = RECIPE,
+        augment: str | bool = RECIPE,
+        validation: str | Sequence[str] | None = RECIPE,
+        best_epoch: bool = RECIPE,
+        precision: str = RECIPE,
+        batches: str = RECIPE,
+        center_sections: bool = RECIPE,
+        settings: TrainingSettings | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 1.0,
@@ -292,14 +309,15 @@ class TrainingMixin:
         resume: bool = False,
         plan_kwargs: dict | None = None,
         reliability: bool = False,
-        **overrides,
+        **trainer_kwargs,
     ):
-        """Train NH2ST with PyTorch Lightning, with the recipe's training settings and ``overrides``.
+        """Train NH2ST with PyTorch Lightning, with the recipe's training settings and those given here.
 
-        ``model.train(lr=3e-4, max_epochs=10)`` trains with
-        ``dataclasses.replace(model.recipe_.training, lr=3e-4, max_epochs=10)``
-        (:class:`~st_predict.train.TrainingSettings`); any other keyword goes to Lightning's
-        ``Trainer`` (e.g. ``strategy="ddp"``, ``callbacks=[...]``).
+        As in scvi-tools, ``model.train(20)`` trains 20 epochs. ``model.train(lr=3e-4)`` trains with
+        ``model.recipe_.training.replace(lr=3e-4)`` (:class:`~st_predict.train.TrainingSettings`): every
+        training setting left out keeps the recipe's value, and one given is used as it is, so
+        ``validation=None`` trains without the recipe's validation section. Other keywords go to Lightning's
+        ``Trainer`` (e.g. ``strategy="ddp"``, ``callbacks=[...]``, ``limit_train_batches=``).
 
         End to end (``trunk="finetune"``), each spot's patch is cropped once at the network's
         resolution; with cached neighbours (``neighbor_trunk_grad=False``) the trunk maps of every
@@ -309,8 +327,15 @@ class TrainingMixin:
 
         Parameters
         ----------
+        max_epochs
+            Epochs; ``None``: the recipe's (20 in the default recipe).
+        batch_size, optimizer, lr, weight_decay, schedule, warmup, lr_step_size, lr_gamma, augment, validation, best_epoch, precision, batches, center_sections
+            Training settings, each the recipe's when left out (:class:`~st_predict.train.TrainingSettings`):
+
+            %(training_settings)s
         settings
-            All training settings at once (default: the recipe's, :attr:`recipe_`'s ``training``).
+            All training settings at once (default: the recipe's, :attr:`recipe_`'s ``training``); the
+            settings given above replace its values.
         accelerator, devices
             Lightning's ``"cpu"``, ``"gpu"``, ``"auto"``...; several GPUs with ``strategy="ddp"``, several
             machines with ``num_nodes=`` as well (started by ``torchrun`` or Slurm; see the user guide).
@@ -374,26 +399,30 @@ class TrainingMixin:
             scale (``log1p`` counts per 10k) for spots of sections like the training sections, exchangeable
             with them, at similar sequencing depth; another platform, another tissue preparation or a much
             lower depth breaks that. Needs at least two training sections and no ``validation``.
-        **overrides
-            Training settings (:class:`~st_predict.train.TrainingSettings`; ``None``: the recipe's):
-
-            %(training_settings)s
-
-            Other keywords are passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``); a keyword that is neither a
+            training setting nor a ``Trainer`` argument is a ``TypeError``.
         """
+        given = {"max_epochs": RECIPE if max_epochs is None else int(max_epochs), "batch_size": batch_size,
+                 "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+                 "warmup": warmup, "lr_step_size": lr_step_size, "lr_gamma": lr_gamma, "augment": augment,
+                 "validation": validation, "best_epoch": best_epoch, "precision": precision, "batches": batches,
+                 "center_sections": center_sections}
         names = set(TrainingSettings.names())
-        trainer_kwargs = {k: v for k, v in overrides.items() if k not in names}
         unknown = sorted(set(trainer_kwargs) - _TRAINER_KEYWORDS)
         if unknown:
             raise TypeError(
                 f"train() got unknown keyword(s) {unknown}: training settings are {sorted(names)}, and other "
                 "keywords must be Lightning Trainer arguments."
             )
-        cfg = self.resolve_train_settings(settings, **{k: v for k, v in overrides.items() if k in names})
+        if isinstance(max_epochs, bool) or (max_epochs is not None and not isinstance(max_epochs, numbers.Integral)):
+            raise InputError(f"max_epochs must be a number of epochs, got {max_epochs!r} (training settings are "
+                             "keywords: model.train(max_epochs, lr=..., ...)).")
+        cfg = self.resolve_train_settings(settings, **given)
         if reliability and cfg.validation is not None:
             raise InputError("reliability=True holds out every training section in turn; train without validation= "
                              f"(got validation={cfg.validation!r}).")
-        batch_given = settings is not None or overrides.get("batch_size") is not None
+        batch_given = settings is not None or batch_size is not RECIPE
         self.fold_states_ = self.gene_reliability_ = self.conformal_ = self.reliability_sections_ = None
         with thread_limits():
             out = self._fit(cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers,

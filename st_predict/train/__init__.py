@@ -6,7 +6,7 @@ the rest loads Lightning on first use."""
 
 from st_predict._utils import lazy_exports
 
-from ._config import AUGMENTATIONS, BATCHES, OPTIMIZERS, SCHEDULES, TrainingSettings
+from ._config import AUGMENTATIONS, BATCHES, OPTIMIZERS, RECIPE, SCHEDULES, TrainingSettings
 
 _LAZY = {
     "BestEpoch": "._trainingplan", "EpochCheckpoint": "._trainingplan", "NH2STTrainingPlan": "._trainingplan",
@@ -23,6 +23,7 @@ __all__ = [
     "AUGMENTATIONS",
     "BATCHES",
     "OPTIMIZERS",
+    "RECIPE",
     "SCHEDULES",
     "BestEpoch",
     "EpochCheckpoint",

@@ -19,6 +19,28 @@ SCHEDULES = ("onecycle", "step", "constant")
 AUGMENTATIONS = ("none", "dihedral", "dihedral+stain")
 #: ``TrainingSettings.batches`` values
 BATCHES = ("mixed", "section")
+#: the settings that take ``None`` as a value (``validation=None``: train on every spot)
+NONE_ALLOWED = ("validation",)
+
+
+class _Recipe:
+    """The default of :meth:`~st_predict.NH2ST.train`'s training settings: the recipe's value."""
+
+    _instance = None
+
+    def __new__(cls):
+        cls._instance = cls._instance or super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "RECIPE"
+
+    def __reduce__(self):
+        return (_Recipe, ())
+
+
+#: "the recipe's value": the default of each training setting of :meth:`~st_predict.NH2ST.train`
+RECIPE = _Recipe()
 
 
 @dataclass(frozen=True)
@@ -95,6 +117,10 @@ class TrainingSettings:
     center_sections: bool = True
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and f.name not in NONE_ALLOWED:
+                raise InputError(f"{f.name}=None: this training setting needs a value (leave it out to keep the "
+                                 f"recipe's, {f.default!r} by default).")
         augment = {True: "dihedral+stain", False: "none"}.get(self.augment, self.augment)
         object.__setattr__(self, "augment", augment)
         if isinstance(self.validation, list | tuple):
@@ -128,12 +154,12 @@ class TrainingSettings:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **overrides) -> TrainingSettings:
-        """A copy with ``overrides`` (``None`` values ignored: the setting stays); an unknown name is a
-        ``TypeError`` that lists the settings."""
+        """A copy with ``overrides``, each taken as it is (``validation=None`` means no validation); a value of
+        :data:`RECIPE` leaves its setting as it is. An unknown name is a ``TypeError`` that lists the settings."""
         unknown = sorted(set(overrides) - set(self.names()))
         if unknown:
             raise TypeError(f"Unknown training settings {unknown}; choose from {list(self.names())}.")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not RECIPE})
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainingSettings:

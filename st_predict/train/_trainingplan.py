@@ -6,12 +6,14 @@ import copy
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torchmetrics.regression import PearsonCorrCoef
 
 from st_predict._utils import InputError, commit_file, staging_path
 from st_predict.train._config import TrainingSettings
@@ -69,8 +71,10 @@ class NH2STTrainingPlan(pl.LightningModule):
         self.n_obs_validation = None
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._names: list[str] = []
-        self._val_pred: list[torch.Tensor] = []
-        self._val_true: list[torch.Tensor] = []
+        # the validation PCC from the moments of every process's predictions (torchmetrics syncs them under DDP):
+        # the PCC of all validation spots, not a mean of per-process PCCs
+        self.pcc_metric = PearsonCorrCoef(num_outputs=module.n_genes) if module.n_genes > 1 else PearsonCorrCoef()
+        self._validation_seen = False
 
     def forward(self, batch):
         return self.module(batch)
@@ -106,8 +110,11 @@ class NH2STTrainingPlan(pl.LightningModule):
         if prefix == "train" and "live_fmaps" in out and self.feature_cache is not None and "patch_rows" in batch:
             self._refresh_cache(batch["node_index"][batch["patch_rows"]], out["live_fmaps"].detach())
         if prefix == "validation":
-            self._val_pred.append(out["prediction"].detach())
-            self._val_true.append(batch["expression"][:, 0].detach())
+            pred, truth = out["prediction"].detach().float(), batch["expression"][:, 0].detach().float()
+            self.pcc_metric.update(pred.squeeze(1) if pred.shape[1] == 1 else pred,
+                                       truth.squeeze(1) if truth.shape[1] == 1 else truth)
+            self._validation_seen = True
+            out = {**out, "truth": truth}
         terms = {k: out[k] for k in ("loss", "mse", "nce_query", "nce_neighbor")}
         bs = batch["node_map"].shape[0]
         # accumulate batch-weighted sums here and log epoch means once per epoch (cheaper than
@@ -116,6 +123,8 @@ class NH2STTrainingPlan(pl.LightningModule):
         total, n = self._sums.get(prefix, (0.0, 0))
         self._sums[prefix] = (total + stacked, n + bs)
         self._names = list(terms)
+        if prefix == "validation":  # for callbacks: what the validation PCC is computed from
+            return {"loss": terms["loss"], "prediction": out["prediction"].detach(), "truth": out["truth"]}
         return terms["loss"]
 
     @torch.no_grad()
@@ -131,10 +140,18 @@ class NH2STTrainingPlan(pl.LightningModule):
         sums, n = self._sums.pop(prefix)
         means = sums / n
         metrics = {f"{prefix}_{name}": means[i] for i, name in enumerate(self._names)}
-        if prefix == "validation" and self._val_pred:
-            metrics["validation_pcc"] = mean_gene_pcc(torch.cat(self._val_pred), torch.cat(self._val_true))
-        self._val_pred, self._val_true = [], []
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+        if prefix == "validation" and self._validation_seen:
+            with warnings.catch_warnings():  # a gene constant on the validation spots has no PCC (NaN, skipped)
+                warnings.filterwarnings("ignore", message=".*variance.*close to zero.*")
+                per_gene = self.pcc_metric.compute()  # already over every process's spots
+            per_gene = torch.atleast_1d(per_gene)
+            pcc = per_gene[torch.isfinite(per_gene)].mean() if torch.isfinite(per_gene).any() else per_gene.new_tensor(
+                float("nan"))
+            self.log("validation_pcc", pcc, on_step=False, on_epoch=True, sync_dist=False, batch_size=n)
+        if prefix == "validation":
+            self.pcc_metric.reset()
+            self._validation_seen = False
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -146,7 +163,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "validation")
+        return self._step(batch, "validation")
 
     def configure_optimizers(self):
         params = [p for p in self.module.parameters() if p.requires_grad]

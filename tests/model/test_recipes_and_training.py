@@ -218,3 +218,23 @@ def test_recipe_defaults_and_overrides(split):
         NH2ST(train, recipe="fast", **SMALL)
     with pytest.raises(TypeError, match="Unknown training settings"):
         model.resolve_train_settings(epochs=3)
+
+
+def test_train_takes_the_epochs_first_and_a_none_clears_the_recipes_validation(split):
+    """scvi-tools' ``model.train(max_epochs)``; every setting left out keeps the recipe's value, and one given
+    is used as it is, so ``validation=None`` drops a recipe's validation section."""
+    train, _ = split
+    setup(train)
+    base = RECIPES["default"]
+    recipe = base.replace(name="held-out section", training=base.training.replace(validation="section"))
+    model = NH2ST(train, recipe=recipe, **SMALL)
+    assert model.resolve_train_settings().validation == "section"
+    model.train(3, progress=False, validation=None)
+    assert model.train_settings_["max_epochs"] == 3 and model.train_settings_["validation"] is None
+    assert len(model.history["train_loss"]) == 3 and "validation_loss" not in model.history
+    assert model.validation_ is None
+    assert model.train_settings_["lr"] == base.training.lr  # left out: the recipe's
+    with pytest.raises(ValueError, match="max_epochs must be a number of epochs"):
+        model.train("3")
+    with pytest.raises(ValueError, match="lr=None: this training setting needs a value"):
+        model.train(1, lr=None)
