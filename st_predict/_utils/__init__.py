@@ -19,7 +19,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "commit_file": "._atomic", "staged_file": "._atomic", "staged_folder": "._atomic", "staging_path": "._atomic",
     "import_squidpy": "._deps",
     "downsample": "._images",
-    "quiet_logger": "._logging",
+    "quiet_logger": "._logging", "progress_logger": "._logging",
     "available_cores": "._threads", "interactive": "._threads", "single_thread_worker": "._threads",
     "thread_limits": "._threads",
     "user_stacklevel": "._warnings", "warn": "._warnings",
@@ -28,6 +28,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __all__ = [
     "DEFAULT_WEIGHTS", "N_GENES", "PATCH_SIZE_PX", "PREDICTED_KEY", "PREDICT_BATCH_SIZE", "REGISTRY_KEYS", "SECTION_KEY",
     "InputError", "InputTypeError", "MissingFileError", "MissingKeyError", "available_cores", "commit_file",
-    "downsample", "import_squidpy", "interactive", "lazy_exports", "quiet_logger", "single_thread_worker",
+    "downsample", "import_squidpy", "interactive", "lazy_exports", "progress_logger", "quiet_logger", "single_thread_worker",
     "staged_file", "staged_folder", "staging_path", "thread_limits", "user_stacklevel", "warn",
 ]

@@ -136,6 +136,6 @@ def add_slide_options(p) -> None:
 def slide_kwargs(args) -> dict:
     """The ``predict_slide`` keywords of the options of :func:`add_slide_options`."""
     return {"mpp": args.mpp, "pitch_um": args.pitch_um, "tile_size_um": args.tile_size_um,
-            "batch_size": args.batch_size, "key_added": args.key_added, "image_key": args.image_element,
+            "batch_size": args.batch_size, "key_added": args.key_added, "image_element": args.image_element,
             "tissue_method": args.tissue_method, "min_tissue_fraction": args.min_tissue_fraction,
             "image_mpp": None if args.no_image else args.image_mpp}

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._utils import InputError
+from st_predict._utils import InputError, progress_logger
 from st_predict.metrics import pcc_per_gene
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class ReliabilityMixin:
             type(self).setup_anndata(sub, **setup_kw)
             fold = type(self)(sub, **{**init, "genes": genes})
             if progress is not False:
-                print(f"Reliability: fold model {k + 1}/{len(sections)}, section {held} held out", flush=True)
+                progress_logger().info("Reliability: fold model %d/%d, section %s held out", k + 1, len(sections), held)
             fold.train(settings=settings, accelerator=accelerator, devices=devices, progress=progress,
                        feature_cache=feature_cache)
             preds[k] = fold.get_predicted_expression(adata, return_numpy=True)

@@ -269,7 +269,7 @@ class TrainingMixin:
         # pooled when the head reads only the maps' mean: 2 KB a spot instead of 100 KB at 224 px
         cache = compute_fmaps(module, read, len(patches), batch_size=embed_batch_size, device=device,
                               progress=progress, desc="Neighbour cache", reduce=self._reduce_maps)
-        return {"patches": patches, "neighbor_patches": False}, {"feature_cache": cache}
+        return {"patches": patches, "neighbor_patches": False}, {"neighbor_cache": cache}
 
     # -- training --------------------------------------------------------------------------------
     def resolve_train_settings(self, settings: TrainingSettings | None = None, **overrides) -> TrainingSettings:

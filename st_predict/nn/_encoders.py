@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from st_predict._utils import InputError, MissingFileError, warn
+from st_predict._utils import InputError, MissingFileError, progress_logger, warn
 
 logger = logging.getLogger(__name__)
 #: torch hub folders where this process failed to get torchvision's ImageNet weights (tried once per folder)
@@ -128,7 +128,7 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
             )
             return "random init (ImageNet weights unavailable)"
         if said.getvalue().strip():
-            print(said.getvalue().strip().replace("Downloading:", "Downloaded", 1), flush=True)
+            progress_logger().info(said.getvalue().strip().replace("Downloading:", "Downloaded", 1))
         _load_resnet_state(trunk, state, source="torchvision IMAGENET1K_V1")
         return "torchvision ResNet18 IMAGENET1K_V1"
     if isinstance(weights, Mapping):

@@ -27,6 +27,7 @@ from st_predict._utils import (
     MissingKeyError,
     available_cores,
     interactive,
+    progress_logger,
     single_thread_worker,
     thread_limits,
     user_stacklevel,
@@ -77,7 +78,7 @@ def _from_spatialdata(sdata, image_key: str | None, name: str) -> OpenedSlide:
     if image_key is None:
         if len(keys) != 1:
             raise InputError(
-                f"{name} has {len(keys)} image elements ({', '.join(keys) or 'none'}): pass image_key= to "
+                f"{name} has {len(keys)} image elements ({', '.join(keys) or 'none'}): pass image_element= to "
                 "choose the H&E."
             )
         image_key = keys[0]
@@ -124,11 +125,19 @@ def _from_anndata(adata, image_key: str | None, library_id: str | None) -> Opene
     return opened
 
 
-def open_slide(slide: Any, image_key: str | None = None, library_id: str | None = None) -> OpenedSlide:
+def open_slide(slide: Any, image_key: str | None = None, library_id: str | None = None,
+               image_element: str | None = None) -> OpenedSlide:
     """Open ``slide`` for prediction: a slide file (SVS, NDPI, pyramidal TIFF, ...), a plain JPEG, PNG or
     TIFF (the µm/px must then be given as ``mpp``), a SpatialData
     ``.zarr`` store, a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` with an image
     element, or an AnnData with a Visium-style image in ``uns["spatial"]``."""
+    from spatialdata import SpatialData as _SpatialData
+
+    if image_key is not None and (isinstance(slide, _SpatialData) or isinstance(slide, str | os.PathLike)
+                                  and _is_zarr_store(os.fspath(slide))):
+        warnings.warn("image_key= for a SpatialData's image element is deprecated: use image_element= (image_key "
+                      "names an AnnData's image, as in setup_anndata).", FutureWarning, stacklevel=user_stacklevel())
+        image_element = image_key if image_element is None else image_element
     wsidata, _ = _wsi_stack()
     from anndata import AnnData
     from spatialdata import SpatialData
@@ -137,7 +146,7 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
         source = slide.path or getattr(slide.reader, "file", None)
         return OpenedSlide(slide, str(source) if source else "the slide")
     if isinstance(slide, SpatialData):
-        return _from_spatialdata(slide, image_key, "the SpatialData")
+        return _from_spatialdata(slide, image_element, "the SpatialData")
     if isinstance(slide, AnnData):
         return _from_anndata(slide, image_key, library_id)
     if isinstance(slide, str | os.PathLike):
@@ -151,7 +160,7 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
                 sdata = spatialdata.read_zarr(path)
             except _UNREADABLE as err:
                 raise InputError(f"Could not read {path!r} as a SpatialData store: {err}") from err
-            return _from_spatialdata(sdata, image_key, path)
+            return _from_spatialdata(sdata, image_element, path)
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in (".jpg", ".jpeg", ".png"):
             try:
@@ -228,6 +237,7 @@ def predict_slide(
     image_key: str | None = None,
     library_id: str | None = None,
     patch_size_um: float | None = None,
+    image_element: str | None = None,
     features_key: str | None = None,
     tissue_method: str = "entropy",
     min_tissue_fraction: float = 0.7,
@@ -276,9 +286,12 @@ def predict_slide(
         DataLoader worker processes that read and resize tiles while the network runs
         (default: none on 4 cores or fewer, where they slow the network down; otherwise half
         the cores, at most 8; ``0`` reads in this process).
+    image_element
+        The image element of a SpatialData (needed when it has several).
     image_key
-        The image element of a SpatialData (needed when it has several), or the image of an
-        AnnData (default ``"hires"``).
+        The image of an AnnData, ``uns["spatial"][library_id]["images"][image_key]`` (default ``"hires"``),
+        as in :meth:`~st_predict.NH2ST.setup_anndata`. For a SpatialData, a deprecated name of
+        ``image_element``.
     library_id
         The library of an AnnData whose ``uns["spatial"]`` holds several.
     patch_size_um
@@ -349,7 +362,7 @@ def predict_slide(
         raise InputError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
     if image_mpp is not None and not image_mpp > 0:
         raise InputError(f"image_mpp must be a positive number of micrometres per pixel or None, got {image_mpp!r}.")
-    opened = open_slide(slide, image_key=image_key, library_id=library_id)
+    opened = open_slide(slide, image_key=image_key, library_id=library_id, image_element=image_element)
     wsi, name = opened.wsi, opened.name
     if mpp is not None or opened.mpp is not None:
         wsi.set_mpp(float(mpp if mpp is not None else opened.mpp))
@@ -392,7 +405,7 @@ def predict_slide(
         if progress is None:
             progress = interactive()
         if progress:
-            print(f"{len(tiles)} tiles of {tile_um:g} um every {pitch:g} um on {name}")
+            progress_logger().info("%d tiles of %g um every %g um on %s", len(tiles), tile_um, pitch, name)
         # a network that predicts from its neighbourhood reads the neighbouring tiles, one training pitch away
         neighbors = (_tile_neighbors(model, tiles, slide_mpp, stride * tile_mpp) if model.module.context != "patch"
                      else None)

@@ -48,7 +48,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         Optimiser and schedule: ``optimizer``, ``lr``, ``weight_decay``, ``schedule``, ``warmup``,
         ``lr_step_size`` and ``lr_gamma`` of :class:`~st_predict.train.TrainingSettings` (default: its
         defaults).
-    feature_cache
+    neighbor_cache
         End-to-end training with cached neighbours: ``(n_spots, C, h, w)`` trunk maps of every spot,
         filled before training. Batches that carry ``"patch_rows"`` get their other rows from it, and
         every target's freshly computed maps are written back (no gradient), so each spot's entry is
@@ -60,13 +60,18 @@ class NH2STTrainingPlan(pl.LightningModule):
         self,
         module: torch.nn.Module,
         settings: TrainingSettings | None = None,
+        neighbor_cache: torch.Tensor | None = None,
         feature_cache: torch.Tensor | None = None,
         **overrides,
     ):
         super().__init__()
         self.settings = (settings or TrainingSettings()).replace(**overrides)
         self.module = module
-        self.feature_cache = feature_cache
+        if feature_cache is not None:
+            warnings.warn("NH2STTrainingPlan(feature_cache=) is deprecated: use neighbor_cache= (the on-disk feature "
+                          "cache of train(feature_cache=) is another thing).", FutureWarning, stacklevel=2)
+            neighbor_cache = feature_cache if neighbor_cache is None else neighbor_cache
+        self.neighbor_cache = neighbor_cache
         self.n_obs_training = None
         self.n_obs_validation = None
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
@@ -80,34 +85,35 @@ class NH2STTrainingPlan(pl.LightningModule):
         return self.module(batch)
 
     def on_fit_start(self) -> None:
-        if self.feature_cache is not None:
-            self.feature_cache = self.feature_cache.to(self.device)
+        if self.neighbor_cache is not None:
+            self.neighbor_cache = self.neighbor_cache.to(self.device)
 
     def on_fit_end(self) -> None:
-        self.feature_cache = None  # only needed while training
+        self.neighbor_cache = None  # only needed while training
 
     # the neighbour cache is training state: a resumed run must start from the one the checkpoint saw
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.feature_cache is not None:
-            checkpoint["st_predict_feature_cache"] = self.feature_cache.detach().cpu()
+        if self.neighbor_cache is not None:
+            checkpoint["st_predict_neighbor_cache"] = self.neighbor_cache.detach().cpu()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        cache = checkpoint.get("st_predict_feature_cache")
-        if cache is not None and self.feature_cache is not None:
-            if cache.shape != self.feature_cache.shape:
+        # "st_predict_feature_cache": checkpoints written before the rename
+        cache = checkpoint.get("st_predict_neighbor_cache", checkpoint.get("st_predict_feature_cache"))
+        if cache is not None and self.neighbor_cache is not None:
+            if cache.shape != self.neighbor_cache.shape:
                 raise InputError(
                     f"The checkpoint's neighbour cache has shape {tuple(cache.shape)}, this training run's "
-                    f"{tuple(self.feature_cache.shape)}: it comes from another model or data."
+                    f"{tuple(self.neighbor_cache.shape)}: it comes from another model or data."
                 )
-            self.feature_cache = cache.to(self.feature_cache)
+            self.neighbor_cache = cache.to(self.neighbor_cache)
 
     def _step(self, batch, prefix: str):
         if "patch_rows" in batch and "fmaps" not in batch:
-            if self.feature_cache is None:
-                raise RuntimeError("A batch with cached neighbours needs the plan's feature_cache.")
-            batch = {**batch, "fmaps": self.feature_cache[batch["node_index"]]}
+            if self.neighbor_cache is None:
+                raise RuntimeError("A batch with cached neighbours needs the plan's neighbor_cache.")
+            batch = {**batch, "fmaps": self.neighbor_cache[batch["node_index"]]}
         out = self.module(batch)
-        if prefix == "train" and "live_fmaps" in out and self.feature_cache is not None and "patch_rows" in batch:
+        if prefix == "train" and "live_fmaps" in out and self.neighbor_cache is not None and "patch_rows" in batch:
             self._refresh_cache(batch["node_index"][batch["patch_rows"]], out["live_fmaps"].detach())
         if prefix == "validation":
             pred, truth = out["prediction"].detach().float(), batch["expression"][:, 0].detach().float()
@@ -132,7 +138,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             ids = self.all_gather(ids).flatten(0, 1)
             fmaps = self.all_gather(fmaps).flatten(0, 1)
-        self.feature_cache[ids.to(self.feature_cache.device)] = fmaps.to(self.feature_cache)
+        self.neighbor_cache[ids.to(self.neighbor_cache.device)] = fmaps.to(self.neighbor_cache)
 
     def _log_epoch(self, prefix: str) -> None:
         if prefix not in self._sums:

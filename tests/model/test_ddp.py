@@ -37,7 +37,7 @@ class Probe(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
         seen["world"] = trainer.world_size
 
     def on_train_epoch_end(self, trainer, pl_module):
-        cache = pl_module.feature_cache
+        cache = pl_module.neighbor_cache
         seen["cache_sum"] = float(cache.double().sum()) if cache is not None else None
         # the logged validation PCC against the PCC of every process's validation predictions, gathered
         import torch.distributed as dist

@@ -274,9 +274,12 @@ def test_bad_spatialdata_and_anndata_inputs_get_clear_errors(model, tmp_path):
     with pytest.raises(ValueError, match=r"image 'he'.* records no micrometres per pixel; pass mpp="):
         model.predict_slide(sdata, **kw)
     with pytest.raises(KeyError, match=r"no image element 'HE' \(it has: he\)"):
+        model.predict_slide(sdata, image_element="HE", mpp=0.5, **kw)
+    # the old name for a SpatialData's element still works, and says what replaced it
+    with pytest.warns(FutureWarning, match="use image_element="), pytest.raises(KeyError, match="'HE'"):
         model.predict_slide(sdata, image_key="HE", mpp=0.5, **kw)
     two = sd_.SpatialData(images={"a": sdata.images["he"], "b": sdata.images["he"]})
-    with pytest.raises(ValueError, match=r"2 image elements \(a, b\): pass image_key="):
+    with pytest.raises(ValueError, match=r"2 image elements \(a, b\): pass image_element="):
         model.predict_slide(two, mpp=0.5, **kw)
     floats = sd_.SpatialData(images={"f": Image2DModel.parse(img.transpose(2, 0, 1).astype(np.float32) / 255,
                                                              dims=("c", "y", "x"))})
