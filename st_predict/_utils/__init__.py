@@ -19,6 +19,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "commit_file": "._atomic", "staged_file": "._atomic", "staged_folder": "._atomic", "staging_path": "._atomic",
     "import_squidpy": "._deps",
     "downsample": "._images",
+    "digest": "._hashing", "file_digest": "._hashing",
+    "eval_mode": "._batches", "index_batches": "._batches", "run_batches": "._batches",
     "quiet_logger": "._logging", "progress_logger": "._logging",
     "available_cores": "._threads", "interactive": "._threads", "single_thread_worker": "._threads",
     "thread_limits": "._threads",
@@ -28,6 +30,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __all__ = [
     "DEFAULT_WEIGHTS", "N_GENES", "PATCH_SIZE_PX", "PREDICTED_KEY", "PREDICT_BATCH_SIZE", "REGISTRY_KEYS", "SECTION_KEY",
     "InputError", "InputTypeError", "MissingFileError", "MissingKeyError", "available_cores", "commit_file",
-    "downsample", "import_squidpy", "interactive", "lazy_exports", "progress_logger", "quiet_logger", "single_thread_worker",
+    "digest", "downsample", "eval_mode", "file_digest", "index_batches", "import_squidpy", "interactive", "lazy_exports", "progress_logger", "quiet_logger", "run_batches", "single_thread_worker",
     "staged_file", "staged_folder", "staging_path", "thread_limits", "user_stacklevel", "warn",
 ]

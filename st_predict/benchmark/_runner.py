@@ -20,6 +20,8 @@ from st_predict._utils import (
     SECTION_KEY,
     InputError,
     MissingKeyError,
+    index_batches,
+    run_batches,
     user_stacklevel,
 )
 from st_predict.data import select_sections
@@ -109,7 +111,6 @@ def frozen_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Callab
     }
 
 
-@torch.inference_mode()
 def _encoder_fmaps(adata, setup, geometry: PatchGeometry, image_size, encoder, weights, feature_cache=None,
                    batch_size=16):
     """The frozen encoder's maps ``(n_obs, C, h, w)`` of every spot (a vector encoder: ``(n_obs, D, 1, 1)``),
@@ -123,16 +124,12 @@ def _encoder_fmaps(adata, setup, geometry: PatchGeometry, image_size, encoder, w
     reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
                                geometry.pixels_for(adata, libraries), size)
 
+    def embed(idx: np.ndarray) -> torch.Tensor:
+        fm = net(prepare_patches(reader.read(idx), info.mean, info.std))
+        return fm[:, :, None, None] if fm.ndim == 2 else fm
+
     def compute(rows: np.ndarray) -> torch.Tensor:
-        out = None
-        for s in range(0, len(rows), batch_size):
-            idx = np.arange(s, min(s + batch_size, len(rows)))
-            fm = net(prepare_patches(reader.read(rows[idx]), info.mean, info.std)).float()
-            fm = fm[:, :, None, None] if fm.ndim == 2 else fm
-            if out is None:
-                out = torch.empty((len(rows), *fm.shape[1:]))
-            out[idx] = fm.clone()
-        return out
+        return run_batches(embed, index_batches(rows, batch_size), len(rows), net)
 
     if feature_cache is None or feature_cache is False:
         fmaps = compute(np.arange(adata.n_obs))

@@ -13,7 +13,6 @@ The location is ``root=``, else ``$ST_PREDICT_CACHE_DIR``, else ``$XDG_CACHE_HOM
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from st_predict._utils import InputTypeError, staged_file
+from st_predict._utils import InputTypeError, digest, staged_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +38,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "st_predict" / "features"
 
 
-def digest(value) -> str:
-    """SHA-256 (hex) of an array or tensor: its dtype, shape and bytes."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous().numpy()
-    arr = np.ascontiguousarray(value)
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(arr.view(np.uint8).reshape(-1).data if arr.size else b"")
-    return h.hexdigest()
-
-
 def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes, values): the identity of its weights."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(digest(tensor).encode())
-    return h.hexdigest()
+    return digest(module)
 
 
 def maps_key(info, weights: str, input_size: int, views: int, pooled: bool, section: str, image: str, boxes) -> dict:
@@ -126,7 +111,7 @@ class FeatureCache:
 
     def path(self, key: Mapping) -> Path:
         """Where the entry of ``key`` lives."""
-        name = hashlib.sha256(self.key_text(key).encode()).hexdigest()
+        name = digest(self.key_text(key))
         return self.root / name[:2] / f"{name}.pt"
 
     def get(self, key: Mapping) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from st_predict._utils import InputError, MissingFileError
+from st_predict._utils import file_digest as _file_digest
 
 from ._encoders import IMAGENET_MEAN, IMAGENET_STD, TRUNK_CHANNELS, build_resnet18_trunk, load_trunk_weights
 
@@ -139,14 +140,8 @@ def _weights_line(weights) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """First 12 hex digits of a file's sha256."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    """First 12 hex digits of a file's sha256 (read once per process)."""
+    return _file_digest(path)[:12]
 
 
 def _check_file(weights, name: str) -> None:

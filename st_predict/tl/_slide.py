@@ -26,8 +26,10 @@ from st_predict._utils import (
     MissingFileError,
     MissingKeyError,
     available_cores,
+    index_batches,
     interactive,
     progress_logger,
+    run_batches,
     single_thread_worker,
     thread_limits,
     user_stacklevel,
@@ -482,24 +484,21 @@ def _from_tile_features(model, wsi, features_key: str, batch_size: int):
     if (order < 0).any():
         raise InputError(f"{int((order < 0).sum())} tiles of {tile_key!r} have no row in {features_key!r}.")
     feats = torch.from_numpy(feats[order])
-    was = module.training
-    module.eval()
     context = module.context != "patch"
-    out = []
-    try:
-        with torch.no_grad():
-            for s in range(0, len(tiles), batch_size):
-                fm = {"fmaps": feats[s:s + batch_size, :, None, None].to(module.device)}
-                out.append((module.latent(fm) if context else module.predict_expression(fm)).float().cpu())
-            out = torch.cat(out) if out else torch.zeros((0, len(model.genes_)))
-            if context:
-                slide_mpp = wsi.properties.mpp
-                neighbors = _tile_neighbors(model, tiles, slide_mpp, _tile_geometry_um(tiles, slide_mpp)[1])
-                out = model._translate_neighborhoods(out, np.arange(len(tiles)), np.arange(len(tiles)), neighbors,
-                                                    batch_size)
-    finally:
-        module.train(was)
+
+    def one_batch(idx: np.ndarray) -> torch.Tensor:
+        fm = {"fmaps": feats[torch.as_tensor(idx), :, None, None].to(module.device)}
+        return module.latent(fm) if context else module.predict_expression(fm)
+
+    out = run_batches(one_batch, index_batches(len(tiles), batch_size), len(tiles), module)
+    out = out if out is not None else torch.zeros((0, len(model.genes_)))
+    if context:
+        slide_mpp = wsi.properties.mpp
+        neighbors = _tile_neighbors(model, tiles, slide_mpp, _tile_geometry_um(tiles, slide_mpp)[1])
+        every = np.arange(len(tiles))
+        out = model._translate_neighborhoods(out, every, every, neighbors, batch_size)
     return tile_key, tiles, out.numpy()
+
 
 def _tile_neighbors(model, tiles, slide_mpp: float, pitch_um: float) -> np.ndarray:
     """Each tile's ``K`` neighbours for a ``context="neighbors"`` network: the nearest tiles of its sub-grid
@@ -537,31 +536,17 @@ def _predict_tiles(model, wsi, tile_key: str, n_tiles: int, batch_size: int, num
     # workers read and resize the next batches while the network runs on this one
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          worker_init_fn=single_thread_worker)
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="Predicting tiles", unit="batch", disable=None)  # None: off when not a terminal
     module = model.module
-    was_training = module.training
-    module.eval()
     context = module.context != "patch"
     if context and neighbors is None:  # pragma: no cover - predict_slide always gives them
         raise RuntimeError("A context='neighbors' network needs the tiles' neighbours.")
-    width = module.path_head.proj.out_features if context else len(model.genes_)
-    pred = torch.empty((n_tiles, width), dtype=torch.float32)
-    start = 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                img = {"patches": batch["image"].permute(0, 3, 1, 2).contiguous().to(module.device)}
-                out = module.latent(img, tta=tta) if context else module.predict_expression(img, tta=tta)
-                pred[start:start + len(out)] = out.float().cpu()
-                start += len(out)
-            if context and start == n_tiles:
-                every = np.arange(n_tiles)
-                pred = model._translate_neighborhoods(pred, every, every, neighbors, batch_size)
-    finally:
-        module.train(was_training)
-    if start != n_tiles:  # pragma: no cover - a dataset that lost tiles would be a wsidata bug
-        raise RuntimeError(f"Read {start} tiles of {n_tiles}.")
+
+    def one_batch(batch) -> torch.Tensor:
+        img = {"patches": batch["image"].permute(0, 3, 1, 2).contiguous().to(module.device)}
+        return module.latent(img, tta=tta) if context else module.predict_expression(img, tta=tta)
+
+    pred = run_batches(one_batch, loader, n_tiles, module, bool(progress) and interactive(), "Predicting tiles")
+    if context:
+        every = np.arange(n_tiles)
+        pred = model._translate_neighborhoods(pred, every, every, neighbors, batch_size)
     return pred.numpy()
