@@ -7,6 +7,9 @@ class _RegistryKeys(NamedTuple):
     X_KEY: str = "X"
     SPATIAL_KEY: str = "spatial"
     LIBRARY_KEY: str = "library"
+    NEIGHBOR_INDICES_KEY: str = "neighbor_indices"
+    NEIGHBOR_DISTANCES_KEY: str = "neighbor_distances"
+    PATCH_KEY: str = "patch"
 
 
 REGISTRY_KEYS = _RegistryKeys()

@@ -211,13 +211,25 @@ def with_patch(setup: dict, patch: dict | None) -> dict:
     return {**base, **patch}
 
 
-def _fold_patches(fold: Fold, adata: AnnData, setup: dict, out_size: int) -> torch.Tensor:
-    """uint8 patches ``(n, 3, out_size, out_size)`` of every spot of ``adata``, the patch of ``setup``
-    resolved on the fold's training sections (as a model set up on them would)."""
-    from st_predict.pp import PatchGeometry, make_patch_reader, spot_libraries
+def fold_geometry(fold: Fold, setup: dict | None = None):
+    """The patch of a fold: the runner's (``fold.extra["geometry"]``) unless ``setup`` gives another size."""
+    from st_predict.pp import PatchGeometry, spot_libraries
 
-    geometry = PatchGeometry.resolve(fold.train, spot_libraries(fold.train, setup["library_key"]),
-                                     setup.get("patch_size"), setup.get("patch_size_um"))
+    setup = fold.extra["setup"] if setup is None else setup
+    keys = ("patch_size", "patch_size_um")
+    if "geometry" in fold.extra and all(setup.get(k) == fold.extra["setup"].get(k) for k in keys):
+        return fold.extra["geometry"]
+    return PatchGeometry.resolve(fold.train, spot_libraries(fold.train, setup["library_key"]), setup.get("patch_size"),
+                                 setup.get("patch_size_um"))
+
+
+def _fold_patches(fold: Fold, adata: AnnData, setup: dict, out_size: int) -> torch.Tensor:
+    """uint8 patches ``(n, 3, out_size, out_size)`` of every spot of ``adata``: the runner's patch (resolved once
+    on every section), or another one that ``setup`` asks for, resolved on the fold's training sections (as a
+    model set up on them would)."""
+    from st_predict.pp import make_patch_reader, spot_libraries
+
+    geometry = fold_geometry(fold, setup)
     libs = spot_libraries(adata, setup["library_key"])
     reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
                                geometry.pixels_for(adata, libs), out_size)

@@ -227,16 +227,13 @@ class RegionReader:
     """
 
     def __init__(self, fold: Fold, adata: AnnData, out_size: int, grid: int = 5):
-        from st_predict.pp import PatchGeometry, section_images, spot_libraries
+        from st_predict.pp import section_images
+
+        from ._methods import fold_geometry
 
         setup = fold.extra["setup"]
         coords, self.libs = fold_spots(fold, adata)
-        geometry = PatchGeometry.resolve(
-            fold.train,
-            spot_libraries(fold.train, setup["library_key"]),
-            setup.get("patch_size"),
-            setup.get("patch_size_um"),
-        )
+        geometry = fold_geometry(fold)
         self.images, scales = section_images(adata, self.libs, setup["image_key"])
         sides = geometry.pixels_for(adata, self.libs)
         self.out_size, self.grid = out_size, grid

@@ -260,8 +260,7 @@ def run_benchmark(
         raise InputError(f"Folds {unknown} are not values of adata.obs[{group_key!r}] ({groups}).")
     # the patch, resolved once on every section: every method of every fold crops the same tissue area
     geometry = PatchGeometry.resolve(adata, sections_all, patch_size, patch_size_um)
-    known = all(v is not None for v in section_pixel_sizes(adata, sections_all).values())
-    patch = {"patch_size_um": geometry.size_um} if known and geometry.size_um else {"patch_size": geometry.size_px}
+    patch = geometry.setup_kwargs(section_pixel_sizes(adata, sections_all))
     setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, **patch}
     torch.manual_seed(seed)
     t = time.perf_counter()
@@ -284,7 +283,7 @@ def run_benchmark(
             test_section=test_group, train=train, test=test, genes=genes,
             y_train=normalize_expression(train.X, gidx_tr), groups=train.obs[section_key].astype(str).to_numpy(),
             feats_train=pooled[train_mask], feats_test=pooled[~train_mask],
-            extra={"setup": setup, "image_size": image_size, "trunk_state": trunk_state,
+            extra={"setup": setup, "geometry": geometry, "image_size": image_size, "trunk_state": trunk_state,
                    "encoder": info.name, "encoder_weights": chosen,
                    "fmaps_train": fmaps[torch.from_numpy(train_mask)],
                    "fmaps_test": fmaps[torch.from_numpy(~train_mask)], "weights_source": weights_source},

@@ -10,7 +10,13 @@ import torch
 from anndata import AnnData
 
 from st_predict._utils import InputError, MissingKeyError, index_batches, run_batches, thread_limits
-from st_predict.pp import context_neighbors, make_patch_reader, spot_coordinates, spot_libraries
+from st_predict.pp import (
+    N_NEIGHBORS_STORED,
+    context_neighbors,
+    make_patch_reader,
+    spot_coordinates,
+    spot_libraries,
+)
 
 
 class InferenceMixin:
@@ -46,7 +52,10 @@ class InferenceMixin:
         A section with ``K`` spots or fewer pads its spots' lists with the spot itself."""
         setup, lib_key = self._prediction_keys(adata, {"library_key": library_key, "spatial_key": spatial_key})
         coords = spot_coordinates(adata, setup["spatial_key"])
-        return context_neighbors(coords, spot_libraries(adata, lib_key), self.module.n_neighbors)
+        k = self.module.n_neighbors
+        # as training reads them (the first K of the registered 25 nearest): the same neighbours on the same spots,
+        # ties at the K-th distance included
+        return context_neighbors(coords, spot_libraries(adata, lib_key), max(k, N_NEIGHBORS_STORED))[:, :k]
 
     def _target(self, adata: AnnData | None) -> AnnData:
         if adata is None:

@@ -16,7 +16,7 @@ import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup calls rich.pre
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
-from scvi.data.fields import LayerField, ObsmField
+from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
@@ -35,20 +35,22 @@ from st_predict._utils import (
 from st_predict.module import NetworkSettings, NH2STModule
 from st_predict.nn import encoder_name
 from st_predict.pp import (
+    N_NEIGHBORS_STORED,
+    NEIGHBORS_KEY,
     PatchGeometry,
     check_expression,
     check_sections_have_counts,
-    make_patch_reader,
-    section_pixel_sizes,
     select_genes,
+    spatial_neighbors,
     spot_coordinates,
     spot_libraries,
-    spot_pitch_um,
+    stored_neighbors_match,
 )
 from st_predict.train import NH2STTrainingPlan, TrainingSettings
 
 from ._docstrings import nh2st_dsp
 from ._encoder import encoder_digest, resolve_encoder
+from ._fields import PatchField, setup_facts
 from ._inference import InferenceMixin
 from ._recipes import RECIPES, Recipe, get_recipe
 from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
@@ -211,8 +213,10 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             network_overrides = {**network_overrides, "encoder": encoder_name(encoder)}
         network = network.replace(**network_overrides)
         setup = self.registry_["setup_args"]
+        # the registered facts (sections, patch, pitch, neighbours), read once
+        self._facts = setup_facts(self.adata_manager) if adata is not None else None
         if adata is not None:
-            libraries = spot_libraries(adata, setup["library_key"])
+            libraries = self._facts.libraries
             check_sections_have_counts(
                 self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), libraries,
                 f"adata.layers[{setup['layer']!r}]" if setup.get("layer") else "adata.X",
@@ -258,10 +262,7 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             "kwargs": {},
         }
         if adata is not None:
-            libraries = spot_libraries(adata, setup["library_key"])
-            sizes = section_pixel_sizes(adata, libraries)
-            self.patch_geometry_ = PatchGeometry.from_pixel_sizes(sizes, setup["patch_size"], setup.get("patch_size_um"))
-            self.spot_pitch_um_ = spot_pitch_um(spot_coordinates(adata, setup["spatial_key"]), libraries, sizes)
+            self.patch_geometry_, self.spot_pitch_um_ = self._facts.geometry, self._facts.spot_pitch_um
             self._training_data()  # check neighbours, patches and targets now, not at train()
 
     @property
@@ -345,14 +346,25 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         patch_size: float = PATCH_SIZE_PX,
         patch_size_um: float | None = None,
         is_count_data: bool = True,
+        n_neighbors: int = N_NEIGHBORS_STORED,
+        neighbors_key: str = NEIGHBORS_KEY,
         **kwargs,
     ):
         """%(summary)s.
 
         Checks everything training needs and says what is wrong by name: expression (finite; for
         counts also non-negative integers), ``adata.obsm[spatial_key]``, the image and scale factor
-        of every section, and that every spot's patch lies inside its image. The only keys written
-        are scvi-tools' ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``.
+        of every section, and that every spot's patch lies inside its image. Registers, once, the facts
+        every part of the model reads (``model.view_anndata_setup()`` lists them): the expression, the spot
+        positions, the section of each spot (``library``, a categorical field), each spot's nearest spots of
+        its section (``neighbor_indices`` and ``neighbor_distances``) and the patch (``patch``: the image, the
+        patch side and its pixels on each section, the spot pitch).
+
+        Writes scvi-tools' ``adata.uns["_scvi_uuid"]``, ``adata.uns["_scvi_manager_uuid"]`` and
+        ``adata.obs["_scvi_library"]`` (the sections' codes) and, when they are absent or do not belong to
+        these spots (an AnnData subset after they were computed), the neighbour arrays
+        ``adata.obsm[f"{neighbors_key}_indices"]`` and ``adata.obsm[f"{neighbors_key}_distances"]``
+        (:func:`st_predict.pp.spatial_neighbors`). Nothing else of the AnnData changes.
 
         The patch is resolved here, once, into a :class:`~st_predict.pp.PatchGeometry`: when the
         sections' pixel sizes are known it is a physical size (``patch_size`` pixels become
@@ -382,6 +394,12 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         is_count_data
             ``True``: raw counts, normalised by the model to ``log1p(counts / library size * 1e4)``.
             ``False``: already normalised values, used as they are.
+        n_neighbors
+            Nearest spots of the same section stored per spot (a model with ``K`` neighbours reads the first
+            ``K``; default: 25, the paper's largest ``K``).
+        neighbors_key
+            Prefix of the ``adata.obsm`` neighbour arrays (:func:`st_predict.pp.spatial_neighbors`): arrays
+            already there are used when they belong to these spots and hold at least ``n_neighbors``.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if adata.is_view:
@@ -401,16 +419,24 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             raise MissingKeyError(f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers)}).")
         matrix = adata.layers[layer] if layer is not None else adata.X
         check_expression(matrix, f"adata.layers[{layer!r}]" if layer else "adata.X", is_count_data)
-        spot_coordinates(adata, spatial_key)
+        coords = spot_coordinates(adata, spatial_key)
         libraries = spot_libraries(adata, library_key)
-        geometry = PatchGeometry.resolve(adata, libraries, patch_size, patch_size_um)
-        make_patch_reader(adata, spatial_key, image_key, library_key, geometry.pixels_for(adata, libraries),
-                          out_size=32)  # validates
+        have = adata.obsm.get(f"{neighbors_key}_indices")
+        if have is None or np.asarray(have).shape[1] < n_neighbors or not stored_neighbors_match(
+                adata, neighbors_key, coords, libraries):
+            if have is not None:
+                logger.info("adata.obsm[%r] does not belong to these spots (or holds fewer than %d neighbours): "
+                            "computed again.", f"{neighbors_key}_indices", n_neighbors)
+            spatial_neighbors(adata, n_neighbors, library_key, spatial_key, neighbors_key)
         anndata_fields = [
             # counts are checked by check_expression above (which accepts float counts with rounding
             # noise); scvi's own check would warn about those
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key),
+            CategoricalObsField(REGISTRY_KEYS.LIBRARY_KEY, library_key),
+            ObsmField(REGISTRY_KEYS.NEIGHBOR_INDICES_KEY, f"{neighbors_key}_indices"),
+            ObsmField(REGISTRY_KEYS.NEIGHBOR_DISTANCES_KEY, f"{neighbors_key}_distances"),
+            PatchField(image_key, spatial_key, library_key, patch_size, patch_size_um, neighbors_key),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         with quiet_logger("scvi.data.fields"):  # not "INFO Generating sequential column names" (obsm has none)

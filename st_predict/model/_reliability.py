@@ -122,7 +122,9 @@ class ReliabilityMixin:
         for k, held in enumerate(sections):
             others = [s for s in sections if s != held]
             sub = select_sections(adata, others, library_key=setup["library_key"])
-            type(self).setup_anndata(sub, **setup_kw)
+            # the full model's registry: its patch (the same micrometres and pixels), not one resolved again on the
+            # fold's sections, which a fold model would train on and then not be shown at prediction
+            type(self).setup_anndata(sub, source_registry=self.registry_, **setup_kw)
             fold = type(self)(sub, **{**init, "genes": genes})
             if progress is not False:
                 progress_logger().info("Reliability: fold model %d/%d, section %s held out", k + 1, len(sections), held)

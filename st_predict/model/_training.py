@@ -30,9 +30,6 @@ from st_predict.dataloaders import (
 from st_predict.pp import (
     make_patch_reader,
     normalize_expression,
-    spatial_knn,
-    spot_coordinates,
-    spot_libraries,
 )
 from st_predict.train import RECIPE, BestEpoch, EpochCheckpoint, EpochLog, TrainingSettings, compute_fmaps
 
@@ -86,15 +83,13 @@ class TrainingMixin:
             missing = [g for g, i in zip(self.genes_, gene_idx, strict=True) if i < 0]
             raise InputError(f"{len(missing)} model genes are not in adata.var_names: {missing[:10]}")
         targets = normalize_expression(counts, gene_idx, setup["is_count_data"], self._library_size)
-        libraries = spot_libraries(adata, setup["library_key"])
+        facts = self._facts  # the registry's: sections, neighbours, the patch's pixels on each section
+        libraries = facts.libraries
         neighbors = None
         if self.module.settings.uses_neighbors:  # the neighbour branch and the translator's context use them
-            coords = spot_coordinates(adata, setup["spatial_key"])
-            neighbors = torch.from_numpy(spatial_knn(coords, libraries, self.module.n_neighbors))
-        reader = make_patch_reader(
-            adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
-            self.patch_geometry_.pixels_for(adata, libraries), self.module.image_size,
-        )
+            neighbors = torch.from_numpy(facts.neighbors_for(self.module.n_neighbors))
+        reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
+                                   facts.patch_px, self.module.image_size)
         self._data = TrainingData(torch.from_numpy(targets), neighbors, reader, libraries)
         return self._data
 
