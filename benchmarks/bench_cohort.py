@@ -72,7 +72,7 @@ def train(model_dir: Path) -> dict:
         adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = MPP
     NH2ST.setup_anndata(adata, library_key="section", patch_size=PATCH_PX)
     t = time.perf_counter()
-    model = NH2ST(adata, weights="random")
+    model = NH2ST(adata, encoder_weights="random")
     model.train(max_epochs=1, progress=False)
     seconds = time.perf_counter() - t
     model.save(str(model_dir), overwrite=True)
@@ -91,7 +91,9 @@ def code_version() -> dict:
 
 
 def machine() -> dict:
-    from joblib import cpu_count as available_cores  # the cores this process may use, as st_predict counts them
+    from joblib import (
+        cpu_count as available_cores,  # the cores this process may use, as st_predict counts them
+    )
 
     cpu = ""
     try:

@@ -16,7 +16,7 @@ def her2st_path():
     return path
 
 
-SMALL = {"image_size": 32, "latent_dim": 64, "n_heads": 4, "weights": "random", "n_genes": 40}
+SMALL = {"image_size": 32, "latent_dim": 64, "n_heads": 4, "encoder_weights": "random", "n_genes": 40}
 
 
 def setup(adata, **kwargs):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from anndata import AnnData
 
 from st_predict._utils import InputError
+from st_predict.module import NetworkSettings
 from st_predict.nn import info_nce
 from st_predict.train import TrainingSettings
 
@@ -440,18 +441,17 @@ class NH2STMethod:
             raise InputError("A frozen NH2ST shares the runner's trunk features: its setup cannot differ.")
         train = fold.train.copy() if fold.train.is_view else fold.train
         NH2ST.setup_anndata(train, **setup)
-        kwargs = {"weights": "random", **self.model_kwargs, "genes": fold.genes}
+        kwargs = {"encoder_weights": "random", **self.model_kwargs, "genes": fold.genes}
         features = None
+        spec = fold.extra.get("encoder_spec")
         if self.frozen:
-            # the runner's encoder: its weights and its cached feature maps of these spots
-            if fold.extra.get("encoder", "resnet18") == "resnet18":
-                kwargs.update(weights=fold.extra["trunk_state"], image_size=fold.extra["image_size"])
-            else:
-                kwargs.update(encoder=fold.extra["encoder"], encoder_weights=fold.extra["encoder_weights"])
+            # the runner's encoder module itself (built once for the run) and its cached feature maps of these spots
+            kwargs.update(encoder=fold.extra["trunk"], image_size=fold.extra["image_size"])
+            kwargs.pop("encoder_weights")
             features = fold.extra["fmaps_train"]
-        elif fold.extra.get("encoder", "resnet18") != "resnet18":
-            raise InputError("Only frozen methods use the runner's encoder: an end-to-end NH2ST here would train "
-                             "a ResNet18 instead. Use benchmark.frozen_methods().")
+        elif spec is not None and spec.name != NetworkSettings().encoder:
+            raise InputError(f"Only frozen methods use the runner's encoder ({spec.name!r}): an end-to-end NH2ST here "
+                             "would train its own default encoder instead. Use benchmark.frozen_methods().")
         self.model_ = NH2ST(train, **kwargs)
         # None in train_kwargs: the recipe's value (epochs=None, batch_size=None by default)
         self.model_.train(progress=False, trunk_features=features,

@@ -27,7 +27,7 @@ from st_predict._utils import (
 from st_predict.data import select_sections
 from st_predict.metrics import evaluate, pooled_pcc
 from st_predict.model import DEFAULT
-from st_predict.nn import build_encoder, prepare_patches
+from st_predict.nn import build_encoder, canonical_name, prepare_patches, source_of
 from st_predict.pp import (
     PatchGeometry,
     make_patch_reader,
@@ -264,9 +264,13 @@ def run_benchmark(
     setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, **patch}
     torch.manual_seed(seed)
     t = time.perf_counter()
-    chosen = (encoder_weights if encoder_weights is not None else weights) if encoder == "resnet18" else encoder_weights
+    # weights= are the weights of an encoder trained by default (the ResNet18's); any other takes encoder_weights=
+    chosen = encoder_weights if encoder_weights is not None or not source_of(canonical_name(encoder)).trainable \
+        else weights
+    # the shared encoder, built once: every method of every fold reads its features, and a frozen NH2ST row gets the
+    # module itself (not a rebuild per fold and method)
     fmaps, trunk, info, image_size = _encoder_fmaps(adata, setup, geometry, image_size, encoder, chosen, feature_cache)
-    trunk_state, weights_source = trunk.state_dict() if info.name == "resnet18" else None, info.weights
+    weights_source = info.weights
     seconds_features = time.perf_counter() - t
     pooled = fmaps.mean((2, 3)).numpy()
     spot_libraries(adata, section_key)  # checks the section column
@@ -283,7 +287,7 @@ def run_benchmark(
             test_section=test_group, train=train, test=test, genes=genes,
             y_train=normalize_expression(train.X, gidx_tr), groups=train.obs[section_key].astype(str).to_numpy(),
             feats_train=pooled[train_mask], feats_test=pooled[~train_mask],
-            extra={"setup": setup, "geometry": geometry, "image_size": image_size, "trunk_state": trunk_state,
+            extra={"setup": setup, "geometry": geometry, "image_size": image_size, "trunk": trunk, "encoder_spec": info,
                    "encoder": info.name, "encoder_weights": chosen,
                    "fmaps_train": fmaps[torch.from_numpy(train_mask)],
                    "fmaps_test": fmaps[torch.from_numpy(~train_mask)], "weights_source": weights_source},

@@ -82,7 +82,7 @@ def run_demo(
     if image_size is not None:
         kwargs["image_size"] = image_size
     NH2ST.setup_anndata(train, library_key="section", patch_size=patch)
-    model = NH2ST(train, weights=weights, **kwargs)
+    model = NH2ST(train, encoder_weights=weights, **kwargs)
     print(f"Training on {train.n_obs} spots of {len(sections) - 1} sections; held-out section {test_section} "
           f"({test.n_obs} spots). Patches {patch} px -> {model.module.image_size} px, ResNet18 trained end to end.")
     print(model.description)  # not "Training status: Not Trained" before training

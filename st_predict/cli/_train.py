@@ -59,7 +59,9 @@ def _cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     NH2ST.setup_anndata(adata, layer=args.layer, library_key=library_key, image_key=image_key,
                         patch_size=args.patch_size, patch_size_um=args.patch_size_um, is_count_data=not args.normalized)
-    model = NH2ST(adata, recipe=args.recipe, weights=args.weights, **kwargs)
+    # --weights: the ResNet18's, used when --encoder-weights is not given
+    kwargs.setdefault("encoder_weights", args.weights if kwargs.get("encoder") in (None, "resnet18") else None)
+    model = NH2ST(adata, recipe=args.recipe, **kwargs)
     print(model.description)  # not "Training status: Not Trained" before training
     validation = args.validation
     if validation is not None and len(validation) == 1 and validation[0] in ("section", "random"):

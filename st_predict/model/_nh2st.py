@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -22,7 +23,6 @@ from scvi.utils import setup_anndata_dsp
 
 from st_predict import tl
 from st_predict._utils import (
-    DEFAULT_WEIGHTS,
     N_GENES,
     PATCH_SIZE_PX,
     PREDICT_BATCH_SIZE,
@@ -31,9 +31,9 @@ from st_predict._utils import (
     InputError,
     MissingKeyError,
     quiet_logger,
+    user_stacklevel,
 )
 from st_predict.module import NetworkSettings, NH2STModule
-from st_predict.nn import encoder_name
 from st_predict.pp import (
     N_NEIGHBORS_STORED,
     NEIGHBORS_KEY,
@@ -106,14 +106,11 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
     genes
         Explicit list of genes to predict (all must be in ``adata.var_names``).
     weights
-        Trunk initialisation: ``"imagenet"`` (torchvision IMAGENET1K_V1 from the torch hub cache or
-        the internet; falls back to random init with a loud warning), a path to a ResNet18 state dict
-        (e.g. a histology self-supervised checkpoint), a state dict itself, or ``"random"``. Shown in
-        the summary, saved.
+        Deprecated name of ``encoder_weights``.
     encoder
         The image trunk (default: the recipe's, ``"resnet18"``):
 
-        - ``"resnet18"``, with ``weights``;
+        - ``"resnet18"``;
         - a vision key of the lazyslide-models registry (``"uni"``, ``"uni2"``, ``"h-optimus-0"``,
           ``"virchow2"``, ``"gigapath"``, ``"phikon"``, ...; ``st_predict.nn.registry_vision_keys()``
           lists them);
@@ -130,10 +127,12 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         registry encoder are not copied into the model file but rebuilt on loading and checked
         against a digest.
     encoder_weights
-        The encoder's weights: a local file (for a registry key, its ``model_path``; for a timm name or
-        hub id, a timm state dict), ``"random"`` (timm names only), or ``None``: the published
-        weights (the ResNet18: ``weights``). Gated models read the Hugging Face token from
-        ``HF_TOKEN``.
+        The encoder's weights. The ResNet18: ``"imagenet"`` (torchvision IMAGENET1K_V1 from the torch hub cache
+        or the internet; falls back to random init with a loud warning; the default), a path to a ResNet18 state
+        dict (e.g. a histology self-supervised checkpoint), a state dict itself, or ``"random"``. Any other
+        encoder: a local file (for a registry key, its ``model_path``; for a timm name or hub id, a timm state
+        dict), ``"random"`` (timm names only), or ``None``: the published weights. Gated models read the Hugging
+        Face token from ``HF_TOKEN``. Shown in the summary, saved.
     library_size
         Normalisation of count targets: library size over ``"all_genes"`` (scanpy's
         ``normalize_total``) or over the ``"selected_genes"`` (authors' code).
@@ -179,7 +178,7 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         recipe: str | Recipe = "default",
         n_genes: int = N_GENES,
         genes: Sequence[str] | None = None,
-        weights: str | os.PathLike | Mapping | None = DEFAULT_WEIGHTS,
+        weights: str | os.PathLike | Mapping | None = None,
         encoder: str | torch.nn.Module | None = None,
         encoder_weights: str | os.PathLike | None = None,
         library_size: Literal["all_genes", "selected_genes"] = "all_genes",
@@ -207,11 +206,18 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
                 f"NH2ST got unknown keyword(s) {unknown}. Network settings are {list(NetworkSettings.names())}; "
                 f"training settings ({', '.join(TrainingSettings.names())}) go to model.train()."
             )
-        # resolved once and saved as such: a loaded model rebuilds the same network even if the
-        # recipe's defaults change in a later release
-        if encoder is not None:  # before the overrides are checked: image_size rules depend on the encoder
-            network_overrides = {**network_overrides, "encoder": encoder_name(encoder)}
-        network = network.replace(**network_overrides)
+        loading = LOADING.get()
+        if weights is not None:
+            if not loading:
+                warnings.warn("NH2ST(weights=) is deprecated: use encoder_weights= (the ResNet18's too).", FutureWarning,
+                              stacklevel=user_stacklevel())
+            if encoder_weights is not None and not loading:
+                raise InputError("Give encoder_weights= (weights= is its deprecated name), not both.")
+            encoder_weights = weights if encoder_weights is None else encoder_weights
+        # the encoder, resolved and built once; its spec completes the network settings, which are checked once.
+        # Saved as such: a loaded model rebuilds the same network even if the recipe's defaults change later
+        built, changes, saved_weights = resolve_encoder(network, network_overrides, encoder, encoder_weights, loading)
+        network = network.replace(**{**network_overrides, **changes})
         setup = self.registry_["setup_args"]
         # the registered facts (sections, patch, pitch, neighbours), read once
         self._facts = setup_facts(self.adata_manager) if adata is not None else None
@@ -232,10 +238,6 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         self._library_size = library_size
         self.recipe_ = the_recipe
         self.tta_ = bool(the_recipe.tta) if tta is None else bool(tta)
-        loading = LOADING.get()
-        network, built, saved_weights = resolve_encoder(
-            network, network_overrides, encoder, encoder_weights, weights, loading
-        )
         self.module = self._module_cls(len(genes), network, encoder=built)
         self.weights_source_ = "from saved model" if loading and self.module.saves_trunk else built[1].weights
         self.encoder_digest_ = None if loading else encoder_digest(self.module)
@@ -255,8 +257,8 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
                 # a named recipe is saved by name, a custom one as it is
                 "recipe": the_recipe.name if RECIPES.get(the_recipe.name) == the_recipe else the_recipe,
                 "n_genes": n_genes, "genes": genes,
-                "weights": "state dict" if isinstance(weights, Mapping) else weights,  # its tensors are in the module
-                "encoder_weights": saved_weights if network.encoder != "resnet18" else None,
+                "weights": None,  # its deprecated name: encoder_weights
+                "encoder_weights": saved_weights,
                 "library_size": library_size, "tta": tta, "network": network.to_dict(),
             },
             "kwargs": {},

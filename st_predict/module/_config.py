@@ -171,8 +171,6 @@ class NetworkSettings:
         _choice("context", self.context, CONTEXTS)
         if not isinstance(self.encoder, str) or not self.encoder:
             raise InputError(f"encoder must be a name, got {self.encoder!r}.")
-        if self.encoder == "resnet18" and (self.image_size < 32 or self.image_size % 32):
-            raise InputError(f"image_size must be a positive multiple of 32, got {self.image_size}.")
         if self.image_size < 8:
             raise InputError(f"image_size must be >= 8 px, got {self.image_size}.")
         if self.latent_dim < 1 or self.n_heads < 1 or self.latent_dim % self.n_heads:

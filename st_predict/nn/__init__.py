@@ -14,7 +14,18 @@ from ._encoders import (
     prepare_patches,
 )
 from ._hypergraph import DenseGraphConv, HypergraphConv, NeighbourhoodEncoder, knn_adjacency, knn_hyperedges
-from ._image_encoders import EncoderInfo, build_encoder, canonical_name, encoder_name, registry_vision_keys
+from ._image_encoders import (
+    ENCODER_SOURCES,
+    EncoderInfo,
+    EncoderSource,
+    EncoderSpec,
+    build_encoder,
+    canonical_name,
+    encoder_name,
+    register_source,
+    registry_vision_keys,
+    source_of,
+)
 from ._losses import info_nce
 
 __all__ = [
@@ -22,7 +33,10 @@ __all__ = [
     "IMAGENET_STD",
     "CrossAttentionBlock",
     "DenseGraphConv",
+    "ENCODER_SOURCES",
     "EncoderInfo",
+    "EncoderSource",
+    "EncoderSpec",
     "GeneTokenizer",
     "HypergraphConv",
     "NeighbourhoodEncoder",
@@ -40,6 +54,8 @@ __all__ = [
     "load_trunk_weights",
     "prepare_patches",
     "random_dihedral",
+    "register_source",
     "registry_vision_keys",
+    "source_of",
     "stain_jitter",
 ]

@@ -105,9 +105,7 @@ def _painted(fold, spot: str):
     test.uns["spatial"][lib]["images"]["hires"] = img
     setup = fold.extra["setup"]
     geometry = PatchGeometry.resolve(test, test.obs["section"].astype(str).to_numpy(), setup["patch_size"])
-    fmaps = _encoder_fmaps(
-        test, setup, geometry, fold.extra["image_size"], "resnet18", fold.extra["trunk_state"]
-    )[0]
+    fmaps = _encoder_fmaps(test, setup, geometry, fold.extra["image_size"], fold.extra["trunk"], None)[0]
     return dataclasses.replace(
         fold, test=test, feats_test=fmaps.mean((2, 3)).numpy(), extra={**fold.extra, "fmaps_test": fmaps}
     )

@@ -146,7 +146,7 @@ def test_bad_hyperparameters(split):
     with pytest.raises(ValueError, match="attention must be one of"):
         NH2ST(train, **{**SMALL, "attention": "bidirectional"})
     with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'random' nor an existing weights file"):
-        NH2ST(train, **{**SMALL, "weights": "/nonexistent/resnet.pth"})
+        NH2ST(train, **{**SMALL, "encoder_weights": "/nonexistent/resnet.pth"})
 
 
 def test_fixture_images_untouched(tissue):

@@ -181,7 +181,7 @@ def test_split_validation_rules():
 def test_paper_recipe_reads_back_as_the_paper(split):
     train, _ = split
     setup(train)
-    model = NH2ST(train, recipe="paper", weights="random", n_genes=40)
+    model = NH2ST(train, recipe="paper", encoder_weights="random", n_genes=40)
     kw = model.module_kwargs
     assert kw["image_size"] == 224 and kw["trunk"] == "finetune" and kw["neighbor_trunk_grad"] is True
     assert kw["latent_dim"] == 512 and kw["n_neighbors"] == 8 and kw["n_hgnn_layers"] == 2
@@ -195,7 +195,7 @@ def test_paper_recipe_reads_back_as_the_paper(split):
     assert cfg.validation is None and model.tta_ is False
     assert "recipe 'paper'" in model.summary_string
     # the optimiser Lightning really runs (one short epoch on a small network; same recipe otherwise)
-    small = NH2ST(train, recipe="paper", weights="random", n_genes=40, image_size=32, latent_dim=64, n_heads=4)
+    small = NH2ST(train, recipe="paper", encoder_weights="random", n_genes=40, image_size=32, latent_dim=64, n_heads=4)
     small.train(max_epochs=1, progress=False)
     opt = small.trainer.optimizers[0]
     assert type(opt) is torch.optim.Adam

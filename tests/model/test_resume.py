@@ -25,7 +25,7 @@ mode, ckpt, out = sys.argv[1:4]
 scvi.settings.seed = 0
 adata = synthetic_tissue(n_sections=2, n_rows=8, n_cols=8, n_genes=40, seed=3)
 NH2ST.setup_anndata(adata, library_key="section", patch_size=32)
-model = NH2ST(adata, image_size=32, latent_dim=32, n_heads=2, n_genes=20, weights="random")
+model = NH2ST(adata, image_size=32, latent_dim=32, n_heads=2, n_genes=20, encoder_weights="random")
 
 
 class Die(pl.Callback):
