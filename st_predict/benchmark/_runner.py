@@ -27,6 +27,7 @@ from st_predict._utils import (
 from st_predict.data import select_sections
 from st_predict.metrics import evaluate, pooled_pcc
 from st_predict.model import DEFAULT
+from st_predict.module import NetworkSettings
 from st_predict.nn import build_encoder, canonical_name, prepare_patches, source_of
 from st_predict.pp import (
     PatchGeometry,
@@ -165,7 +166,7 @@ def run_benchmark(
     seed: int = 0,
     out_dir: str | Path | None = None,
     section_key: str | None = None,
-    encoder: str = "resnet18",
+    encoder: str = NetworkSettings().encoder,
     encoder_weights: str | None = None,
     feature_cache: str | Path | bool | None = None,
 ) -> dict:

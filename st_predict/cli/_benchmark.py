@@ -28,7 +28,7 @@ def _cmd_benchmark(args) -> int:
     from st_predict.benchmark import default_methods, frozen_methods, run_benchmark, to_markdown
     from st_predict.data import choose_image_key
 
-    if args.encoder not in (None, "resnet18"):  # a foundation model: the methods on its frozen features
+    if args.encoder not in (None, DEFAULT.network.encoder):  # a foundation model: the methods on its frozen features
         methods = frozen_methods(epochs=args.epochs, seed=args.seed)
     else:
         methods = default_methods(epochs=args.epochs, seed=args.seed)
@@ -52,7 +52,7 @@ def _cmd_benchmark(args) -> int:
         result = run_benchmark(adata, methods, library_key=library_key, group_key=args.group_key, folds=args.folds,
                                n_genes=args.n_genes, image_key=image_key, patch_size=args.patch_size,
                                patch_size_um=args.patch_size_um, image_size=args.image_size, weights=args.weights,
-                               seed=args.seed, out_dir=staging, encoder=args.encoder or "resnet18",
+                               seed=args.seed, out_dir=staging, encoder=args.encoder or DEFAULT.network.encoder,
                                encoder_weights=args.encoder_weights, feature_cache=feature_cache(args))
     print(to_markdown(result))
     print(f"Wrote {out / 'results.json'} and {out / 'results.md'}")

@@ -50,6 +50,7 @@ def _cmd_train(args) -> int:
 
     from st_predict import NH2ST
     from st_predict.data import choose_image_key
+    from st_predict.nn import canonical_name, source_of
 
     adata, library_key, found_key = read(args, lazy_images=True)  # each image decoded only to crop its patches
     adata = sections(adata, library_key, args.sections)
@@ -60,7 +61,8 @@ def _cmd_train(args) -> int:
     NH2ST.setup_anndata(adata, layer=args.layer, library_key=library_key, image_key=image_key,
                         patch_size=args.patch_size, patch_size_um=args.patch_size_um, is_count_data=not args.normalized)
     # --weights: the ResNet18's, used when --encoder-weights is not given
-    kwargs.setdefault("encoder_weights", args.weights if kwargs.get("encoder") in (None, "resnet18") else None)
+    if kwargs.get("encoder_weights") is None and source_of(canonical_name(kwargs.get("encoder") or DEFAULT.network.encoder)).trainable:
+        kwargs["encoder_weights"] = args.weights  # the weights of an encoder trained by default (the ResNet18's)
     model = NH2ST(adata, recipe=args.recipe, **kwargs)
     print(model.description)  # not "Training status: Not Trained" before training
     validation = args.validation
