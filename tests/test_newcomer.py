@@ -7,13 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import SMALL_TRAIN, module_root
 
 from st_predict.cli._main import build_parser, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
-SMALL_TRAIN = ["--patch-size", "32", "--image-size", "32", "--weights", "random", "--n-genes", "30", "--epochs", "2",
-               "--model-kwargs", '{"latent_dim": 64, "n_heads": 4}', "--quiet"]
 
 
 def _strict_json(text: str):
@@ -24,14 +23,9 @@ def _strict_json(text: str):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from st_predict.data import synthetic_tissue
-
-    root = tmp_path_factory.mktemp("newcomer")
-    data = root / "tissue.h5ad"
-    synthetic_tissue(n_sections=3, n_rows=10, n_cols=10, n_genes=60).write_h5ad(data)
-    assert main(["train", str(data), "--out", str(root / "model"), "--sections", "S0", "S1", *SMALL_TRAIN]) == 0
-    return root, data
+def run(tmp_path_factory, cli_model):
+    """This module's output folder, with the session's CLI-trained model (``model``) and its data."""
+    return module_root(tmp_path_factory, cli_model, "run")
 
 
 def test_evaluate_marks_training_sections_and_keeps_them_out_of_the_headline(run, capsys):
