@@ -31,7 +31,15 @@ from st_predict.pp import (
     make_patch_reader,
     normalize_expression,
 )
-from st_predict.train import RECIPE, BestEpoch, EpochCheckpoint, EpochLog, TrainingSettings, compute_fmaps
+from st_predict.train import (
+    RECIPE,
+    BestEpoch,
+    EpochCheckpoint,
+    EpochLog,
+    RNGStates,
+    TrainingSettings,
+    compute_fmaps,
+)
 
 from ._docstrings import nh2st_dsp
 from ._runtime import device_for, quiet_lightning, resolve_precision
@@ -485,7 +493,7 @@ class TrainingMixin:
                 callbacks.append(keeper)
         if checkpoint_dir is not None:
             saver = EpochCheckpoint(checkpoint_dir, monitor="validation_pcc" if len(val_idx) else None)
-            callbacks.append(saver)
+            callbacks += [saver, RNGStates()]
             if resume:
                 if saver.last_path.is_file():
                     trainer_kwargs["ckpt_path"] = str(saver.last_path)

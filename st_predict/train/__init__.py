@@ -9,7 +9,7 @@ from st_predict._utils import lazy_exports
 from ._config import AUGMENTATIONS, BATCHES, OPTIMIZERS, RECIPE, SCHEDULES, TrainingSettings
 
 _LAZY = {
-    "BestEpoch": "._trainingplan", "EpochCheckpoint": "._trainingplan", "NH2STTrainingPlan": "._trainingplan",
+    "BestEpoch": "._trainingplan", "EpochCheckpoint": "._trainingplan", "NH2STTrainingPlan": "._trainingplan", "RNGStates": "._trainingplan",
     "mean_gene_pcc": "._trainingplan", "compute_fmaps": "._embed", "EpochLog": "._epoch_log",
     # where these were before they moved (st_predict.dataloaders, st_predict.nn, st_predict.model)
     "NH2STCollate": "st_predict.dataloaders", "NH2STDataModule": "st_predict.dataloaders",
@@ -29,6 +29,7 @@ __all__ = [
     "EpochCheckpoint",
     "EpochLog",
     "NH2STTrainingPlan",
+    "RNGStates",
     "TrainingSettings",
     "compute_fmaps",
     "mean_gene_pcc",

@@ -218,14 +218,30 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class RNGStates(pl.Callback):
+    """The random number generators of this process (torch, numpy, Python, CUDA) in every checkpoint, restored
+    when training resumes from one: Lightning's checkpoints do not keep them, and without them a resumed run
+    draws other augmentations and batches than the interrupted one would have."""
+
+    def state_dict(self) -> dict:
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
+
+
 class EpochCheckpoint(pl.Callback):
     """Write a Lightning checkpoint of the whole training state (weights, optimiser, schedule, loops,
-    callbacks, the random number generators of this process) to ``dirpath/last.ckpt`` after every
-    epoch, and to ``dirpath/best.ckpt`` when ``monitor`` improves. Files are written next to their
-    target and renamed into place, so a process killed while writing leaves the previous checkpoint.
+    callbacks) to ``dirpath/last.ckpt`` after every epoch, and to ``dirpath/best.ckpt`` when ``monitor``
+    improves. Files are written next to their target and renamed into place, so a process killed while writing
+    leaves the previous checkpoint. With :class:`RNGStates` among the callbacks (``NH2ST.train`` adds it), a run
+    restarted from ``last.ckpt`` (``Trainer.fit(ckpt_path=...)``) restores the random number generators too, so
+    on CPU it continues exactly as the interrupted run would have.
 
-    A run restarted from ``last.ckpt`` (``Trainer.fit(ckpt_path=...)``) restores the random number
-    generators too, so on CPU it continues exactly as the interrupted run would have.
+    Not Lightning's ``ModelCheckpoint``: through scvi-tools' ``Trainer`` enabling it also adds scvi-tools' own
+    checkpoint callback (folders under ``scvi_log/``), and it writes ``last.ckpt`` only in epochs that also
+    write a monitored checkpoint.
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str | None = None, mode: Literal["max", "min"] = "max"):
@@ -243,11 +259,11 @@ class EpochCheckpoint(pl.Callback):
         return self.dirpath / "best.ckpt"
 
     def state_dict(self) -> dict:
-        return {"rng": _rng_states(), "best_score": self.best_score}
+        return {"best_score": self.best_score}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_score = state_dict.get("best_score")
-        if "rng" in state_dict:
+        if "rng" in state_dict:  # checkpoints written before RNGStates kept them here
             _set_rng_states(state_dict["rng"])
 
     def _write(self, trainer: pl.Trainer, path: Path) -> None:

@@ -105,7 +105,7 @@ def test_checkpoints_last_and_best_and_resume_settings(tissue, tmp_path, caplog)
     last = torch.load(tmp_path / "c" / "last.ckpt", map_location="cpu", weights_only=True)
     best = torch.load(tmp_path / "c" / "best.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1 and best["epoch"] in (0, 1)
-    assert "st_predict_feature_cache" in last  # the neighbour cache is training state
+    assert "st_predict_neighbor_cache" in last  # the neighbour cache is training state
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no half-written files
     # a finished run resumed trains no further: it ends with the same best epoch and weights
     best_epoch, weights = model.best_epoch_, {k: v.clone() for k, v in model.module.state_dict().items()}
