@@ -16,6 +16,8 @@ so the numbers compare as ratios:
   predict64   prediction throughput of the default model (spots/s, with and without test-time augmentation)
   default5    ``NH2ST(adata); model.train()`` exactly as a new user runs it, on all five sections (~900
               spots): wall time of the whole train() call (the recipe's 20 epochs)
+  default5patch  the same with ``context="patch"`` (the paper's patch-only translator, the default before
+              the context was chosen by nested selection): run beside default5 to compare the two as a ratio
 
 Usage:  python benchmarks/bench_speed.py [--data ../shared/data/her2st] [--out benchmarks/results/speed.json]
         python benchmarks/bench_speed.py --part nh2st224        # one part, printed as JSON
@@ -36,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 SECTIONS = ["C3", "C4", "C5", "C6"]
-PARTS = ("cnn64", "nh2st64", "nh2st224", "nh2st224b8", "nh2st224b8store", "paper224", "predict64", "default5")
+PARTS = ("cnn64", "nh2st64", "nh2st224", "nh2st224b8", "nh2st224b8store", "paper224", "predict64", "default5",
+         "default5patch")
 
 
 def _peak_rss_gib() -> float:
@@ -86,7 +89,8 @@ def _part(name: str, data: str) -> dict:
     scvi.settings.seed = 0
     res: dict = {}
     t = time.perf_counter()
-    adata = _train_data(data, None if name == "default5" else SECTIONS, "lazy" if name.endswith("store") else True)
+    adata = _train_data(data, None if name.startswith("default5") else SECTIONS,
+                        "lazy" if name.endswith("store") else True)
     res["read_seconds"] = round(time.perf_counter() - t, 1)
     res["n_spots"] = int(adata.n_obs)
     if name == "cnn64":
@@ -152,8 +156,9 @@ def _part(name: str, data: str) -> dict:
             t = time.perf_counter()
             model.get_predicted_expression(adata, tta=tta)
             res[f"spots_per_s_tta_{tta}".lower()] = round(adata.n_obs / (time.perf_counter() - t), 1)
-    elif name == "default5":
-        model = NH2ST(adata, encoder_weights="random")
+    elif name in ("default5", "default5patch"):
+        model = NH2ST(adata, encoder_weights="random", **({"context": "patch"} if name == "default5patch" else {}))
+        res["context"] = model.module.context
         t = time.perf_counter()
         model.train(progress=False)
         res["seconds_train_call"] = round(time.perf_counter() - t, 1)

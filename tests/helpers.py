@@ -27,7 +27,7 @@ def setup(adata, **kwargs):
     NH2ST.setup_anndata(adata, **kwargs)
 
 
-def model_with_pixel_size(tissue):
+def model_with_pixel_size(tissue, **kwargs):
     """A small model trained one epoch on S0 + S1 of ``tissue``, whose sections have a pixel size (0.5 um/px)."""
     from st_predict import NH2ST
 
@@ -35,7 +35,7 @@ def model_with_pixel_size(tissue):
     for lib in adata.uns["spatial"]:
         adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
     setup(adata)
-    m = NH2ST(adata, **SMALL)
+    m = NH2ST(adata, **{**SMALL, **kwargs})
     m.train(max_epochs=1, progress=False)
     return m
 

@@ -36,7 +36,7 @@ class Recipe:
             tta = bool(train.pop("tta", False))
             state = {
                 "name": state["name"], "description": state["description"],
-                "network": NetworkSettings.from_dict(model), "training": TrainingSettings.from_dict(train), "tta": tta,
+                "network": NetworkSettings.from_dict({"context": "patch", **model}), "training": TrainingSettings.from_dict(train), "tta": tta,
             }
         for key, value in state.items():
             object.__setattr__(self, key, value)
@@ -48,7 +48,8 @@ class Recipe:
 #: :class:`~st_predict.train.TrainingSettings`.
 DEFAULT = Recipe(
     "default",
-    "End to end at 64 px with cached neighbour features; InfoNCE at temperature 0.1 against a gene encoder "
+    "End to end at 64 px with cached neighbour features; the translator reads each spot's patch and the "
+    "pathology hypergraph of its 8 nearest spots (context 'neighbors'); InfoNCE at temperature 0.1 against a gene encoder "
     "whose input genes are dropped out (p 0.5); per-gene standardised targets, standardised within each "
     "section; AdamW one-cycle (lr 1e-3), batch 32, 20 epochs; flips/rotations and H&E stain jitter; "
     "bfloat16 where the hardware has it; test-time augmentation.",

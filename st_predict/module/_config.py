@@ -138,7 +138,7 @@ class NetworkSettings:
     n_heads: int = 8
     share_attention: bool = False
     use_neighbor_branch: bool = True
-    context: Literal["patch", "neighbors"] = "patch"
+    context: Literal["patch", "neighbors"] = "neighbors"
     n_neighbors: int = 8
     hyperedge_degree: int = 4
     n_hgnn_layers: int = 2
@@ -221,6 +221,12 @@ class NetworkSettings:
     def to_dict(self) -> dict:
         """The settings as a plain dict."""
         return dataclasses.asdict(self)
+
+    def __setstate__(self, state: dict) -> None:
+        # pickled before the translator had a context (save formats 1 and 2): it predicted from the patch
+        # alone, whatever the default is now
+        for key, value in {"context": "patch", **state}.items():
+            object.__setattr__(self, key, value)
 
 
 def _known(cls, values: Mapping) -> dict:

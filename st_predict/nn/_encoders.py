@@ -101,7 +101,7 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
     A one-line description of what was loaded, recorded in the model summary.
     """
     if weights is None or weights == "random":
-        logger.warning("ResNet18 trunk is randomly initialised (weights='random').")
+        logger.warning("ResNet18 trunk is randomly initialised (encoder_weights='random').")
         return "random init (no pretrained weights)"
     if weights == "imagenet":
         from torchvision.models import ResNet18_Weights

@@ -41,8 +41,11 @@ def test_the_committed_format1_model_loads_and_predicts_as_it_did():
     assert model.save_format_ == 1 and model.st_predict_version_
     assert list(model.genes_) == list(expected["genes"])
     assert model.patch_size_um_ == 16.0
-    # format 1 recorded only the micrometres: the geometry and the recipe are migrated on load
-    assert model.patch_geometry_ == PatchGeometry(16.0, 32.0) and model.recipe_ == RECIPES["default"]
+    # format 1 recorded only the micrometres: the geometry and the recipe are migrated on load; it predicted from
+    # the patch alone, and still does (the default context changed since)
+    assert model.patch_geometry_ == PatchGeometry(16.0, 32.0) and model.recipe_.name == "default"
+    assert model.recipe_.network == RECIPES["default"].network.replace(context="patch")
+    assert model.network_settings.context == "patch" and "context 'patch'" in model.description
     assert model.network_settings.latent_dim == 32 and model.network_settings.image_size == 32
     adata = fixture_sections()
     pred = model.get_predicted_expression(adata, tta=False)
@@ -127,3 +130,18 @@ def test_a_process_killed_mid_save_leaves_the_previous_model_loadable(tmp_path):
         torch.testing.assert_close(after[k], v)
     assert not (tmp_path / "new_model").exists()  # a killed first save leaves nothing under the name
     assert sorted(os.listdir(src)) == ["model.pt"]
+
+
+def test_network_settings_pickled_before_the_context_load_as_patch():
+    """Save format 2 pickled NetworkSettings without ``context``: those models predicted from the patch alone, and
+    must not pick up today's default (``"neighbors"``)."""
+    import pickle
+
+    from st_predict.module import NetworkSettings
+
+    old = NetworkSettings(latent_dim=32)
+    object.__delattr__(old, "context")  # as a format-2 pickle has it
+    again = pickle.loads(pickle.dumps(old))
+    assert again.context == "patch" and again.latent_dim == 32
+    assert NetworkSettings().context == "neighbors"
+    assert pickle.loads(pickle.dumps(NetworkSettings(context="neighbors"))).context == "neighbors"

@@ -342,7 +342,7 @@ def test_lazyslide_tile_prediction_gives_the_predict_slide_values(tissue, tmp_pa
     import lazyslide as zs
 
     torch.manual_seed(0)
-    model = _model_with_pixel_size(tissue)  # 0.5 um/px: the patch is 16 um
+    model = _model_with_pixel_size(tissue, context="patch")  # 0.5 um/px: the patch is 16 um; LazySlide: no context
 
     path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
     sd = model.predict_slide(path, pitch_um=40.0, progress=False)
@@ -382,7 +382,7 @@ def test_lazyslide_feature_extraction_feeds_predict_slide(tissue, tmp_path):
         adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5
     setup(adata)
     torch.manual_seed(0)
-    model = NH2ST(adata, trunk="frozen", **SMALL)
+    model = NH2ST(adata, trunk="frozen", context="patch", **SMALL)  # a tile model sees no neighbours
     model.train(max_epochs=1, progress=False)
     path = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
     sd = model.predict_slide(path, pitch_um=40.0, tta=False, progress=False)
