@@ -123,7 +123,7 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
                 "Could not load torchvision's ImageNet ResNet18 weights (IMAGENET1K_V1) from the torch "
                 f"hub cache or the internet ({type(err).__name__}: {err}). The ResNet18 trunk is RANDOMLY "
                 "INITIALISED: expect much weaker predictions, above all with trunk='frozen'. Put "
-                "'resnet18-f37072fd.pth' in $TORCH_HOME/hub/checkpoints or pass weights='<file>'."
+                "'resnet18-f37072fd.pth' in $TORCH_HOME/hub/checkpoints or pass encoder_weights='<file>'."
             )
             return "random init (ImageNet weights unavailable)"
         if said.getvalue().strip():
