@@ -24,5 +24,5 @@ PATCH_SIZE_PX = 224
 N_GENES = 250
 #: Default patches per forward pass when predicting (spots and whole-slide tiles alike).
 PREDICT_BATCH_SIZE = 64
-#: Default trunk weights (``NH2ST(weights=)``).
+#: Default trunk weights (``NH2ST(encoder_weights=)``).
 DEFAULT_WEIGHTS = "imagenet"

@@ -6,8 +6,8 @@ from st_predict._utils import lazy_exports
 from ._recipes import DEFAULT, PAPER, RECIPES, Recipe, get_recipe
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "NH2ST": "._nh2st", "SAVE_FORMAT": "._save_load",
+    "NH2ST": "._nh2st", "SAVE_FORMAT": "._save_load", "PatchField": "._fields",
     "default_num_workers": "st_predict.tl",  # where it was before st_predict.tl
 }, eager=globals())
 
-__all__ = ["DEFAULT", "NH2ST", "PAPER", "RECIPES", "SAVE_FORMAT", "Recipe", "get_recipe"]
+__all__ = ["DEFAULT", "NH2ST", "PAPER", "RECIPES", "SAVE_FORMAT", "PatchField", "Recipe", "get_recipe"]
