@@ -3,7 +3,11 @@ importing scvi-tools or torch)."""
 
 from st_predict._utils import lazy_exports
 
-from ._recipes import DEFAULT, PAPER, RECIPES, Recipe, get_recipe
+from ._recipes import DEFAULT, PAPER, Recipe, get_recipe
+from ._recipes import RECIPES as _RECIPES
+
+#: The named recipes (:class:`Recipe`) by name: ``"default"`` and ``"paper"``.
+RECIPES = _RECIPES
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "NH2ST": "._nh2st", "SAVE_FORMAT": "._save_load", "PatchField": "._fields",

@@ -14,8 +14,8 @@ from ._encoders import (
     prepare_patches,
 )
 from ._hypergraph import DenseGraphConv, HypergraphConv, NeighbourhoodEncoder, knn_adjacency, knn_hyperedges
+from ._image_encoders import ENCODER_SOURCES as _ENCODER_SOURCES
 from ._image_encoders import (
-    ENCODER_SOURCES,
     EncoderInfo,
     EncoderSource,
     EncoderSpec,
@@ -27,6 +27,10 @@ from ._image_encoders import (
     source_of,
 )
 from ._losses import info_nce
+
+#: The registered encoder sources (:class:`EncoderSource`) by name prefix: ``"resnet18"``, ``"lazyslide:"``,
+#: ``"hf-hub:"``, ``"timm:"`` and ``"module:"`` (:func:`register_source` adds one).
+ENCODER_SOURCES = _ENCODER_SOURCES
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -465,6 +465,10 @@ def build_encoder(
 ) -> tuple[nn.Module, EncoderSpec]:
     """The backbone and its :class:`EncoderSpec`, from the registered source of ``encoder``.
 
+    Weights that are missing or cannot be read (no file, no network, a hub error, a corrupted file) are a
+    :class:`~st_predict.InputError` that says how to get them; any other error is a bug and keeps its
+    traceback.
+
     Parameters
     ----------
     encoder
@@ -484,10 +488,6 @@ def build_encoder(
     load_weights
         ``False``: the ResNet18 stays random and a user module as it is (its weights come from a
         saved model). External encoders always load theirs.
-
-    Weights that are missing or cannot be read (no file, no network, a hub error, a corrupted file) are a
-    :class:`~st_predict.InputError` that says how to get them; any other error is a bug and keeps its
-    traceback.
     """
     if isinstance(encoder, nn.Module):
         return ENCODER_SOURCES["module:"].from_module(encoder, image_size)

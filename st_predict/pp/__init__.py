@@ -2,9 +2,9 @@
 
 from ._genes import check_expression, check_sections_have_counts, normalize_expression, select_genes
 from ._geometry import PatchGeometry, spot_pitch_um
+from ._neighbors import N_NEIGHBORS_STORED as _N_NEIGHBORS_STORED
+from ._neighbors import NEIGHBORS_KEY as _NEIGHBORS_KEY
 from ._neighbors import (
-    N_NEIGHBORS_STORED,
-    NEIGHBORS_KEY,
     context_neighbors,
     grid_neighbors,
     padded_knn,
@@ -20,6 +20,11 @@ from ._patches import (
     spot_coordinates,
     spot_libraries,
 )
+
+#: ``obsm`` keys of :func:`spatial_neighbors`' arrays: ``f"{key_added}_indices"`` and ``f"{key_added}_distances"``.
+NEIGHBORS_KEY = _NEIGHBORS_KEY
+#: Neighbours per spot that :func:`spatial_neighbors` and ``setup_anndata`` store (the paper's largest K).
+N_NEIGHBORS_STORED = _N_NEIGHBORS_STORED
 
 __all__ = [
     "NEIGHBORS_KEY",

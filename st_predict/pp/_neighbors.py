@@ -42,10 +42,11 @@ def _squidpy_knn(coords: np.ndarray, libraries, n_neighbors: int) -> tuple[np.nd
     rows = np.diff(indptr)
     if (rows != n_neighbors).any():
         bad = int(np.flatnonzero(rows != n_neighbors)[0])
-        raise InputError(
-            f"squidpy returned {rows[bad]} neighbours for spot {bad} instead of {n_neighbors}; "
-            "are several spots at identical coordinates?"
-        )
+        same = np.flatnonzero((libraries == libraries[bad]) & (coords == coords[bad]).all(axis=1))
+        why = (f"{len(same)} spots of section {libraries[bad]!r} sit at the same coordinates {coords[bad].tolist()} "
+               f"(rows {same[:5].tolist()} of obsm['spatial']): squidpy drops zero distances, so give each spot its "
+               "own position" if len(same) > 1 else "are several spots at identical coordinates?")
+        raise InputError(f"squidpy returned {rows[bad]} neighbours for spot {bad} instead of {n_neighbors}; {why}.")
     idx = indices.reshape(n, n_neighbors)
     d = data.reshape(n, n_neighbors)
     # squidpy sorts each row by column index; order by distance instead (a stable sort keeps ties by index)

@@ -22,7 +22,9 @@ def model(tissue):
     torch.manual_seed(0)
     adata = tissue[tissue.obs["section"] != "S2"].copy()
     setup(adata)
-    m = NH2ST(adata, **SMALL)
+    # each tile predicted from its own pixels, so that a stand-in network can show which pixels a tile
+    # holds (test_context.py predicts a slide with the default, neighbourhood model)
+    m = NH2ST(adata, **SMALL, context="patch")
     m.train(max_epochs=1, progress=False)
     return m
 
@@ -504,7 +506,7 @@ def test_a_jpeg_with_mpp_predicts_the_tiles_of_the_same_image_as_a_pyramidal_tif
     import tifffile
     from PIL import Image
 
-    from st_predict.model import _slide_image
+    from st_predict.tl import _slide_image
 
     kw = {"tile_size_um": 32.0, "pitch_um": 40.0, "progress": False, "image_mpp": None}
     Image.fromarray(_tissue(2048)).save(tmp_path / "slide.jpg", quality=92)
