@@ -4,6 +4,22 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "agg")
 
+# `make test` runs the suite on pytest-xdist workers, one per core: each computes with its share of the cores
+# (and so do the processes its tests start), so that the workers' threads never outnumber the cores
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    from joblib import cpu_count
+
+    _THREADS = str(max(1, int(cpu_count()) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = _THREADS
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 #: a test taking longer than this (setup + call) without a ``slow`` marker is named at the end of every run
 SLOW_UNMARKED_S = 20.0
 _DURATIONS: dict[str, float] = {}
@@ -11,12 +27,11 @@ _SLOW_MARKED: set[str] = set()
 
 
 def pytest_runtest_logreport(report):
+    # also on xdist's controller, which collects nothing itself: the marker comes with the report
     if report.when in ("setup", "call"):
         _DURATIONS[report.nodeid] = _DURATIONS.get(report.nodeid, 0.0) + report.duration
-
-
-def pytest_collection_modifyitems(items):
-    _SLOW_MARKED.update(item.nodeid for item in items if item.get_closest_marker("slow"))
+        if "slow" in report.keywords:
+            _SLOW_MARKED.add(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):

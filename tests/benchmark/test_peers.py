@@ -82,6 +82,7 @@ def fitted(tissue):
     return {"rows": {r["method"]: r for r in res["rows"]}, "models": models, "preds": preds, "fold": folds[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TINY))
 def test_each_peer_learns_the_planted_image_signal(fitted, name):
     rows = fitted["rows"]

@@ -36,6 +36,7 @@ def _fit(adata, epochs=30, seed=0, **kwargs):
     return model
 
 
+@pytest.mark.slow
 def test_learns_planted_signal_that_shuffled_patches_cannot(split):
     train, test = split
     model = _fit(train)

@@ -222,6 +222,7 @@ def _he_anndata(img: np.ndarray, pixel_size_um: float, scale: float):
     }}})
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
 def test_spatialdata_anndata_and_zarr_inputs_tile_the_same_pixels(model, tmp_path, monkeypatch):
     import spatialdata as sd_

@@ -33,6 +33,7 @@ def _nce_after_training(adata, epochs, **kwargs):
     return hist["train_nce_query"].iloc[-1, 0], hist["train_nce_neighbor"].iloc[-1, 0]
 
 
+@pytest.mark.slow
 def test_contrastive_terms_need_the_image(split):
     """A model that sees one constant colour cannot tell spots apart: both InfoNCE terms stay at
     log B. On the planted morphology -> expression signal they fall. The authors' residual form
