@@ -20,8 +20,10 @@ install: $(VENV)/.installed
 demo: install
 	MPLBACKEND=agg $(BIN)/st-predict demo --overwrite $(if $(DATA),--data $(DATA))
 
+# the whole suite on one pytest-xdist worker per core (a test file stays on one worker, so its module fixtures are
+# built once; tests/conftest.py gives each worker its share of the cores' threads)
 test: install
-	MPLBACKEND=agg $(BIN)/python -m pytest
+	MPLBACKEND=agg $(BIN)/python -m pytest -n auto --dist loadfile
 
 # HTML documentation in docs/_build/html (warnings are errors; no network needed)
 docs: install

@@ -72,7 +72,7 @@ def train(model_dir: Path) -> dict:
         adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = MPP
     NH2ST.setup_anndata(adata, library_key="section", patch_size=PATCH_PX)
     t = time.perf_counter()
-    model = NH2ST(adata, weights="random")
+    model = NH2ST(adata, encoder_weights="random")
     model.train(max_epochs=1, progress=False)
     seconds = time.perf_counter() - t
     model.save(str(model_dir), overwrite=True)
@@ -91,7 +91,9 @@ def code_version() -> dict:
 
 
 def machine() -> dict:
-    from st_predict._threads import available_cores
+    from joblib import (
+        cpu_count as available_cores,  # the cores this process may use, as st_predict counts them
+    )
 
     cpu = ""
     try:
@@ -151,7 +153,7 @@ def in_flight(manifest) -> int:
 def run_config(model, slides: list[str], out: Path, workers: int, threads: int) -> dict:
     from distributed import Client, LocalCluster
 
-    from st_predict._cohort import read_manifest
+    from st_predict.tl import read_manifest
 
     before = others()
     t = time.perf_counter()
@@ -199,7 +201,7 @@ def parts(model, slide: str, folder: Path) -> dict:
     import torch
     import wsidata
 
-    from st_predict._cohort import write_prediction
+    from st_predict.tl import write_prediction
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -325,7 +327,7 @@ def main() -> None:
         res["model"] = train(folder / "model")
         print("model", json.dumps(res["model"]), flush=True)
         from st_predict import NH2ST
-        from st_predict._cohort import read_manifest
+        from st_predict.tl import read_manifest
 
         model = NH2ST.load(str(folder / "model"), accelerator="cpu")
         runs = {}

@@ -87,7 +87,7 @@ def _train(model_dir: str) -> None:
 
     adata = synthetic_tissue(n_sections=2, n_rows=8, n_cols=8, n_genes=60, seed=0)
     NH2ST.setup_anndata(adata, library_key="section", patch_size=32)
-    model = NH2ST(adata, image_size=32, weights="random", n_genes=50)
+    model = NH2ST(adata, image_size=32, encoder_weights="random", n_genes=50)
     model.train(max_epochs=1, progress=False)
     model.save(model_dir, overwrite=True)
 

@@ -122,7 +122,7 @@ def _part(name: str, data: str) -> dict:
             kwargs = {"recipe": "paper"}  # 224 px, every node's patch with gradient, batch 8, float32
             train.update(limit_train_batches=12)
         res["peak_rss_gib_before_train"] = round(_peak_rss_gib(), 2)
-        model = NH2ST(adata, weights="random", **kwargs)
+        model = NH2ST(adata, encoder_weights="random", **kwargs)
         timer = _timer()
         epochs = 3 if name == "nh2st64" else 1
         t = time.perf_counter()
@@ -150,14 +150,14 @@ def _part(name: str, data: str) -> dict:
                                                         / res["seconds_per_epoch"], 1)
         res["setup_seconds"] = round(res["seconds_train_call"] - sum(timer.epochs), 1)
     elif name == "predict64":
-        model = NH2ST(adata, weights="random")
+        model = NH2ST(adata, encoder_weights="random")
         model.train(max_epochs=1, progress=False)
         for tta in (False, True):
             t = time.perf_counter()
             model.get_predicted_expression(adata, tta=tta)
             res[f"spots_per_s_tta_{tta}".lower()] = round(adata.n_obs / (time.perf_counter() - t), 1)
     elif name in ("default5", "default5patch"):
-        model = NH2ST(adata, weights="random", **({"context": "patch"} if name == "default5patch" else {}))
+        model = NH2ST(adata, encoder_weights="random", **({"context": "patch"} if name == "default5patch" else {}))
         res["context"] = model.module.context
         t = time.perf_counter()
         model.train(progress=False)

@@ -71,7 +71,7 @@ def run(data: str, n: int, mode: str, cache: str) -> dict:
     sections = [f"S{i:02d}" for i in range(n)]
     adata = read_her2st(data, sections=sections, load_images="lazy" if mode == "store" else True)
     NH2ST.setup_anndata(adata, library_key="section", patch_size=SPACING)
-    model = NH2ST(adata, weights="random", image_size=224, n_genes=50)
+    model = NH2ST(adata, encoder_weights="random", image_size=224, n_genes=50)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.train(max_epochs=1, batch_size=8, limit_train_batches=20, progress=False,
                 feature_cache=cache if mode == "store" else False)  # False: in memory whatever their size

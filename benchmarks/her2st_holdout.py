@@ -59,7 +59,7 @@ def main() -> None:
         test = select_sections(adata, [fold])
         NH2ST.setup_anndata(train, library_key="section", patch_size=224)
         kwargs = {k: v for k, v in (("trunk", args.trunk), ("image_size", args.image_size)) if v is not None}
-        model = NH2ST(train, recipe=args.recipe, weights=args.weights, **kwargs, **json.loads(args.model_kwargs))
+        model = NH2ST(train, recipe=args.recipe, encoder_weights=args.weights, **kwargs, **json.loads(args.model_kwargs))
         t_fit = time.perf_counter()
         model.train(max_epochs=args.epochs, progress=False)  # includes cropping patches / filling caches
         t_fit = time.perf_counter() - t_fit

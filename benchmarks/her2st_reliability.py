@@ -60,7 +60,7 @@ def _fold(adata, held, sections, seed):
     test = select_sections(adata, [held])
     torch.manual_seed(seed)
     NH2ST.setup_anndata(train, library_key="section", patch_size=224)
-    model = NH2ST(train, weights="random")
+    model = NH2ST(train, encoder_weights="random")
     t = time.perf_counter()
     model.train(progress=False)
     t_plain = time.perf_counter() - t
@@ -117,7 +117,7 @@ def _timing(adata, sections, seed):
 
     torch.manual_seed(seed)
     NH2ST.setup_anndata(adata, library_key="section", patch_size=224)
-    model = NH2ST(adata, weights="random")
+    model = NH2ST(adata, encoder_weights="random")
     t = time.perf_counter()
     model.train(progress=False)
     plain = time.perf_counter() - t

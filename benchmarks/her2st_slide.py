@@ -42,7 +42,7 @@ def _throughput(model, path: Path, pitch: float) -> dict:
     patches, in the same process with the same threads; the first call warms reader and network."""
     import torch
 
-    from st_predict.model import default_num_workers
+    from st_predict.tl import default_num_workers
 
     model.predict_slide(path, pitch_um=pitch, tta=False, progress=False, key_added="warm", num_workers=0)
     out: dict = {"image_size": model.module.image_size, "pitch_um": pitch}
@@ -88,7 +88,7 @@ def main() -> None:
     train = select_sections(adata, [s for s in sections if s != args.test])
     test = select_sections(adata, [args.test])
     NH2ST.setup_anndata(train, library_key="section", patch_size=224)
-    model = NH2ST(train, weights="random")
+    model = NH2ST(train, encoder_weights="random")
     t = time.perf_counter()
     model.train(progress=False)
     res = {"train_seconds": round(time.perf_counter() - t, 1), "test": args.test,
@@ -115,7 +115,7 @@ def main() -> None:
         # the same at the paper's 224 px input: a model trained for one epoch on one section, for speed only
         one = select_sections(train, [sections[1] if sections[0] == args.test else sections[0]])
         NH2ST.setup_anndata(one, library_key="section", patch_size=224)
-        big = NH2ST(one, weights="random", image_size=224)
+        big = NH2ST(one, encoder_weights="random", image_size=224)
         big.train(max_epochs=1, progress=False)
         res["throughput_224px"] = _throughput(big, path, pitch)
     xy = np.asarray(test.obsm["spatial"], dtype=float)

@@ -49,7 +49,7 @@ def _sync_tutorials() -> list[str]:
 _tutorials = _sync_tutorials()
 
 # -- Command-line reference: docs/cli.md (gitignored) is written from the argparse parser at every build
-from st_predict._cli import cli_reference_markdown  # noqa: E402
+from st_predict.cli import cli_reference_markdown
 
 (HERE / "cli.md").write_text(cli_reference_markdown())
 

@@ -4,6 +4,68 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "agg")
 
+# `make test` runs the suite on pytest-xdist workers, one per core: each computes with its share of the cores
+# (and so do the processes its tests start), so that the workers' threads never outnumber the cores
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    from joblib import cpu_count
+
+    _THREADS = str(max(1, int(cpu_count()) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = _THREADS
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+#: a test taking longer than this (setup + call) without a ``slow`` marker is named at the end of every run
+SLOW_UNMARKED_S = 20.0
+_DURATIONS: dict[str, float] = {}
+_SLOW_MARKED: set[str] = set()
+
+
+def pytest_runtest_logreport(report):
+    # also on xdist's controller, which collects nothing itself: the marker comes with the report
+    if report.when in ("setup", "call"):
+        _DURATIONS[report.nodeid] = _DURATIONS.get(report.nodeid, 0.0) + report.duration
+        if "slow" in report.keywords:
+            _SLOW_MARKED.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The 20 slowest tests of the run (setup + call), and any test over SLOW_UNMARKED_S without a ``slow``
+    marker, by name: the suite must stay fast as features are added."""
+    if not _DURATIONS:
+        return
+    slowest = sorted(_DURATIONS.items(), key=lambda kv: -kv[1])[:20]
+    terminalreporter.section("slowest tests (setup + call)")
+    for nodeid, seconds in slowest:
+        terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
+    unmarked = [(n, d) for n, d in _DURATIONS.items() if d > SLOW_UNMARKED_S and n not in _SLOW_MARKED]
+    if unmarked:
+        terminalreporter.section(f"tests over {SLOW_UNMARKED_S:g} s without a slow marker")
+        for nodeid, seconds in sorted(unmarked, key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}  <- mark it @pytest.mark.slow, or make it cheaper")
+
+
+@pytest.fixture(scope="session")
+def cli_model(tmp_path_factory):
+    """An .h5ad of three synthetic sections and a model trained on two of them by the command line (shared by
+    the CLI and newcomer tests; read-only: write outputs elsewhere)."""
+    from helpers import SMALL_TRAIN
+
+    from st_predict.cli import main
+    from st_predict.data import synthetic_tissue
+
+    root = tmp_path_factory.mktemp("cli_model")
+    data = root / "tissue.h5ad"
+    synthetic_tissue(n_sections=3, n_rows=10, n_cols=10, n_genes=60).write_h5ad(data)
+    assert main(["train", str(data), "--out", str(root / "model"), "--sections", "S0", "S1", *SMALL_TRAIN]) == 0
+    return root / "model", data
+
+
 @pytest.fixture(scope="session")
 def tissue():
     """Three 10 x 10 synthetic sections, 60 genes, 32 px spot spacing (read-only: copy before use)."""
@@ -62,4 +124,3 @@ def encoder_calls(monkeypatch):
 
     monkeypatch.setattr(training, "compute_fmaps", counting)
     return seen
-

@@ -16,7 +16,7 @@ def her2st_path():
     return path
 
 
-SMALL = {"image_size": 32, "latent_dim": 64, "n_heads": 4, "weights": "random", "n_genes": 40}
+SMALL = {"image_size": 32, "latent_dim": 64, "n_heads": 4, "encoder_weights": "random", "n_genes": 40}
 
 
 def setup(adata, **kwargs):
@@ -100,3 +100,15 @@ def tiny_vit(seed: int):
 
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+
+
+#: the command line's training options of the small model every CLI test shares
+SMALL_TRAIN = ["--patch-size", "32", "--image-size", "32", "--weights", "random", "--n-genes", "30", "--epochs", "2",
+               "--model-kwargs", '{"latent_dim": 64, "n_heads": 4}', "--quiet"]
+
+
+def module_root(tmp_path_factory, cli_model, name: str):
+    """A folder of its own for a test module's outputs, with ``model`` pointing at the shared CLI model."""
+    root = tmp_path_factory.mktemp(name)
+    (root / "model").symlink_to(cli_model[0], target_is_directory=True)
+    return root, cli_model[1]

@@ -5,26 +5,18 @@ import json
 import anndata as ad
 import numpy as np
 import pytest
+from helpers import SMALL_TRAIN, module_root
 
-from st_predict._cli import build_parser, main
+from st_predict.cli._main import build_parser, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
-SMALL_TRAIN = ["--patch-size", "32", "--image-size", "32", "--weights", "random", "--n-genes", "30", "--epochs", "2",
-               "--model-kwargs", '{"latent_dim": 64, "n_heads": 4}', "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """An .h5ad of three synthetic sections and a model trained on two of them by the CLI."""
-    from st_predict.data import synthetic_tissue
-
-    root = tmp_path_factory.mktemp("cli")
-    data = root / "tissue.h5ad"
-    synthetic_tissue(n_sections=3, n_rows=10, n_cols=10, n_genes=60).write_h5ad(data)
-    code = main(["train", str(data), "--out", str(root / "model"), "--sections", "S0", "S1", *SMALL_TRAIN])
-    assert code == 0
-    return root, data
+def trained(tmp_path_factory, cli_model):
+    """This module's output folder, with the session's CLI-trained model (``model``) and its data."""
+    return module_root(tmp_path_factory, cli_model, "trained")
 
 
 def test_train_saves_model_history_and_curves(trained):
@@ -178,7 +170,7 @@ def test_train_recipe_and_section_validation(tmp_path):
 _CLI = """
 import os, signal, sys, warnings
 warnings.filterwarnings("ignore")
-from st_predict._cli import main
+from st_predict.cli._main import main
 from st_predict.train import EpochCheckpoint
 
 if sys.argv[1] == "killed":  # dies right after the checkpoint of the second epoch, as if pre-empted
@@ -238,7 +230,7 @@ _PREDICT_DIES_WHILE_WRITING = """
 import os, signal, sys, warnings
 warnings.filterwarnings("ignore")
 import anndata as ad
-from st_predict._cli import main
+from st_predict.cli._main import main
 
 real_write = ad.AnnData.write_h5ad
 
@@ -330,7 +322,7 @@ def test_old_option_names_still_work_and_say_what_replaced_them(trained, tmp_pat
 
 def test_every_command_shares_the_defaults():
     """The same option has the same default in every command that has it (from one place)."""
-    from st_predict._constants import PREDICT_BATCH_SIZE
+    from st_predict._utils._constants import PREDICT_BATCH_SIZE
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from st_predict._feature_cache import CACHE_ENV, FeatureCache, default_cache_dir, state_digest
+from st_predict.dataloaders._feature_cache import CACHE_ENV, FeatureCache, default_cache_dir, state_digest
 from st_predict.nn import build_resnet18_trunk, prepare_patches
 
 

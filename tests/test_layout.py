@@ -1,5 +1,6 @@
-"""Issue 15: the package's layout. No module over ~600 lines, no two modules importing each other, and
-no import of another subpackage's private modules (tests excepted)."""
+"""The package's layout (issues 15 and 27). No module over ~600 lines, no two modules importing each other,
+no import of another package's private modules, the root included (tests excepted), and at most six modules
+at the top."""
 
 import ast
 from pathlib import Path
@@ -70,17 +71,44 @@ def mutual_imports(root: Path) -> list[tuple[str, str]]:
     )
 
 
+def _owner(module: str, root: Path) -> str | None:
+    """The package a private module belongs to: ``st_predict.model._nh2st`` -> ``st_predict.model``,
+    ``st_predict._utils._atomic`` -> ``st_predict._utils``, ``st_predict._x`` -> ``st_predict``. ``None`` for a
+    public path, and for a private *package* itself (``st_predict._utils``): its ``__init__`` is its interface."""
+    parts = module.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].startswith("_"):
+            if (root.joinpath(*parts[: i + 1]) / "__init__.py").is_file():
+                if i == len(parts) - 1:
+                    return None
+                continue
+            return ".".join(parts[:i])
+    return None
+
+
 def private_imports(root: Path) -> list[str]:
+    """Imports of a private module from outside the package that owns it. The root is a package like any
+    other: its private modules are its own, so a subpackage may import ``st_predict._utils`` (a package)
+    but not ``st_predict._utils._atomic``, nor a private module at the root."""
     bad = []
     package = root / "st_predict"
     for path in [*_sources(root), *sorted((root / "benchmarks").glob("*.py"))]:
-        own = _module_name(path, root).split(".")[:2] if path.is_relative_to(package) else []
+        here = None
+        if path.is_relative_to(package):
+            name = _module_name(path, root)
+            here = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for module in _imports(path, root):
-            parts = module.split(".")
-            # st_predict.<sub>._<private>: only <sub> itself may import it
-            if len(parts) >= 3 and parts[2].startswith("_") and parts[:2] != own:
+            owner = _owner(module, root)
+            if owner is None:
+                continue
+            inside = here is not None and (here == owner or (owner != "st_predict" and here.startswith(owner + ".")))
+            if not inside:
                 bad.append(f"{path.relative_to(root)} -> {module}")
     return bad
+
+
+def top_level_modules(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "st_predict").glob("*.py"))
 
 
 def test_no_module_is_over_600_lines():
@@ -98,6 +126,12 @@ def test_no_private_imports_across_subpackages():
     assert not bad, bad
 
 
+def test_few_modules_sit_at_the_top():
+    """The architecture shows in the subpackages (scvi-tools has about five top-level modules)."""
+    top = top_level_modules(ROOT)
+    assert len(top) <= 6, top
+
+
 def test_the_checks_find_each_violation(tmp_path):
     """On a small package written here with one violation of each kind, each check reports exactly it."""
     pkg = tmp_path / "st_predict"
@@ -111,7 +145,18 @@ def test_the_checks_find_each_violation(tmp_path):
     (pkg / "x" / "_own.py").write_text("")
     (pkg / "y" / "use.py").write_text("from ..x._priv import thing\n")
     (pkg / "y" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (pkg / "_root.py").write_text("from ._top import z\n")  # the root's own private module: allowed
+    (pkg / "_top.py").write_text("")
+    (pkg / "_utils").mkdir()
+    (pkg / "_utils" / "__init__.py").write_text("from ._inner import w\n")
+    (pkg / "_utils" / "_inner.py").write_text("")
+    (pkg / "x" / "root.py").write_text("from st_predict import _top\nfrom st_predict._utils import w\n")
+    (pkg / "x" / "deep.py").write_text("from st_predict._utils._inner import w\n")
 
     assert mutual_imports(tmp_path) == [("st_predict.a", "st_predict.b")]
-    assert private_imports(tmp_path) == ["st_predict/y/use.py -> st_predict.x._priv"]
+    # a subpackage importing the root's private module or a private package's module; the package itself is fine
+    assert private_imports(tmp_path) == ["st_predict/x/deep.py -> st_predict._utils._inner",
+                                         "st_predict/x/root.py -> st_predict._top",
+                                         "st_predict/y/use.py -> st_predict.x._priv"]
     assert long_modules(tmp_path) == {"st_predict/y/long.py": MAX_LINES + 1}
+    assert top_level_modules(tmp_path) == ["__init__.py", "_root.py", "_top.py", "a.py", "b.py", "c.py"]

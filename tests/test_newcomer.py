@@ -7,13 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import SMALL_TRAIN, module_root
 
-from st_predict._cli import build_parser, main
+from st_predict.cli._main import build_parser, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
-SMALL_TRAIN = ["--patch-size", "32", "--image-size", "32", "--weights", "random", "--n-genes", "30", "--epochs", "2",
-               "--model-kwargs", '{"latent_dim": 64, "n_heads": 4}', "--quiet"]
 
 
 def _strict_json(text: str):
@@ -24,14 +23,9 @@ def _strict_json(text: str):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from st_predict.data import synthetic_tissue
-
-    root = tmp_path_factory.mktemp("newcomer")
-    data = root / "tissue.h5ad"
-    synthetic_tissue(n_sections=3, n_rows=10, n_cols=10, n_genes=60).write_h5ad(data)
-    assert main(["train", str(data), "--out", str(root / "model"), "--sections", "S0", "S1", *SMALL_TRAIN]) == 0
-    return root, data
+def run(tmp_path_factory, cli_model):
+    """This module's output folder, with the session's CLI-trained model (``model``) and its data."""
+    return module_root(tmp_path_factory, cli_model, "run")
 
 
 def test_evaluate_marks_training_sections_and_keeps_them_out_of_the_headline(run, capsys):
@@ -152,7 +146,7 @@ def test_loading_and_training_are_quiet_and_view_anndata_setup_works(run, caplog
 
 
 def test_cli_reference_is_written_from_the_parser():
-    from st_predict._cli import cli_reference_markdown
+    from st_predict.cli._main import cli_reference_markdown
 
     text = cli_reference_markdown()
     parser = build_parser()
@@ -168,7 +162,7 @@ def test_argument_errors_come_before_the_heavy_imports(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from st_predict._cli import main; "
+    code = ("import sys; from st_predict.cli._main import main; "
             "rc = main(['predict', 'no_model', 'missing.h5ad', '--out', 'x.h5ad']); "
             "rc2 = main(['train', 'missing.h5ad', '--out', 'm']); "
             "print(rc, rc2, 'scvi' in sys.modules, 'torch' in sys.modules)")
@@ -197,7 +191,7 @@ def test_numeric_arguments_are_checked_before_the_heavy_imports(tmp_path):
         "demo --epochs 0": "--epochs: must be >= 1, got 0",
     }
     code = (
-        "import sys, json\nfrom st_predict._cli import main\ncodes = []\n"
+        "import sys, json\nfrom st_predict.cli._main import main\ncodes = []\n"
         f"for argv in {[c.split() for c in cases]!r}:\n"
         "    try:\n        codes.append(main(argv))\n    except SystemExit as e:\n        codes.append(e.code)\n"
         "print(json.dumps([codes, 'torch' in sys.modules, 'scvi' in sys.modules]))"

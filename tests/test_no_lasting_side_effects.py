@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import SMALL, setup, slide_tissue, write_slide
 
-from st_predict import NH2ST, _threads
+from st_predict import NH2ST
+from st_predict._utils import _threads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
@@ -35,9 +36,9 @@ class _ThreadsInside(pl.Callback):
 
 def test_train_predict_and_predict_slide_leave_threads_and_loggers_as_they_were(tissue, tmp_path, monkeypatch):
     adata = tissue.copy()
-    setup(adata)
     for entry in adata.uns["spatial"].values():
         entry["metadata"] = {"pixel_size_um": 0.5}
+    setup(adata)  # the registry reads the pixel size now
     model = NH2ST(adata, **SMALL)
     before_threads = torch.get_num_threads()
     monkeypatch.setattr(_threads, "available_cores", lambda: 1)  # a limit that applies inside

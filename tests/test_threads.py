@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from st_predict import _threads
+from st_predict._utils import _threads
 
 
 class _ThreadReport(torch.utils.data.Dataset):

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from anndata import AnnData
 
-from st_predict._errors import InputError
-from st_predict._settings import TrainingSettings
+from st_predict._utils import InputError
+from st_predict.module import NetworkSettings
 from st_predict.nn import info_nce
+from st_predict.train import TrainingSettings
 
 
 @dataclass
@@ -211,13 +212,25 @@ def with_patch(setup: dict, patch: dict | None) -> dict:
     return {**base, **patch}
 
 
-def _fold_patches(fold: Fold, adata: AnnData, setup: dict, out_size: int) -> torch.Tensor:
-    """uint8 patches ``(n, 3, out_size, out_size)`` of every spot of ``adata``, the patch of ``setup``
-    resolved on the fold's training sections (as a model set up on them would)."""
-    from st_predict.pp import PatchGeometry, make_patch_reader, spot_libraries
+def fold_geometry(fold: Fold, setup: dict | None = None):
+    """The patch of a fold: the runner's (``fold.extra["geometry"]``) unless ``setup`` gives another size."""
+    from st_predict.pp import PatchGeometry, spot_libraries
 
-    geometry = PatchGeometry.resolve(fold.train, spot_libraries(fold.train, setup["library_key"]),
-                                     setup.get("patch_size"), setup.get("patch_size_um"))
+    setup = fold.extra["setup"] if setup is None else setup
+    keys = ("patch_size", "patch_size_um")
+    if "geometry" in fold.extra and all(setup.get(k) == fold.extra["setup"].get(k) for k in keys):
+        return fold.extra["geometry"]
+    return PatchGeometry.resolve(fold.train, spot_libraries(fold.train, setup["library_key"]), setup.get("patch_size"),
+                                 setup.get("patch_size_um"))
+
+
+def _fold_patches(fold: Fold, adata: AnnData, setup: dict, out_size: int) -> torch.Tensor:
+    """uint8 patches ``(n, 3, out_size, out_size)`` of every spot of ``adata``: the runner's patch (resolved once
+    on every section), or another one that ``setup`` asks for, resolved on the fold's training sections (as a
+    model set up on them would)."""
+    from st_predict.pp import make_patch_reader, spot_libraries
+
+    geometry = fold_geometry(fold, setup)
     libs = spot_libraries(adata, setup["library_key"])
     reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
                                geometry.pixels_for(adata, libs), out_size)
@@ -428,20 +441,21 @@ class NH2STMethod:
             raise InputError("A frozen NH2ST shares the runner's trunk features: its setup cannot differ.")
         train = fold.train.copy() if fold.train.is_view else fold.train
         NH2ST.setup_anndata(train, **setup)
-        kwargs = {"weights": "random", **self.model_kwargs, "genes": fold.genes}
+        kwargs = {"encoder_weights": "random", **self.model_kwargs, "genes": fold.genes}
         features = None
+        spec = fold.extra.get("encoder_spec")
         if self.frozen:
-            # the runner's encoder: its weights and its cached feature maps of these spots
-            if fold.extra.get("encoder", "resnet18") == "resnet18":
-                kwargs.update(weights=fold.extra["trunk_state"], image_size=fold.extra["image_size"])
-            else:
-                kwargs.update(encoder=fold.extra["encoder"], encoder_weights=fold.extra["encoder_weights"])
+            # the runner's encoder module itself (built once for the run) and its cached feature maps of these spots
+            kwargs.update(encoder=fold.extra["trunk"], image_size=fold.extra["image_size"])
+            kwargs.pop("encoder_weights")
             features = fold.extra["fmaps_train"]
-        elif fold.extra.get("encoder", "resnet18") != "resnet18":
-            raise InputError("Only frozen methods use the runner's encoder: an end-to-end NH2ST here would train "
-                             "a ResNet18 instead. Use benchmark.frozen_methods().")
+        elif spec is not None and spec.name != NetworkSettings().encoder:
+            raise InputError(f"Only frozen methods use the runner's encoder ({spec.name!r}): an end-to-end NH2ST here "
+                             "would train its own default encoder instead. Use benchmark.frozen_methods().")
         self.model_ = NH2ST(train, **kwargs)
-        self.model_.train(progress=False, trunk_features=features, **self.train_kwargs)
+        # None in train_kwargs: the recipe's value (epochs=None, batch_size=None by default)
+        self.model_.train(progress=False, trunk_features=features,
+                          **{k: v for k, v in self.train_kwargs.items() if v is not None})
 
     def uncertainty(self, fold: Fold) -> dict | None:
         """With ``train_kwargs={"reliability": True}``: the model and its fold models' predictions of the held-out

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 #: the rule :func:`nested_selection` applies, as the table states it
 RULE = ("for each held-out section, the candidate with the highest mean PCC over the leave-one-section-out splits "

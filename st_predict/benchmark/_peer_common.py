@@ -9,7 +9,7 @@ the same for every method, so that a row differs from another by its architectur
    ``_fold_patches(fold, adata, setup, 64)``) at 64 px. Where the authors' code reads pretrained frozen
    features (UNI, Ciga et al.'s self-supervised ResNet18), the peers read the runner's shared frozen
    trunk instead (here a randomly initialised ResNet18: no pretrained weights offline): ``fold.feats_*``
-   for per-spot features, and the trunk of ``fold.extra["trunk_state"]`` for anything else (e.g.
+   for per-spot features, and the runner's encoder module ``fold.extra["trunk"]`` for anything else (e.g.
    TRIPLEX's neighbourhood tokens).
 2. **Size.** At most 4 blocks per transformer stack and at most 512 wide (the authors' own numbers
    where smaller); their heads, head width, MLP ratios and dropout otherwise.
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from anndata import AnnData
 from torch import nn
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 from ._methods import Fold
 
@@ -188,21 +188,16 @@ def raw_counts(adata: AnnData, genes: Sequence[str]) -> torch.Tensor:
 
 
 def frozen_trunk(fold: Fold) -> nn.Module:
-    """The runner's frozen ResNet18 trunk (eval mode, no gradients)."""
-    from st_predict.nn import build_resnet18_trunk
-
-    state = fold.extra.get("trunk_state")
-    if state is None:
+    """The runner's frozen encoder (eval mode, no gradients), which must give maps whose side follows the input
+    (a CNN such as the ResNet18): the peers read it over regions larger than a patch."""
+    trunk, spec = fold.extra.get("trunk"), fold.extra.get("encoder_spec")
+    if trunk is None or spec is None or spec.stride is None:
         raise InputError(
-            "This method reads the runner's frozen ResNet18 trunk (fold.extra['trunk_state']); "
-            "the fold has none (another encoder?)."
+            "This method reads the runner's frozen encoder over whole neighbourhoods, which needs a convolutional "
+            f"encoder whose maps follow the input size (the ResNet18); the runner's is {getattr(spec, 'name', None)!r}."
         )
-    net = build_resnet18_trunk()
-    net.load_state_dict(state)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    trunk.eval()
+    return trunk
 
 
 def _uint8_rgb(arr) -> np.ndarray:
@@ -227,16 +222,13 @@ class RegionReader:
     """
 
     def __init__(self, fold: Fold, adata: AnnData, out_size: int, grid: int = 5):
-        from st_predict.pp import PatchGeometry, section_images, spot_libraries
+        from st_predict.pp import section_images
+
+        from ._methods import fold_geometry
 
         setup = fold.extra["setup"]
         coords, self.libs = fold_spots(fold, adata)
-        geometry = PatchGeometry.resolve(
-            fold.train,
-            spot_libraries(fold.train, setup["library_key"]),
-            setup.get("patch_size"),
-            setup.get("patch_size_um"),
-        )
+        geometry = fold_geometry(fold)
         self.images, scales = section_images(adata, self.libs, setup["image_key"])
         sides = geometry.pixels_for(adata, self.libs)
         self.out_size, self.grid = out_size, grid

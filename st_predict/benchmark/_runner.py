@@ -14,13 +14,21 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from st_predict._constants import N_GENES, PATCH_SIZE_PX, SECTION_KEY
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._settings import DEFAULT
-from st_predict._warnings import user_stacklevel
+from st_predict._utils import (
+    N_GENES,
+    PATCH_SIZE_PX,
+    SECTION_KEY,
+    InputError,
+    MissingKeyError,
+    index_batches,
+    run_batches,
+    user_stacklevel,
+)
 from st_predict.data import select_sections
 from st_predict.metrics import evaluate, pooled_pcc
-from st_predict.nn import build_encoder, prepare_patches
+from st_predict.model import DEFAULT
+from st_predict.module import NetworkSettings
+from st_predict.nn import build_encoder, canonical_name, prepare_patches, source_of
 from st_predict.pp import (
     PatchGeometry,
     make_patch_reader,
@@ -104,12 +112,11 @@ def frozen_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Callab
     }
 
 
-@torch.inference_mode()
 def _encoder_fmaps(adata, setup, geometry: PatchGeometry, image_size, encoder, weights, feature_cache=None,
                    batch_size=16):
     """The frozen encoder's maps ``(n_obs, C, h, w)`` of every spot (a vector encoder: ``(n_obs, D, 1, 1)``),
     section by section from ``feature_cache`` when given."""
-    from st_predict._feature_cache import FeatureCache, image_digest, maps_key, state_digest
+    from st_predict.dataloaders import FeatureCache, image_digest, maps_key, state_digest
 
     net, info = build_encoder(encoder, weights, image_size=image_size)
     net.eval()
@@ -118,16 +125,12 @@ def _encoder_fmaps(adata, setup, geometry: PatchGeometry, image_size, encoder, w
     reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
                                geometry.pixels_for(adata, libraries), size)
 
+    def embed(idx: np.ndarray) -> torch.Tensor:
+        fm = net(prepare_patches(reader.read(idx), info.mean, info.std))
+        return fm[:, :, None, None] if fm.ndim == 2 else fm
+
     def compute(rows: np.ndarray) -> torch.Tensor:
-        out = None
-        for s in range(0, len(rows), batch_size):
-            idx = np.arange(s, min(s + batch_size, len(rows)))
-            fm = net(prepare_patches(reader.read(rows[idx]), info.mean, info.std)).float()
-            fm = fm[:, :, None, None] if fm.ndim == 2 else fm
-            if out is None:
-                out = torch.empty((len(rows), *fm.shape[1:]))
-            out[idx] = fm.clone()
-        return out
+        return run_batches(embed, index_batches(rows, batch_size), len(rows), net)
 
     if feature_cache is None or feature_cache is False:
         fmaps = compute(np.arange(adata.n_obs))
@@ -163,7 +166,7 @@ def run_benchmark(
     seed: int = 0,
     out_dir: str | Path | None = None,
     section_key: str | None = None,
-    encoder: str = "resnet18",
+    encoder: str = NetworkSettings().encoder,
     encoder_weights: str | None = None,
     feature_cache: str | Path | bool | None = None,
 ) -> dict:
@@ -258,14 +261,17 @@ def run_benchmark(
         raise InputError(f"Folds {unknown} are not values of adata.obs[{group_key!r}] ({groups}).")
     # the patch, resolved once on every section: every method of every fold crops the same tissue area
     geometry = PatchGeometry.resolve(adata, sections_all, patch_size, patch_size_um)
-    known = all(v is not None for v in section_pixel_sizes(adata, sections_all).values())
-    patch = {"patch_size_um": geometry.size_um} if known and geometry.size_um else {"patch_size": geometry.size_px}
+    patch = geometry.setup_kwargs(section_pixel_sizes(adata, sections_all))
     setup = {"library_key": section_key, "image_key": image_key, "spatial_key": spatial_key, **patch}
     torch.manual_seed(seed)
     t = time.perf_counter()
-    chosen = (encoder_weights if encoder_weights is not None else weights) if encoder == "resnet18" else encoder_weights
+    # weights= are the weights of an encoder trained by default (the ResNet18's); any other takes encoder_weights=
+    chosen = encoder_weights if encoder_weights is not None or not source_of(canonical_name(encoder)).trainable \
+        else weights
+    # the shared encoder, built once: every method of every fold reads its features, and a frozen NH2ST row gets the
+    # module itself (not a rebuild per fold and method)
     fmaps, trunk, info, image_size = _encoder_fmaps(adata, setup, geometry, image_size, encoder, chosen, feature_cache)
-    trunk_state, weights_source = trunk.state_dict() if info.name == "resnet18" else None, info.weights
+    weights_source = info.weights
     seconds_features = time.perf_counter() - t
     pooled = fmaps.mean((2, 3)).numpy()
     spot_libraries(adata, section_key)  # checks the section column
@@ -282,7 +288,7 @@ def run_benchmark(
             test_section=test_group, train=train, test=test, genes=genes,
             y_train=normalize_expression(train.X, gidx_tr), groups=train.obs[section_key].astype(str).to_numpy(),
             feats_train=pooled[train_mask], feats_test=pooled[~train_mask],
-            extra={"setup": setup, "image_size": image_size, "trunk_state": trunk_state,
+            extra={"setup": setup, "geometry": geometry, "image_size": image_size, "trunk": trunk, "encoder_spec": info,
                    "encoder": info.name, "encoder_weights": chosen,
                    "fmaps_train": fmaps[torch.from_numpy(train_mask)],
                    "fmaps_test": fmaps[torch.from_numpy(~train_mask)], "weights_source": weights_source},

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 from st_predict.nn import build_resnet18_trunk, prepare_patches
 
 from ._methods import Fold, _fold_patches, _scaling

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from st_predict._constants import SECTION_KEY
-from st_predict._errors import InputError, MissingFileError
+from st_predict._utils import SECTION_KEY, InputError, MissingFileError
 
 from ._images import _read_image, read_fullres_image
 

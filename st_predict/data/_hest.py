@@ -12,8 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import SECTION_KEY
-from st_predict._errors import InputError, MissingFileError, MissingKeyError
+from st_predict._utils import SECTION_KEY, InputError, MissingFileError, MissingKeyError
 
 from ._images import read_fullres_image
 from ._sections import concat_sections

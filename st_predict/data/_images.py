@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from st_predict._errors import InputError, MissingFileError
+from st_predict._utils import InputError, MissingFileError
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".qptiff")
 _OPEN_LOCK = threading.Lock()

@@ -9,8 +9,7 @@ from typing import NamedTuple
 import numpy as np
 from anndata import AnnData
 
-from st_predict._constants import SECTION_KEY
-from st_predict._errors import InputError, MissingFileError
+from st_predict._utils import SECTION_KEY, InputError, MissingFileError
 
 
 class InputData(NamedTuple):
@@ -119,7 +118,7 @@ def downsample_images(adata: AnnData, max_side: int = 2000) -> None:
     image, and the key squidpy's and scanpy's plots look for by default), so the AnnData can be written to
     .h5ad and stays small: from the largest in-memory image of each library, else the largest lazy
     one (read once). Changes ``adata.uns['spatial']`` in place (of an AnnData about to be written)."""
-    from st_predict._imaging import downsample
+    from st_predict._utils import downsample
 
     spatial = adata.uns.get("spatial", {})
     new = {}

@@ -8,9 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import SECTION_KEY
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._warnings import user_stacklevel
+from st_predict._utils import SECTION_KEY, InputError, MissingKeyError, user_stacklevel
 
 
 def _renamed(library_key: str, section_key: str | None, where: str) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._errors import InputError, MissingKeyError
+from st_predict._utils import InputError, MissingKeyError
 
 
 def _image_array(element):
@@ -102,6 +103,7 @@ def from_spatialdata(
         if img_name not in sdata.images:
             raise MissingKeyError(f"Image {img_name!r} for region {region!r} is not in the SpatialData (images: {list(sdata.images)}).")
         image = sdata.images[img_name]
+        from spatialdata import get_centroids
         from spatialdata.transformations import get_transformation
 
         shared = set(get_transformation(sdata.shapes[region] if region in sdata.shapes else sdata.points[region],
@@ -124,12 +126,12 @@ def from_spatialdata(
                 f"Image {img_name!r} maps to {cs!r} by more than an isotropic scale ({a_img.tolist()}); "
                 "this is not supported yet."
             )
-        if "geometry" in getattr(shapes, "columns", []):
-            xy = np.c_[shapes.geometry.centroid.x.to_numpy(), shapes.geometry.centroid.y.to_numpy()]
-        else:
-            xy = shapes[["x", "y"]].to_numpy(dtype=np.float64)
-        xy = (np.c_[xy, np.ones(len(xy))] @ a_pts.T)[:, :2]
-        pos = pd.DataFrame(xy, index=shapes.index.astype(str), columns=["x", "y"])
+        # the spots' centres in the coordinate system (circles, polygons or points), by spatialdata itself
+        with warnings.catch_warnings():  # spatialdata parses its centroids as points and warns about their order
+            warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic increasing")
+            centres = get_centroids(element, coordinate_system=cs).compute()
+        pos = pd.DataFrame(centres[["x", "y"]].to_numpy(dtype=np.float64), index=centres.index.astype(str),
+                           columns=["x", "y"])
         sel = (table.obs[region_key].astype(str) == region).to_numpy()
         ids = table.obs.loc[sel, instance_key].astype(str)
         absent = ids[~ids.isin(pos.index)]

@@ -6,8 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import SECTION_KEY
-from st_predict._errors import InputError
+from st_predict._utils import SECTION_KEY, InputError
 
 # Colours (RGB, 0-255) of the tissue programs: stroma (pink), tumour (purple), fat/lumen (pale).
 _PROGRAM_COLOURS = np.array(

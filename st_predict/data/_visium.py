@@ -12,8 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import SECTION_KEY
-from st_predict._errors import InputError, InputTypeError, MissingFileError, MissingKeyError
+from st_predict._utils import SECTION_KEY, InputError, InputTypeError, MissingFileError, MissingKeyError
 
 from ._images import read_fullres_image
 from ._sections import concat_sections
@@ -85,7 +84,7 @@ def _check_fullres_size(image, image_file: Path, scalefactors: Mapping, hires: n
 def _read_one(
     path: PathLike, library_id: str | None, fullres_image_file: PathLike | None, counts_file: str, kwargs: dict
 ) -> ad.AnnData:
-    from st_predict._deps import import_squidpy
+    from st_predict._utils import import_squidpy
 
     sq = import_squidpy()
 

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import PREDICTED_KEY
-from st_predict._errors import InputError, InputTypeError, MissingKeyError
+from st_predict._utils import PREDICTED_KEY, InputError, InputTypeError, MissingKeyError
 
 
 def _as_array(x) -> np.ndarray:

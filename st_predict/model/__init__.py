@@ -1,7 +1,17 @@
-"""scvi-tools models."""
+"""scvi-tools models, and the named recipes they train with (pure Python: the command line reads them without
+importing scvi-tools or torch)."""
 
-from ._nh2st import NH2ST
-from ._save_load import SAVE_FORMAT
-from ._slide import default_num_workers
+from st_predict._utils import lazy_exports
 
-__all__ = ["NH2ST", "SAVE_FORMAT", "default_num_workers"]
+from ._recipes import DEFAULT, PAPER, Recipe, get_recipe
+from ._recipes import RECIPES as _RECIPES
+
+#: The named recipes (:class:`Recipe`) by name: ``"default"`` and ``"paper"``.
+RECIPES = _RECIPES
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "NH2ST": "._nh2st", "SAVE_FORMAT": "._save_load", "PatchField": "._fields",
+    "default_num_workers": "st_predict.tl",  # where it was before st_predict.tl
+}, eager=globals())
+
+__all__ = ["DEFAULT", "NH2ST", "PAPER", "RECIPES", "SAVE_FORMAT", "PatchField", "Recipe", "get_recipe"]

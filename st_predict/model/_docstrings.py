@@ -8,7 +8,8 @@ import inspect
 
 import docrep
 
-from st_predict._settings import NetworkSettings, TrainingSettings
+from st_predict.module import NetworkSettings
+from st_predict.train import TrainingSettings
 
 nh2st_dsp = docrep.DocstringProcessor()
 

@@ -9,9 +9,14 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._threads import thread_limits
-from st_predict.pp import context_neighbors, make_patch_reader, spot_coordinates, spot_libraries
+from st_predict._utils import InputError, MissingKeyError, index_batches, run_batches, thread_limits
+from st_predict.pp import (
+    N_NEIGHBORS_STORED,
+    context_neighbors,
+    make_patch_reader,
+    spot_coordinates,
+    spot_libraries,
+)
 
 
 class InferenceMixin:
@@ -47,7 +52,10 @@ class InferenceMixin:
         A section with ``K`` spots or fewer pads its spots' lists with the spot itself."""
         setup, lib_key = self._prediction_keys(adata, {"library_key": library_key, "spatial_key": spatial_key})
         coords = spot_coordinates(adata, setup["spatial_key"])
-        return context_neighbors(coords, spot_libraries(adata, lib_key), self.module.n_neighbors)
+        k = self.module.n_neighbors
+        # as training reads them (the first K of the registered 25 nearest): the same neighbours on the same spots,
+        # ties at the K-th distance included
+        return context_neighbors(coords, spot_libraries(adata, lib_key), max(k, N_NEIGHBORS_STORED))[:, :k]
 
     def _target(self, adata: AnnData | None) -> AnnData:
         if adata is None:
@@ -85,34 +93,22 @@ class InferenceMixin:
             rows = np.unique(np.concatenate([indices, neighbors[indices].ravel()]))
         else:
             rows = indices
-        was_training = module.training
-        module.eval()
-        out = []
-        starts = range(0, len(rows), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"Predicting {len(indices)} spots", unit="batch")
-        try:
-            with thread_limits(), torch.inference_mode():
-                for start in starts:
-                    idx = rows[start : start + batch_size]
-                    if cache is not None:
-                        res = self._from_fmaps(cache[torch.as_tensor(idx)].to(module.device),
-                                               "latent" if context else what, tta)
-                    else:
-                        batch = {"patches": reader.read(idx).to(module.device)}
-                        if what == "expression" and not context:
-                            res = module.predict_expression(batch, tta=tta)
-                        else:
-                            res = module.latent(batch, tta=tta)
-                    out.append(res.float().cpu())
-                if context:
-                    out = [self._translate_neighborhoods(torch.cat(out), rows, indices, neighbors, batch_size)]
-        finally:
-            module.train(was_training)
+        def one_batch(idx: np.ndarray) -> torch.Tensor:
+            if cache is not None:
+                return self._from_fmaps(cache[torch.as_tensor(idx)].to(module.device), "latent" if context else what, tta)
+            batch = {"patches": reader.read(idx).to(module.device)}
+            if what == "expression" and not context:
+                return module.predict_expression(batch, tta=tta)
+            return module.latent(batch, tta=tta)
+
+        with thread_limits():
+            out = run_batches(one_batch, index_batches(rows, batch_size), len(rows), module, progress,
+                              f"Predicting {len(indices)} spots")
+            if context and out is not None:
+                out = self._translate_neighborhoods(out, rows, indices, neighbors, batch_size)
         width = len(self.genes_) if what == "expression" else module.path_head.proj.out_features
-        arr = torch.cat(out).numpy() if out else np.zeros((0, width), dtype=np.float32)
+        arr = out.numpy() if out is not None else np.zeros((0, width), dtype=np.float32)
         return arr, adata.obs_names[indices]
 
     def _translate_neighborhoods(self, latents: torch.Tensor, rows: np.ndarray, targets: np.ndarray,
@@ -121,13 +117,14 @@ class InferenceMixin:
         module = self.module
         where = np.full(len(neighbors), -1, dtype=np.int64)
         where[rows] = np.arange(len(rows))
-        preds = []
-        for start in range(0, len(targets), batch_size):
-            t = targets[start : start + batch_size]
+        h = latents.to(module.device)
+
+        def one_batch(t: np.ndarray) -> torch.Tensor:
             nodes = torch.as_tensor(where[np.concatenate([t[:, None], neighbors[t]], axis=1)])
-            h = latents.to(module.device)
-            preds.append(module.predict_from_latents(h[nodes[:, 0]], h[nodes]).float().cpu())
-        return torch.cat(preds) if preds else torch.zeros((0, len(self.genes_)))
+            return module.predict_from_latents(h[nodes[:, 0]], h[nodes])
+
+        out = run_batches(one_batch, index_batches(targets, batch_size), len(targets), module)
+        return out if out is not None else torch.zeros((0, len(self.genes_)))
 
     def _from_fmaps(self, fm: torch.Tensor, what: str, tta: bool) -> torch.Tensor:
         module = self.module

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -13,50 +17,66 @@ import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup calls rich.pre
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
-from scvi.data.fields import LayerField, ObsmField
+from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
-from st_predict._constants import (
-    DEFAULT_WEIGHTS,
+from st_predict import tl
+from st_predict._utils import (
     N_GENES,
     PATCH_SIZE_PX,
     PREDICT_BATCH_SIZE,
     PREDICTED_KEY,
     REGISTRY_KEYS,
+    InputError,
+    MissingKeyError,
+    quiet_logger,
+    user_stacklevel,
 )
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._logging import quiet_logger
 from st_predict.module import NetworkSettings, NH2STModule
-from st_predict.nn import encoder_name
 from st_predict.pp import (
+    N_NEIGHBORS_STORED,
+    NEIGHBORS_KEY,
     PatchGeometry,
     check_expression,
     check_sections_have_counts,
-    make_patch_reader,
-    section_pixel_sizes,
     select_genes,
+    spatial_neighbors,
     spot_coordinates,
     spot_libraries,
-    spot_pitch_um,
+    stored_neighbors_match,
 )
-from st_predict.train import RECIPES, NH2STTrainingPlan, Recipe, TrainingSettings, get_recipe
+from st_predict.train import NH2STTrainingPlan, TrainingSettings
 
-from ._cohort import CohortMixin
 from ._docstrings import nh2st_dsp
 from ._encoder import encoder_digest, resolve_encoder
+from ._fields import PatchField, setup_facts
 from ._inference import InferenceMixin
+from ._recipes import RECIPES, Recipe, get_recipe
 from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
 from ._save_load import LOADING, SaveLoadMixin
-from ._slide import SlideMixin
 from ._training import TrainingData, TrainingMixin
 
 logger = logging.getLogger(__name__)
 
 
+def _method_of(func):
+    """``func(model, ...)`` as a method: its signature with ``self`` for ``model``, its docstring without the
+    ``model`` parameter."""
+    @functools.wraps(func)
+    def method(self, *args, **kwargs):
+        return func(self, *args, **kwargs)
+
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    method.__signature__ = sig.replace(parameters=[params[0].replace(name="self"), *params[1:]])
+    method.__doc__ = re.sub(r"\n    model\n        [^\n]*\n", "\n", func.__doc__ or "", count=1)
+    return method
+
+
 @nh2st_dsp.dedent
-class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceMixin, TrainingMixin,
-            UnsupervisedTrainingMixin, BaseModelClass):
+class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, UnsupervisedTrainingMixin,
+            BaseModelClass):
     """NH2ST :cite:p:`Qu2025`: spatial gene expression from H&E patches, trained with a query branch
     and a hypergraph neighbour branch aligned by cross-attention and contrastive learning.
 
@@ -78,22 +98,19 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
     registry
         Saved registry (used by :meth:`load`).
     recipe
-        ``"default"`` or ``"paper"`` (see :data:`st_predict.train.RECIPES`), or a
-        :class:`~st_predict.train.Recipe`.
+        ``"default"`` or ``"paper"`` (see :data:`st_predict.model.RECIPES`), or a
+        :class:`~st_predict.model.Recipe`.
     n_genes
         Number of genes to predict: the most highly expressed genes detected in every section
         (ignored when ``genes`` is given).
     genes
         Explicit list of genes to predict (all must be in ``adata.var_names``).
     weights
-        Trunk initialisation: ``"imagenet"`` (torchvision IMAGENET1K_V1 from the torch hub cache or
-        the internet; falls back to random init with a loud warning), a path to a ResNet18 state dict
-        (e.g. a histology self-supervised checkpoint), a state dict itself, or ``"random"``. Shown in
-        the summary, saved.
+        Deprecated name of ``encoder_weights``.
     encoder
         The image trunk (default: the recipe's, ``"resnet18"``):
 
-        - ``"resnet18"``, with ``weights``;
+        - ``"resnet18"``;
         - a vision key of the lazyslide-models registry (``"uni"``, ``"uni2"``, ``"h-optimus-0"``,
           ``"virchow2"``, ``"gigapath"``, ``"phikon"``, ...; ``st_predict.nn.registry_vision_keys()``
           lists them);
@@ -110,10 +127,12 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
         registry encoder are not copied into the model file but rebuilt on loading and checked
         against a digest.
     encoder_weights
-        The encoder's weights: a local file (for a registry key, its ``model_path``; for a timm name or
-        hub id, a timm state dict), ``"random"`` (timm names only), or ``None``: the published
-        weights (the ResNet18: ``weights``). Gated models read the Hugging Face token from
-        ``HF_TOKEN``.
+        The encoder's weights. The ResNet18: ``"imagenet"`` (torchvision IMAGENET1K_V1 from the torch hub cache
+        or the internet; falls back to random init with a loud warning; the default), a path to a ResNet18 state
+        dict (e.g. a histology self-supervised checkpoint), a state dict itself, or ``"random"``. Any other
+        encoder: a local file (for a registry key, its ``model_path``; for a timm name or hub id, a timm state
+        dict), ``"random"`` (timm names only), or ``None``: the published weights. Gated models read the Hugging
+        Face token from ``HF_TOKEN``. Shown in the summary, saved.
     library_size
         Normalisation of count targets: library size over ``"all_genes"`` (scanpy's
         ``normalize_total``) or over the ``"selected_genes"`` (authors' code).
@@ -147,6 +166,11 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
     _module_cls = NH2STModule
     _training_plan_cls = NH2STTrainingPlan
 
+    # whole slides and cohorts: the functions of st_predict.tl, as methods
+    predict_slide = _method_of(tl.predict_slide)
+    predict_slides = _method_of(tl.predict_slides)
+    as_tile_model = _method_of(tl.as_tile_model)
+
     def __init__(
         self,
         adata: AnnData | None = None,
@@ -154,7 +178,7 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
         recipe: str | Recipe = "default",
         n_genes: int = N_GENES,
         genes: Sequence[str] | None = None,
-        weights: str | os.PathLike | Mapping | None = DEFAULT_WEIGHTS,
+        weights: str | os.PathLike | Mapping | None = None,
         encoder: str | torch.nn.Module | None = None,
         encoder_weights: str | os.PathLike | None = None,
         library_size: Literal["all_genes", "selected_genes"] = "all_genes",
@@ -182,14 +206,23 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
                 f"NH2ST got unknown keyword(s) {unknown}. Network settings are {list(NetworkSettings.names())}; "
                 f"training settings ({', '.join(TrainingSettings.names())}) go to model.train()."
             )
-        # resolved once and saved as such: a loaded model rebuilds the same network even if the
-        # recipe's defaults change in a later release
-        if encoder is not None:  # before the overrides are checked: image_size rules depend on the encoder
-            network_overrides = {**network_overrides, "encoder": encoder_name(encoder)}
-        network = network.replace(**network_overrides)
+        loading = LOADING.get()
+        if weights is not None:
+            if not loading:
+                warnings.warn("NH2ST(weights=) is deprecated: use encoder_weights= (the ResNet18's too).", FutureWarning,
+                              stacklevel=user_stacklevel())
+            if encoder_weights is not None and not loading:
+                raise InputError("Give encoder_weights= (weights= is its deprecated name), not both.")
+            encoder_weights = weights if encoder_weights is None else encoder_weights
+        # the encoder, resolved and built once; its spec completes the network settings, which are checked once.
+        # Saved as such: a loaded model rebuilds the same network even if the recipe's defaults change later
+        built, changes, saved_weights = resolve_encoder(network, network_overrides, encoder, encoder_weights, loading)
+        network = network.replace(**{**network_overrides, **changes})
         setup = self.registry_["setup_args"]
+        # the registered facts (sections, patch, pitch, neighbours), read once
+        self._facts = setup_facts(self.adata_manager) if adata is not None else None
         if adata is not None:
-            libraries = spot_libraries(adata, setup["library_key"])
+            libraries = self._facts.libraries
             check_sections_have_counts(
                 self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), libraries,
                 f"adata.layers[{setup['layer']!r}]" if setup.get("layer") else "adata.X",
@@ -205,10 +238,6 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
         self._library_size = library_size
         self.recipe_ = the_recipe
         self.tta_ = bool(the_recipe.tta) if tta is None else bool(tta)
-        loading = LOADING.get()
-        network, built, saved_weights = resolve_encoder(
-            network, network_overrides, encoder, encoder_weights, weights, loading
-        )
         self.module = self._module_cls(len(genes), network, encoder=built)
         self.weights_source_ = "from saved model" if loading and self.module.saves_trunk else built[1].weights
         self.encoder_digest_ = None if loading else encoder_digest(self.module)
@@ -228,17 +257,14 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
                 # a named recipe is saved by name, a custom one as it is
                 "recipe": the_recipe.name if RECIPES.get(the_recipe.name) == the_recipe else the_recipe,
                 "n_genes": n_genes, "genes": genes,
-                "weights": "state dict" if isinstance(weights, Mapping) else weights,  # its tensors are in the module
-                "encoder_weights": saved_weights if network.encoder != "resnet18" else None,
+                "weights": None,  # its deprecated name: encoder_weights
+                "encoder_weights": saved_weights,
                 "library_size": library_size, "tta": tta, "network": network.to_dict(),
             },
             "kwargs": {},
         }
         if adata is not None:
-            libraries = spot_libraries(adata, setup["library_key"])
-            sizes = section_pixel_sizes(adata, libraries)
-            self.patch_geometry_ = PatchGeometry.from_pixel_sizes(sizes, setup["patch_size"], setup.get("patch_size_um"))
-            self.spot_pitch_um_ = spot_pitch_um(spot_coordinates(adata, setup["spatial_key"]), libraries, sizes)
+            self.patch_geometry_, self.spot_pitch_um_ = self._facts.geometry, self._facts.spot_pitch_um
             self._training_data()  # check neighbours, patches and targets now, not at train()
 
     @property
@@ -322,14 +348,25 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
         patch_size: float = PATCH_SIZE_PX,
         patch_size_um: float | None = None,
         is_count_data: bool = True,
+        n_neighbors: int = N_NEIGHBORS_STORED,
+        neighbors_key: str = NEIGHBORS_KEY,
         **kwargs,
     ):
         """%(summary)s.
 
         Checks everything training needs and says what is wrong by name: expression (finite; for
         counts also non-negative integers), ``adata.obsm[spatial_key]``, the image and scale factor
-        of every section, and that every spot's patch lies inside its image. The only keys written
-        are scvi-tools' ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``.
+        of every section, and that every spot's patch lies inside its image. Registers, once, the facts
+        every part of the model reads (``model.view_anndata_setup()`` lists them): the expression, the spot
+        positions, the section of each spot (``library``, a categorical field), each spot's nearest spots of
+        its section (``neighbor_indices`` and ``neighbor_distances``) and the patch (``patch``: the image, the
+        patch side and its pixels on each section, the spot pitch).
+
+        Writes scvi-tools' ``adata.uns["_scvi_uuid"]``, ``adata.uns["_scvi_manager_uuid"]`` and
+        ``adata.obs["_scvi_library"]`` (the sections' codes) and, when they are absent or do not belong to
+        these spots (an AnnData subset after they were computed), the neighbour arrays
+        ``adata.obsm[f"{neighbors_key}_indices"]`` and ``adata.obsm[f"{neighbors_key}_distances"]``
+        (:func:`st_predict.pp.spatial_neighbors`). Nothing else of the AnnData changes.
 
         The patch is resolved here, once, into a :class:`~st_predict.pp.PatchGeometry`: when the
         sections' pixel sizes are known it is a physical size (``patch_size`` pixels become
@@ -359,6 +396,12 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
         is_count_data
             ``True``: raw counts, normalised by the model to ``log1p(counts / library size * 1e4)``.
             ``False``: already normalised values, used as they are.
+        n_neighbors
+            Nearest spots of the same section stored per spot (a model with ``K`` neighbours reads the first
+            ``K``; default: 25, the paper's largest ``K``).
+        neighbors_key
+            Prefix of the ``adata.obsm`` neighbour arrays (:func:`st_predict.pp.spatial_neighbors`): arrays
+            already there are used when they belong to these spots and hold at least ``n_neighbors``.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if adata.is_view:
@@ -378,16 +421,24 @@ class NH2ST(ReliabilityMixin, CohortMixin, SlideMixin, SaveLoadMixin, InferenceM
             raise MissingKeyError(f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers)}).")
         matrix = adata.layers[layer] if layer is not None else adata.X
         check_expression(matrix, f"adata.layers[{layer!r}]" if layer else "adata.X", is_count_data)
-        spot_coordinates(adata, spatial_key)
+        coords = spot_coordinates(adata, spatial_key)
         libraries = spot_libraries(adata, library_key)
-        geometry = PatchGeometry.resolve(adata, libraries, patch_size, patch_size_um)
-        make_patch_reader(adata, spatial_key, image_key, library_key, geometry.pixels_for(adata, libraries),
-                          out_size=32)  # validates
+        have = adata.obsm.get(f"{neighbors_key}_indices")
+        if have is None or np.asarray(have).shape[1] < n_neighbors or not stored_neighbors_match(
+                adata, neighbors_key, coords, libraries):
+            if have is not None:
+                logger.info("adata.obsm[%r] does not belong to these spots (or holds fewer than %d neighbours): "
+                            "computed again.", f"{neighbors_key}_indices", n_neighbors)
+            spatial_neighbors(adata, n_neighbors, library_key, spatial_key, neighbors_key)
         anndata_fields = [
             # counts are checked by check_expression above (which accepts float counts with rounding
             # noise); scvi's own check would warn about those
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key),
+            CategoricalObsField(REGISTRY_KEYS.LIBRARY_KEY, library_key),
+            ObsmField(REGISTRY_KEYS.NEIGHBOR_INDICES_KEY, f"{neighbors_key}_indices"),
+            ObsmField(REGISTRY_KEYS.NEIGHBOR_DISTANCES_KEY, f"{neighbors_key}_distances"),
+            PatchField(image_key, spatial_key, library_key, patch_size, patch_size_um, neighbors_key),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         with quiet_logger("scvi.data.fields"):  # not "INFO Generating sequential column names" (obsm has none)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError, progress_logger
 from st_predict.metrics import pcc_per_gene
 
 logger = logging.getLogger(__name__)
@@ -122,10 +122,12 @@ class ReliabilityMixin:
         for k, held in enumerate(sections):
             others = [s for s in sections if s != held]
             sub = select_sections(adata, others, library_key=setup["library_key"])
-            type(self).setup_anndata(sub, **setup_kw)
+            # the full model's registry: its patch (the same micrometres and pixels), not one resolved again on the
+            # fold's sections, which a fold model would train on and then not be shown at prediction
+            type(self).setup_anndata(sub, source_registry=self.registry_, **setup_kw)
             fold = type(self)(sub, **{**init, "genes": genes})
             if progress is not False:
-                print(f"Reliability: fold model {k + 1}/{len(sections)}, section {held} held out", flush=True)
+                progress_logger().info("Reliability: fold model %d/%d, section %s held out", k + 1, len(sections), held)
             fold.train(settings=settings, accelerator=accelerator, devices=devices, progress=progress,
                        feature_cache=feature_cache)
             preds[k] = fold.get_predicted_expression(adata, return_numpy=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
+import types
 from collections.abc import Mapping
 
 import numpy as np
@@ -11,11 +13,12 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from st_predict._atomic import staged_folder
-from st_predict._errors import InputError, MissingFileError
-from st_predict._logging import quiet_logger
+from st_predict._utils import InputError, MissingFileError, quiet_logger, staged_folder
+from st_predict.module import NetworkSettings
+from st_predict.train import TrainingSettings
 
 from ._encoder import ENCODER_OVERRIDE, check_encoder_digest
+from ._recipes import Recipe
 
 #: Version of the saved-model layout (``model.pt``'s keys, the module's parameters and attributes).
 #: Raised when a change means older releases cannot read new files or this release cannot read old
@@ -24,6 +27,19 @@ from ._encoder import ENCODER_OVERRIDE, check_encoder_digest
 #: (``patch_geometry_``). Format 3 adds the network setting ``context`` (what the translator predicts from);
 #: formats 1 and 2 are read and migrated (:meth:`SaveLoadMixin.load`; they predicted from the patch alone).
 SAVE_FORMAT = 3
+
+
+def _legacy_pickle_paths() -> None:
+    """Saved models pickled their recipe (and its settings) under the modules these classes lived in then:
+    ``st_predict.train._recipes`` (format 1) and ``st_predict._settings`` (formats 1 and 2, a custom recipe).
+    Those names point here, so that such files keep loading."""
+    legacy = types.ModuleType("st_predict._settings")
+    legacy.Recipe, legacy.NetworkSettings, legacy.TrainingSettings = Recipe, NetworkSettings, TrainingSettings
+    sys.modules.setdefault("st_predict._settings", legacy)
+    sys.modules.setdefault("st_predict.train._recipes", legacy)
+
+
+_legacy_pickle_paths()
 
 # Set while ``load`` rebuilds a model: the trunk weights then come from the saved state dict, so
 # ``__init__`` must not fetch pretrained weights.

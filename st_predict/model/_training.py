@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 import os
 import warnings
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,26 +17,28 @@ import torch
 from scvi import settings
 from scvi.train import Trainer
 
-from st_predict._constants import REGISTRY_KEYS
-from st_predict._errors import InputError
-from st_predict._feature_cache import FeatureCache, image_digest, maps_key, state_digest
-from st_predict._threads import interactive, thread_limits
+from st_predict._utils import REGISTRY_KEYS, InputError, interactive, thread_limits
+from st_predict.dataloaders import (
+    FeatureCache,
+    NH2STCollate,
+    NH2STDataModule,
+    image_digest,
+    maps_key,
+    split_validation,
+    state_digest,
+)
 from st_predict.pp import (
     make_patch_reader,
     normalize_expression,
-    spatial_knn,
-    spot_coordinates,
-    spot_libraries,
 )
 from st_predict.train import (
+    RECIPE,
     BestEpoch,
     EpochCheckpoint,
     EpochLog,
-    NH2STCollate,
-    NH2STDataModule,
+    RNGStates,
     TrainingSettings,
     compute_fmaps,
-    split_validation,
 )
 
 from ._docstrings import nh2st_dsp
@@ -87,15 +91,13 @@ class TrainingMixin:
             missing = [g for g, i in zip(self.genes_, gene_idx, strict=True) if i < 0]
             raise InputError(f"{len(missing)} model genes are not in adata.var_names: {missing[:10]}")
         targets = normalize_expression(counts, gene_idx, setup["is_count_data"], self._library_size)
-        libraries = spot_libraries(adata, setup["library_key"])
+        facts = self._facts  # the registry's: sections, neighbours, the patch's pixels on each section
+        libraries = facts.libraries
         neighbors = None
         if self.module.settings.uses_neighbors:  # the neighbour branch and the translator's context use them
-            coords = spot_coordinates(adata, setup["spatial_key"])
-            neighbors = torch.from_numpy(spatial_knn(coords, libraries, self.module.n_neighbors))
-        reader = make_patch_reader(
-            adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
-            self.patch_geometry_.pixels_for(adata, libraries), self.module.image_size,
-        )
+            neighbors = torch.from_numpy(facts.neighbors_for(self.module.n_neighbors))
+        reader = make_patch_reader(adata, setup["spatial_key"], setup["image_key"], setup["library_key"],
+                                   facts.patch_px, self.module.image_size)
         self._data = TrainingData(torch.from_numpy(targets), neighbors, reader, libraries)
         return self._data
 
@@ -104,7 +106,7 @@ class TrainingMixin:
         once for end-to-end training: kept in memory (a tensor; always with ``feature_cache=False``), or with
         ``feature_cache`` (a folder, or ``True`` for the default one), and with ``None`` when they would take
         more than :data:`PATCHES_IN_MEMORY_MAX` bytes, in the on-disk patch store (a
-        :class:`~st_predict._patch_store.PatchStore` that batches index like the tensor)."""
+        :class:`~st_predict.dataloaders._patch_store.PatchStore` that batches index like the tensor)."""
         data = self._training_data()
         if data.patches is None:
             n, size = len(data.targets), self.module.image_size
@@ -113,7 +115,7 @@ class TrainingMixin:
                             "default cache folder (pass feature_cache= to choose it).", n, n * 3 * size**2 / 2**30)
                 feature_cache = True
             if feature_cache not in (None, False):
-                from st_predict._patch_store import patch_store
+                from st_predict.dataloaders import patch_store
 
                 cache = feature_cache if isinstance(feature_cache, FeatureCache) else FeatureCache(
                     None if feature_cache is True else feature_cache)
@@ -270,19 +272,34 @@ class TrainingMixin:
         # pooled when the head reads only the maps' mean: 2 KB a spot instead of 100 KB at 224 px
         cache = compute_fmaps(module, read, len(patches), batch_size=embed_batch_size, device=device,
                               progress=progress, desc="Neighbour cache", reduce=self._reduce_maps)
-        return {"patches": patches, "neighbor_patches": False}, {"feature_cache": cache}
+        return {"patches": patches, "neighbor_patches": False}, {"neighbor_cache": cache}
 
     # -- training --------------------------------------------------------------------------------
     def resolve_train_settings(self, settings: TrainingSettings | None = None, **overrides) -> TrainingSettings:
-        """The training settings :meth:`train` would use: ``settings`` (default: the model's recipe's)
-        with ``overrides`` replaced (``None`` values leave a setting as it is)."""
+        """The training settings :meth:`train` would use: ``settings`` (default: the model's recipe's) with
+        ``overrides`` replaced, each as it is (:data:`~st_predict.train.RECIPE` leaves a setting as it is)."""
         return (settings or self.recipe_.training).replace(**overrides)
 
     @nh2st_dsp.dedent
     def train(
         self,
-        settings: TrainingSettings | None = None,
+        max_epochs: int | None = None,
         *,
+        batch_size: int = RECIPE,
+        optimizer: str = RECIPE,
+        lr: float = RECIPE,
+        weight_decay: float = RECIPE,
+        schedule: str = RECIPE,
+        warmup: float = RECIPE,
+        lr_step_size: int = RECIPE,
+        lr_gamma: float = RECIPE,
+        augment: str | bool = RECIPE,
+        validation: str | Sequence[str] | None = RECIPE,
+        best_epoch: bool = RECIPE,
+        precision: str = RECIPE,
+        batches: str = RECIPE,
+        center_sections: bool = RECIPE,
+        settings: TrainingSettings | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 1.0,
@@ -295,14 +312,15 @@ class TrainingMixin:
         resume: bool = False,
         plan_kwargs: dict | None = None,
         reliability: bool = False,
-        **overrides,
+        **trainer_kwargs,
     ):
-        """Train NH2ST with PyTorch Lightning, with the recipe's training settings and ``overrides``.
+        """Train NH2ST with PyTorch Lightning, with the recipe's training settings and those given here.
 
-        ``model.train(lr=3e-4, max_epochs=10)`` trains with
-        ``dataclasses.replace(model.recipe_.training, lr=3e-4, max_epochs=10)``
-        (:class:`~st_predict.train.TrainingSettings`); any other keyword goes to Lightning's
-        ``Trainer`` (e.g. ``strategy="ddp"``, ``callbacks=[...]``).
+        As in scvi-tools, ``model.train(20)`` trains 20 epochs. ``model.train(lr=3e-4)`` trains with
+        ``model.recipe_.training.replace(lr=3e-4)`` (:class:`~st_predict.train.TrainingSettings`): every
+        training setting left out keeps the recipe's value, and one given is used as it is, so
+        ``validation=None`` trains without the recipe's validation section. Other keywords go to Lightning's
+        ``Trainer`` (e.g. ``strategy="ddp"``, ``callbacks=[...]``, ``limit_train_batches=``).
 
         End to end (``trunk="finetune"``), each spot's patch is cropped once at the network's
         resolution; with cached neighbours (``neighbor_trunk_grad=False``) the trunk maps of every
@@ -312,8 +330,15 @@ class TrainingMixin:
 
         Parameters
         ----------
+        max_epochs
+            Epochs; ``None``: the recipe's (20 in the default recipe).
+        batch_size, optimizer, lr, weight_decay, schedule, warmup, lr_step_size, lr_gamma, augment, validation, best_epoch, precision, batches, center_sections
+            Training settings, each the recipe's when left out (:class:`~st_predict.train.TrainingSettings`):
+
+            %(training_settings)s
         settings
-            All training settings at once (default: the recipe's, :attr:`recipe_`'s ``training``).
+            All training settings at once (default: the recipe's, :attr:`recipe_`'s ``training``); the
+            settings given above replace its values.
         accelerator, devices
             Lightning's ``"cpu"``, ``"gpu"``, ``"auto"``...; several GPUs with ``strategy="ddp"``, several
             machines with ``num_nodes=`` as well (started by ``torchrun`` or Slurm; see the user guide).
@@ -337,7 +362,7 @@ class TrainingMixin:
             in memory whatever their size.
         num_workers
             DataLoader workers (each draws its own augmentations; see
-            :class:`~st_predict.train.NH2STCollate`).
+            :class:`~st_predict.dataloaders.NH2STCollate`).
         embed_batch_size
             Patches per trunk call when filling a cache.
         progress
@@ -377,26 +402,30 @@ class TrainingMixin:
             scale (``log1p`` counts per 10k) for spots of sections like the training sections, exchangeable
             with them, at similar sequencing depth; another platform, another tissue preparation or a much
             lower depth breaks that. Needs at least two training sections and no ``validation``.
-        **overrides
-            Training settings (:class:`~st_predict.train.TrainingSettings`; ``None``: the recipe's):
-
-            %(training_settings)s
-
-            Other keywords are passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``); a keyword that is neither a
+            training setting nor a ``Trainer`` argument is a ``TypeError``.
         """
+        given = {"max_epochs": RECIPE if max_epochs is None else int(max_epochs), "batch_size": batch_size,
+                 "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+                 "warmup": warmup, "lr_step_size": lr_step_size, "lr_gamma": lr_gamma, "augment": augment,
+                 "validation": validation, "best_epoch": best_epoch, "precision": precision, "batches": batches,
+                 "center_sections": center_sections}
         names = set(TrainingSettings.names())
-        trainer_kwargs = {k: v for k, v in overrides.items() if k not in names}
         unknown = sorted(set(trainer_kwargs) - _TRAINER_KEYWORDS)
         if unknown:
             raise TypeError(
                 f"train() got unknown keyword(s) {unknown}: training settings are {sorted(names)}, and other "
                 "keywords must be Lightning Trainer arguments."
             )
-        cfg = self.resolve_train_settings(settings, **{k: v for k, v in overrides.items() if k in names})
+        if isinstance(max_epochs, bool) or (max_epochs is not None and not isinstance(max_epochs, numbers.Integral)):
+            raise InputError(f"max_epochs must be a number of epochs, got {max_epochs!r} (training settings are "
+                             "keywords: model.train(max_epochs, lr=..., ...)).")
+        cfg = self.resolve_train_settings(settings, **given)
         if reliability and cfg.validation is not None:
             raise InputError("reliability=True holds out every training section in turn; train without validation= "
                              f"(got validation={cfg.validation!r}).")
-        batch_given = settings is not None or overrides.get("batch_size") is not None
+        batch_given = settings is not None or batch_size is not RECIPE
         self.fold_states_ = self.gene_reliability_ = self.conformal_ = self.reliability_sections_ = None
         with thread_limits():
             out = self._fit(cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers,
@@ -464,7 +493,7 @@ class TrainingMixin:
                 callbacks.append(keeper)
         if checkpoint_dir is not None:
             saver = EpochCheckpoint(checkpoint_dir, monitor="validation_pcc" if len(val_idx) else None)
-            callbacks.append(saver)
+            callbacks += [saver, RNGStates()]
             if resume:
                 if saver.last_path.is_file():
                     trainer_kwargs["ckpt_path"] = str(saver.last_path)

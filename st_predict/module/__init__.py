@@ -1,7 +1,12 @@
-"""The NH2ST network (pure torch: trainable without AnnData or scvi-tools)."""
+"""The NH2ST network (pure torch: trainable without AnnData or scvi-tools) and its settings.
 
-from st_predict._settings import NetworkSettings
+:class:`NetworkSettings` is pure Python (the command line reads it without torch); the network loads torch on
+first use."""
 
-from ._nh2st_module import NH2STModule
+from st_predict._utils import lazy_exports
 
-__all__ = ["NH2STModule", "NetworkSettings"]
+from ._config import CONTEXTS, NetworkSettings
+
+__getattr__, __dir__ = lazy_exports(__name__, {"NH2STModule": "._nh2st_module"}, eager=globals())
+
+__all__ = ["CONTEXTS", "NH2STModule", "NetworkSettings"]

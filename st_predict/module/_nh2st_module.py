@@ -1,6 +1,6 @@
 """The NH2ST network and its loss, in pure torch (no AnnData, no scvi-tools).
 
-A batch is a dict of tensors (see :class:`~st_predict.train.NH2STCollate`). Its ``U`` rows are the
+A batch is a dict of tensors (see :class:`~st_predict.dataloaders.NH2STCollate`). Its ``U`` rows are the
 distinct spots of the batch (targets and their neighbours, each encoded once):
 
 ``"patches"``
@@ -30,20 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._imaging import dihedral_views
-from st_predict._settings import NetworkSettings
+from st_predict._utils import InputError, MissingKeyError
+from st_predict.module._config import NetworkSettings
 from st_predict.nn import (
     CrossAttentionBlock,
-    EncoderInfo,
+    EncoderSpec,
     GeneTokenizer,
     NeighbourhoodEncoder,
     PathologyHead,
     Translator,
     TwoLayerMLP,
     build_encoder,
+    dihedral_views,
     info_nce,
     prepare_patches,
+    source_of,
 )
 
 
@@ -53,21 +54,17 @@ def _external_trunk_not_missing(module, incompatible) -> None:
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not _TRUNK_KEY.search(k)]
 
 
-def _train_last_blocks(trunk: nn.Module, n: int, name: str) -> None:
-    """Fix every weight of the encoder but those of its last ``n`` blocks (and a ViT's final norm)."""
-    if hasattr(trunk, "blocks") and isinstance(trunk.blocks, nn.Sequential | nn.ModuleList):
-        blocks, tail = list(trunk.blocks), [getattr(trunk, "norm", None)]
-    elif all(hasattr(trunk, f"layer{i}") for i in range(1, 5)):  # a timm / torchvision ResNet
-        blocks, tail = [getattr(trunk, f"layer{i}") for i in range(1, 5)], []
-    elif name == "resnet18":  # st_predict's trunk: conv1, bn1, relu, maxpool, layer1..layer4
-        blocks, tail = list(trunk.children())[4:], []
-    else:
-        raise InputError(f"finetune_blocks: the encoder {name!r} has no transformer blocks or ResNet layers to choose "
-                         "from; use finetune_blocks=None (all of it) or trunk='frozen'.")
+def _train_last_blocks(trunk: nn.Module, n: int, spec: EncoderSpec) -> None:
+    """Fix every weight of the encoder but those of its last ``n`` blocks (and a ViT's final norm), the blocks
+    its registered source finds (:meth:`~st_predict.nn.EncoderSource.blocks`)."""
+    blocks, tail = source_of(spec.name).blocks(trunk)
+    if not blocks:
+        raise InputError(f"finetune_blocks: the encoder {spec.name!r} has no transformer blocks or ResNet layers to "
+                         "choose from; use finetune_blocks=None (all of it) or trunk='frozen'.")
     if n > len(blocks):
-        raise InputError(f"finetune_blocks={n} but the encoder {name!r} has {len(blocks)} blocks.")
+        raise InputError(f"finetune_blocks={n} but the encoder {spec.name!r} has {len(blocks)} blocks.")
     trunk.requires_grad_(False)
-    for module in blocks[len(blocks) - n:] + ([t for t in tail if isinstance(t, nn.Module)] if n else []):
+    for module in blocks[len(blocks) - n:] + (tail if n else []):
         module.requires_grad_(True)
 
 
@@ -85,18 +82,21 @@ class NH2STModule(nn.Module):
         The network's settings (:class:`~st_predict.module.NetworkSettings`; default: the defaults,
         which are the ``"default"`` recipe's).
     encoder
-        The image encoder: ``(backbone, info)`` from :func:`st_predict.nn.build_encoder`. Default: a
-        random ResNet18 when ``settings.encoder == "resnet18"``; any other encoder must be given.
+        The image encoder and its spec, ``(backbone, spec)`` from :func:`st_predict.nn.build_encoder` (resolved
+        once by :class:`~st_predict.NH2ST`). Default: the settings' encoder built without weights, for a source
+        that can (the ResNet18, random); any other encoder must be given.
     **overrides
         Settings that replace those of ``settings``, e.g. ``NH2STModule(250, image_size=224)``.
     """
 
     def __init__(self, n_genes: int, settings: NetworkSettings | None = None,
-                 encoder: tuple[nn.Module, EncoderInfo] | None = None, **overrides):
+                 encoder: tuple[nn.Module, EncoderSpec] | None = None, **overrides):
         super().__init__()
         if n_genes < 1:
             raise InputError(f"n_genes must be >= 1, got {n_genes}.")
-        s = (settings or NetworkSettings()).replace(**overrides)
+        s = settings or NetworkSettings()
+        if overrides:
+            s = s.replace(**overrides)
         self.settings = s
         image_size, latent_dim, trunk, pooling = s.image_size, s.latent_dim, s.trunk, s.pooling
         attention, attention_mode, use_neighbor_branch = s.attention, s.attention_mode, s.use_neighbor_branch
@@ -119,30 +119,25 @@ class NH2STModule(nn.Module):
         self.neighbor_trunk_grad = s.neighbor_trunk_grad
         self.standardize_targets = s.standardize_targets
         if encoder is None:
-            if s.encoder != "resnet18":
+            if not source_of(s.encoder).builds_offline:
                 raise InputError(f"NH2STModule with encoder={s.encoder!r} needs encoder=build_encoder(...).")
-            encoder = build_encoder("resnet18", load_weights=False)
-        self.trunk, self.encoder_info = encoder
-        if self.encoder_info.name != s.encoder and not self.encoder_info.name.startswith("module:"):
+            encoder = build_encoder(s.encoder, load_weights=False)
+        self.trunk, self.encoder_info = encoder  # the encoder's spec (st_predict.nn.EncoderSpec)
+        if self.encoder_info.name != s.encoder:
             raise InputError(f"settings.encoder={s.encoder!r} but the encoder given is {self.encoder_info.name!r}.")
-        if trunk == "finetune" and self.encoder_info.name.startswith("lazyslide:"):
+        if trunk == "finetune" and self.encoder_info.inference_only:
             raise InputError(
                 f"encoder {self.encoder_info.name!r} runs in inference mode (lazyslide-models) and cannot be fine-tuned; "
                 "use trunk='frozen', or its timm / hf-hub id to fine-tune it."
             )
-        size = self.encoder_info.input_size
-        if size is not None and size != image_size:
-            raise InputError(
-                f"image_size={image_size} but the encoder {self.encoder_info.name!r} takes {size} px patches; "
-                f"leave image_size unset (it follows the encoder) or set it to {size}."
-            )
+        self.encoder_info.check_image_size(image_size)
         self.map_size = self.encoder_info.map_size(image_size)
         tokens = attention_mode == "tokens" and attention != "none"
         if trunk == "frozen":
             self.trunk.requires_grad_(False)
             self.trunk.eval()  # fixed BatchNorm statistics from the start, not only after .train()/.eval()
         elif s.finetune_blocks is not None:
-            _train_last_blocks(self.trunk, s.finetune_blocks, self.encoder_info.name)
+            _train_last_blocks(self.trunk, s.finetune_blocks, self.encoder_info)
         self.path_head = PathologyHead(
             self.map_size, latent_dim, pooling, in_channels=self.encoder_info.out_channels, with_tokens=tokens,
             input_norm="fixed" if trunk == "frozen" else "batch",
@@ -254,7 +249,7 @@ class NH2STModule(nn.Module):
             )
         info = self.encoder_info
         x = prepare_patches(patches, info.mean, info.std)
-        if info.name != "resnet18":
+        if not info.channels_last:  # prepare_patches gives channels-last memory: a ViT's patch embedding wants plain
             x = x.contiguous()
         if self.trunk_mode == "frozen":
             with torch.no_grad():

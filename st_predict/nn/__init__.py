@@ -1,6 +1,7 @@
 """Building blocks of NH2ST (pure torch)."""
 
 from ._attention import CrossAttentionBlock
+from ._augment import dihedral_views, random_dihedral, stain_jitter
 from ._encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -13,15 +14,33 @@ from ._encoders import (
     prepare_patches,
 )
 from ._hypergraph import DenseGraphConv, HypergraphConv, NeighbourhoodEncoder, knn_adjacency, knn_hyperedges
-from ._image_encoders import EncoderInfo, build_encoder, canonical_name, encoder_name, registry_vision_keys
+from ._image_encoders import ENCODER_SOURCES as _ENCODER_SOURCES
+from ._image_encoders import (
+    EncoderInfo,
+    EncoderSource,
+    EncoderSpec,
+    build_encoder,
+    canonical_name,
+    encoder_name,
+    register_source,
+    registry_vision_keys,
+    source_of,
+)
 from ._losses import info_nce
+
+#: The registered encoder sources (:class:`EncoderSource`) by name prefix: ``"resnet18"``, ``"lazyslide:"``,
+#: ``"hf-hub:"``, ``"timm:"`` and ``"module:"`` (:func:`register_source` adds one).
+ENCODER_SOURCES = _ENCODER_SOURCES
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CrossAttentionBlock",
     "DenseGraphConv",
+    "ENCODER_SOURCES",
     "EncoderInfo",
+    "EncoderSource",
+    "EncoderSpec",
     "GeneTokenizer",
     "HypergraphConv",
     "NeighbourhoodEncoder",
@@ -31,11 +50,16 @@ __all__ = [
     "build_encoder",
     "build_resnet18_trunk",
     "canonical_name",
+    "dihedral_views",
     "encoder_name",
     "info_nce",
     "knn_adjacency",
     "knn_hyperedges",
     "load_trunk_weights",
     "prepare_patches",
+    "random_dihedral",
+    "register_source",
     "registry_vision_keys",
+    "source_of",
+    "stain_jitter",
 ]

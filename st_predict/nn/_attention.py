@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 
 class CrossAttentionBlock(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -14,8 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from st_predict._errors import InputError, MissingFileError
-from st_predict._warnings import warn
+from st_predict._utils import InputError, MissingFileError, digest, file_digest, progress_logger, warn
 
 logger = logging.getLogger(__name__)
 #: torch hub folders where this process failed to get torchvision's ImageNet weights (tried once per folder)
@@ -103,7 +101,7 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
     A one-line description of what was loaded, recorded in the model summary.
     """
     if weights is None or weights == "random":
-        logger.warning("ResNet18 trunk is randomly initialised (weights='random').")
+        logger.warning("ResNet18 trunk is randomly initialised (encoder_weights='random').")
         return "random init (no pretrained weights)"
     if weights == "imagenet":
         from torchvision.models import ResNet18_Weights
@@ -125,18 +123,16 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
                 "Could not load torchvision's ImageNet ResNet18 weights (IMAGENET1K_V1) from the torch "
                 f"hub cache or the internet ({type(err).__name__}: {err}). The ResNet18 trunk is RANDOMLY "
                 "INITIALISED: expect much weaker predictions, above all with trunk='frozen'. Put "
-                "'resnet18-f37072fd.pth' in $TORCH_HOME/hub/checkpoints or pass weights='<file>'."
+                "'resnet18-f37072fd.pth' in $TORCH_HOME/hub/checkpoints or pass encoder_weights='<file>'."
             )
             return "random init (ImageNet weights unavailable)"
         if said.getvalue().strip():
-            print(said.getvalue().strip().replace("Downloading:", "Downloaded", 1), flush=True)
+            progress_logger().info(said.getvalue().strip().replace("Downloading:", "Downloaded", 1))
         _load_resnet_state(trunk, state, source="torchvision IMAGENET1K_V1")
         return "torchvision ResNet18 IMAGENET1K_V1"
     if isinstance(weights, Mapping):
         _load_resnet_state(trunk, weights, source="the given state dict")
-        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in weights.values()
-                                         if isinstance(v, torch.Tensor))).hexdigest()[:12]
-        return f"given state dict (sha256 {digest})"
+        return f"given state dict (sha256 {digest({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})[:12]})"
     path = Path(weights)
     if not path.is_file():
         raise MissingFileError(
@@ -148,8 +144,7 @@ def load_trunk_weights(trunk: nn.Module, weights: str | os.PathLike | Mapping | 
     if not isinstance(obj, Mapping):
         raise InputError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
     _load_resnet_state(trunk, obj, source=str(path))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return f"file {path.name} (sha256 {digest})"
+    return f"file {path.name} (sha256 {file_digest(path)[:12]})"
 
 
 def _load_resnet_state(trunk: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

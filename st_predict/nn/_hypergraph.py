@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 
 def _topk_similar(x: torch.Tensor, k: int) -> torch.Tensor:

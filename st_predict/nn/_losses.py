@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 
 def info_nce(

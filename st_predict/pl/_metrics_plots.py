@@ -8,8 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import PREDICTED_KEY
-from st_predict._errors import InputError, InputTypeError, MissingKeyError
+from st_predict._utils import PREDICTED_KEY, InputError, InputTypeError, MissingKeyError
 from st_predict.metrics import pcc_per_gene
 
 _PREFIXES = ("train", "validation")

@@ -9,8 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import PREDICTED_KEY
-from st_predict._errors import InputError, InputTypeError, MissingKeyError
+from st_predict._utils import PREDICTED_KEY, InputError, InputTypeError, MissingKeyError
 
 from ._metrics_plots import _new_ax
 

@@ -8,9 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from st_predict._constants import PREDICTED_KEY
-from st_predict._errors import InputError, InputTypeError, MissingKeyError
-from st_predict._imaging import downsample
+from st_predict._utils import PREDICTED_KEY, InputError, InputTypeError, MissingKeyError, downsample
 
 
 def predictions_to_anndata(

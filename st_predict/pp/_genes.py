@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 logger = logging.getLogger(__name__)
 

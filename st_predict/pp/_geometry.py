@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from anndata import AnnData
 
-from st_predict._constants import PATCH_SIZE_PX
-from st_predict._errors import InputError
-from st_predict._warnings import user_stacklevel
+from st_predict._utils import PATCH_SIZE_PX, InputError, user_stacklevel
 
 from ._patches import PIXEL_SIZE_KEY, section_pixel_sizes
 
@@ -115,10 +113,12 @@ class PatchGeometry:
         """:meth:`pixels` for the sections of ``adata``."""
         return self.pixels(section_pixel_sizes(adata, libraries), data)
 
-    def setup_kwargs(self) -> dict[str, float]:
-        """The :meth:`~st_predict.NH2ST.setup_anndata` argument that gives this geometry on the same
-        data: ``patch_size_um`` when the size is physical, else ``patch_size``."""
-        return {"patch_size_um": self.size_um} if self.size_um is not None else {"patch_size": self.size_px}
+    def setup_kwargs(self, pixel_sizes: Mapping[str, float | None] | None = None) -> dict[str, float]:
+        """The :meth:`~st_predict.NH2ST.setup_anndata` argument that gives this geometry on the same data:
+        ``patch_size_um`` when the size is physical (and, given the data's ``pixel_sizes``, every section has
+        one: ``patch_size_um`` needs them all), else ``patch_size``."""
+        known = pixel_sizes is None or all(v is not None for v in pixel_sizes.values())
+        return {"patch_size_um": self.size_um} if self.size_um is not None and known else {"patch_size": self.size_px}
 
     def __str__(self) -> str:
         if self.size_um is None:

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from st_predict._errors import InputError, MissingKeyError
-from st_predict._imaging import PatchReader
+from st_predict._utils import InputError, MissingKeyError
+from st_predict.dataloaders import PatchReader
 
 
 def spot_libraries(adata: AnnData, library_key: str | None) -> np.ndarray:
@@ -104,7 +104,7 @@ def make_patch_reader(
     patch_size: float | Mapping[str, float] = 224,
     out_size: int = 224,
 ) -> PatchReader:
-    """A :class:`~st_predict._imaging.PatchReader` over ``adata``'s spots.
+    """A :class:`~st_predict.dataloaders.PatchReader` over ``adata``'s spots.
 
     Patches are ``patch_size`` full-resolution pixels wide (a number, or one per section, see
     :func:`patch_size_pixels`), centred on ``adata.obsm[spatial_key]``,

@@ -1,39 +1,36 @@
-"""Training machinery for NH2ST (pure torch + Lightning: no AnnData, no scvi-tools)."""
+"""Training machinery for NH2ST (pure torch + Lightning: no AnnData, no scvi-tools): the training settings,
+the Lightning training plan and its callbacks, and the trunk's feature maps for a cache.
 
-from st_predict._imaging import random_dihedral, stain_jitter
-from st_predict._settings import AUGMENTATIONS as _AUGMENTATIONS
-from st_predict._settings import RECIPES as _RECIPES
-from st_predict._settings import Recipe, TrainingSettings, get_recipe
+:class:`TrainingSettings` and its value lists are pure Python (the command line reads them without torch);
+the rest loads Lightning on first use."""
 
-from ._data import NH2STCollate, NH2STDataModule, SectionBatchSampler, even_batches
-from ._embed import compute_fmaps
-from ._epoch_log import EpochLog
-from ._split import split_validation
-from ._trainingplan import BestEpoch, EpochCheckpoint, NH2STTrainingPlan, mean_gene_pcc
+from st_predict._utils import lazy_exports
 
-#: The named recipes (:class:`Recipe`) by name: ``"default"`` and ``"paper"``.
-RECIPES = _RECIPES
-#: ``augment`` values (:class:`TrainingSettings`, :class:`NH2STCollate`): ``"none"``, ``"dihedral"``,
-#: ``"dihedral+stain"``.
-AUGMENTATIONS = _AUGMENTATIONS
+from ._config import AUGMENTATIONS, BATCHES, OPTIMIZERS, RECIPE, SCHEDULES, TrainingSettings
+
+_LAZY = {
+    "BestEpoch": "._trainingplan", "EpochCheckpoint": "._trainingplan", "NH2STTrainingPlan": "._trainingplan", "RNGStates": "._trainingplan",
+    "mean_gene_pcc": "._trainingplan", "compute_fmaps": "._embed", "EpochLog": "._epoch_log",
+    # where these were before they moved (st_predict.dataloaders, st_predict.nn, st_predict.model)
+    "NH2STCollate": "st_predict.dataloaders", "NH2STDataModule": "st_predict.dataloaders",
+    "SectionBatchSampler": "st_predict.dataloaders", "even_batches": "st_predict.dataloaders",
+    "split_validation": "st_predict.dataloaders", "random_dihedral": "st_predict.nn", "stain_jitter": "st_predict.nn",
+    "RECIPES": "st_predict.model", "Recipe": "st_predict.model", "get_recipe": "st_predict.model",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, eager=globals())
 
 __all__ = [
     "AUGMENTATIONS",
-    "RECIPES",
+    "BATCHES",
+    "OPTIMIZERS",
+    "RECIPE",
+    "SCHEDULES",
     "BestEpoch",
     "EpochCheckpoint",
     "EpochLog",
-    "NH2STCollate",
-    "NH2STDataModule",
     "NH2STTrainingPlan",
-    "Recipe",
-    "SectionBatchSampler",
+    "RNGStates",
     "TrainingSettings",
     "compute_fmaps",
-    "even_batches",
-    "get_recipe",
     "mean_gene_pcc",
-    "random_dihedral",
-    "split_validation",
-    "stain_jitter",
 ]

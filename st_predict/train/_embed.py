@@ -7,11 +7,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from st_predict._errors import InputError
-from st_predict._imaging import dihedral_views
+from st_predict._utils import InputError, index_batches, run_batches
+from st_predict.nn import dihedral_views
 
 
-@torch.no_grad()  # not inference_mode: the result may be updated in place (neighbour cache)
 def compute_fmaps(
     module,
     read_patches: Callable[[np.ndarray], torch.Tensor] | torch.Tensor,
@@ -59,27 +58,15 @@ def compute_fmaps(
     if n_spots is None:
         raise InputError("n_spots is needed when read_patches is a function.")
     device = torch.device(device) if device is not None else module.device
-    was_training = module.training
-    module.eval()
-    out = None
-    starts = range(0, n_spots, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=desc, unit="batch", total=len(starts))
-    try:
-        for start in starts:
-            idx = np.arange(start, min(start + batch_size, n_spots))
-            x = read_patches(idx).to(device)
-            batch_views = dihedral_views(x) if views == 8 else [x]
-            fm = torch.stack([module.trunk_features(v).float().cpu() for v in batch_views], dim=1)
-            if reduce is not None:
-                fm = reduce(fm)
-            if out is None:
-                out = torch.empty((n_spots, *fm.shape[1:]), dtype=torch.float32)
-            out[idx] = fm
-    finally:
-        module.train(was_training)
+    def embed(idx: np.ndarray) -> torch.Tensor:
+        x = read_patches(idx).to(device)
+        batch_views = dihedral_views(x) if views == 8 else [x]
+        fm = torch.stack([module.trunk_features(v).float().cpu() for v in batch_views], dim=1)
+        return reduce(fm) if reduce is not None else fm
+
+    # not inference mode: the result may be updated in place (the neighbour cache)
+    out = run_batches(embed, index_batches(n_spots, batch_size), n_spots, module, progress, desc, inference=False)
     if out is None:
         raise InputError("No spots to embed.")
     return out[:, 0] if views == 1 else out

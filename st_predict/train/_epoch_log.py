@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TextIO
 
 import lightning.pytorch as pl
+
+from st_predict._utils import progress_logger
 
 #: logged metrics shown in the line, with their labels, in this order
 _SHOWN = (("train_loss", "loss"), ("train_mse", "MSE"), ("validation_loss", "validation loss"),
@@ -14,7 +15,8 @@ _SHOWN = (("train_loss", "loss"), ("train_mse", "MSE"), ("validation_loss", "val
 
 
 class EpochLog(pl.Callback):
-    """Print one line per finished epoch: its number, the epoch means of the training loss and MSE, the
+    """Write one line per finished epoch (to ``stream``, by default the ``st_predict.progress`` logger, which
+    shows it on stdout): its number, the epoch means of the training loss and MSE, the
     validation loss and PCC when there is a validation set, and the time, e.g.::
 
         epoch 3/20  loss 1.8420  MSE 0.4711  validation PCC 0.2130  (6.1 s, 18.4 s in all)
@@ -52,5 +54,10 @@ class EpochLog(pl.Callback):
         parts = [f"epoch {self._pending + 1}/{trainer.max_epochs}"]
         parts += [f"{label} {float(metrics[key]):.4f}" for key, label in _SHOWN if key in metrics]
         parts.append(f"({now - self._epoch_start:.1f} s, {now - self._start:.1f} s in all)")
-        print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
+        line = "  ".join(parts)
+        if self.stream is None:
+            progress_logger().info(line)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
         self._pending = None

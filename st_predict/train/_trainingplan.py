@@ -6,16 +6,17 @@ import copy
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torchmetrics.regression import PearsonCorrCoef
 
-from st_predict._atomic import commit_file, staging_path
-from st_predict._errors import InputError
-from st_predict._settings import TrainingSettings
+from st_predict._utils import InputError, commit_file, staging_path
+from st_predict.train._config import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         Optimiser and schedule: ``optimizer``, ``lr``, ``weight_decay``, ``schedule``, ``warmup``,
         ``lr_step_size`` and ``lr_gamma`` of :class:`~st_predict.train.TrainingSettings` (default: its
         defaults).
-    feature_cache
+    neighbor_cache
         End-to-end training with cached neighbours: ``(n_spots, C, h, w)`` trunk maps of every spot,
         filled before training. Batches that carry ``"patch_rows"`` get their other rows from it, and
         every target's freshly computed maps are written back (no gradient), so each spot's entry is
@@ -59,56 +60,67 @@ class NH2STTrainingPlan(pl.LightningModule):
         self,
         module: torch.nn.Module,
         settings: TrainingSettings | None = None,
+        neighbor_cache: torch.Tensor | None = None,
         feature_cache: torch.Tensor | None = None,
         **overrides,
     ):
         super().__init__()
         self.settings = (settings or TrainingSettings()).replace(**overrides)
         self.module = module
-        self.feature_cache = feature_cache
+        if feature_cache is not None:
+            warnings.warn("NH2STTrainingPlan(feature_cache=) is deprecated: use neighbor_cache= (the on-disk feature "
+                          "cache of train(feature_cache=) is another thing).", FutureWarning, stacklevel=2)
+            neighbor_cache = feature_cache if neighbor_cache is None else neighbor_cache
+        self.neighbor_cache = neighbor_cache
         self.n_obs_training = None
         self.n_obs_validation = None
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._names: list[str] = []
-        self._val_pred: list[torch.Tensor] = []
-        self._val_true: list[torch.Tensor] = []
+        # the validation PCC from the moments of every process's predictions (torchmetrics syncs them under DDP):
+        # the PCC of all validation spots, not a mean of per-process PCCs
+        self.pcc_metric = PearsonCorrCoef(num_outputs=module.n_genes) if module.n_genes > 1 else PearsonCorrCoef()
+        self._validation_seen = False
 
     def forward(self, batch):
         return self.module(batch)
 
     def on_fit_start(self) -> None:
-        if self.feature_cache is not None:
-            self.feature_cache = self.feature_cache.to(self.device)
+        if self.neighbor_cache is not None:
+            self.neighbor_cache = self.neighbor_cache.to(self.device)
 
     def on_fit_end(self) -> None:
-        self.feature_cache = None  # only needed while training
+        self.neighbor_cache = None  # only needed while training
 
     # the neighbour cache is training state: a resumed run must start from the one the checkpoint saw
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.feature_cache is not None:
-            checkpoint["st_predict_feature_cache"] = self.feature_cache.detach().cpu()
+        if self.neighbor_cache is not None:
+            checkpoint["st_predict_neighbor_cache"] = self.neighbor_cache.detach().cpu()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        cache = checkpoint.get("st_predict_feature_cache")
-        if cache is not None and self.feature_cache is not None:
-            if cache.shape != self.feature_cache.shape:
+        # "st_predict_feature_cache": checkpoints written before the rename
+        cache = checkpoint.get("st_predict_neighbor_cache", checkpoint.get("st_predict_feature_cache"))
+        if cache is not None and self.neighbor_cache is not None:
+            if cache.shape != self.neighbor_cache.shape:
                 raise InputError(
                     f"The checkpoint's neighbour cache has shape {tuple(cache.shape)}, this training run's "
-                    f"{tuple(self.feature_cache.shape)}: it comes from another model or data."
+                    f"{tuple(self.neighbor_cache.shape)}: it comes from another model or data."
                 )
-            self.feature_cache = cache.to(self.feature_cache)
+            self.neighbor_cache = cache.to(self.neighbor_cache)
 
     def _step(self, batch, prefix: str):
         if "patch_rows" in batch and "fmaps" not in batch:
-            if self.feature_cache is None:
-                raise RuntimeError("A batch with cached neighbours needs the plan's feature_cache.")
-            batch = {**batch, "fmaps": self.feature_cache[batch["node_index"]]}
+            if self.neighbor_cache is None:
+                raise RuntimeError("A batch with cached neighbours needs the plan's neighbor_cache.")
+            batch = {**batch, "fmaps": self.neighbor_cache[batch["node_index"]]}
         out = self.module(batch)
-        if prefix == "train" and "live_fmaps" in out and self.feature_cache is not None and "patch_rows" in batch:
+        if prefix == "train" and "live_fmaps" in out and self.neighbor_cache is not None and "patch_rows" in batch:
             self._refresh_cache(batch["node_index"][batch["patch_rows"]], out["live_fmaps"].detach())
         if prefix == "validation":
-            self._val_pred.append(out["prediction"].detach())
-            self._val_true.append(batch["expression"][:, 0].detach())
+            pred, truth = out["prediction"].detach().float(), batch["expression"][:, 0].detach().float()
+            self.pcc_metric.update(pred.squeeze(1) if pred.shape[1] == 1 else pred,
+                                       truth.squeeze(1) if truth.shape[1] == 1 else truth)
+            self._validation_seen = True
+            out = {**out, "truth": truth}
         terms = {k: out[k] for k in ("loss", "mse", "nce_query", "nce_neighbor")}
         bs = batch["node_map"].shape[0]
         # accumulate batch-weighted sums here and log epoch means once per epoch (cheaper than
@@ -117,6 +129,8 @@ class NH2STTrainingPlan(pl.LightningModule):
         total, n = self._sums.get(prefix, (0.0, 0))
         self._sums[prefix] = (total + stacked, n + bs)
         self._names = list(terms)
+        if prefix == "validation":  # for callbacks: what the validation PCC is computed from
+            return {"loss": terms["loss"], "prediction": out["prediction"].detach(), "truth": out["truth"]}
         return terms["loss"]
 
     @torch.no_grad()
@@ -124,7 +138,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             ids = self.all_gather(ids).flatten(0, 1)
             fmaps = self.all_gather(fmaps).flatten(0, 1)
-        self.feature_cache[ids.to(self.feature_cache.device)] = fmaps.to(self.feature_cache)
+        self.neighbor_cache[ids.to(self.neighbor_cache.device)] = fmaps.to(self.neighbor_cache)
 
     def _log_epoch(self, prefix: str) -> None:
         if prefix not in self._sums:
@@ -132,10 +146,18 @@ class NH2STTrainingPlan(pl.LightningModule):
         sums, n = self._sums.pop(prefix)
         means = sums / n
         metrics = {f"{prefix}_{name}": means[i] for i, name in enumerate(self._names)}
-        if prefix == "validation" and self._val_pred:
-            metrics["validation_pcc"] = mean_gene_pcc(torch.cat(self._val_pred), torch.cat(self._val_true))
-        self._val_pred, self._val_true = [], []
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+        if prefix == "validation" and self._validation_seen:
+            with warnings.catch_warnings():  # a gene constant on the validation spots has no PCC (NaN, skipped)
+                warnings.filterwarnings("ignore", message=".*variance.*close to zero.*")
+                per_gene = self.pcc_metric.compute()  # already over every process's spots
+            per_gene = torch.atleast_1d(per_gene)
+            pcc = per_gene[torch.isfinite(per_gene)].mean() if torch.isfinite(per_gene).any() else per_gene.new_tensor(
+                float("nan"))
+            self.log("validation_pcc", pcc, on_step=False, on_epoch=True, sync_dist=False, batch_size=n)
+        if prefix == "validation":
+            self.pcc_metric.reset()
+            self._validation_seen = False
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -147,7 +169,7 @@ class NH2STTrainingPlan(pl.LightningModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "validation")
+        return self._step(batch, "validation")
 
     def configure_optimizers(self):
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -196,14 +218,30 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class RNGStates(pl.Callback):
+    """The random number generators of this process (torch, numpy, Python, CUDA) in every checkpoint, restored
+    when training resumes from one: Lightning's checkpoints do not keep them, and without them a resumed run
+    draws other augmentations and batches than the interrupted one would have."""
+
+    def state_dict(self) -> dict:
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
+
+
 class EpochCheckpoint(pl.Callback):
     """Write a Lightning checkpoint of the whole training state (weights, optimiser, schedule, loops,
-    callbacks, the random number generators of this process) to ``dirpath/last.ckpt`` after every
-    epoch, and to ``dirpath/best.ckpt`` when ``monitor`` improves. Files are written next to their
-    target and renamed into place, so a process killed while writing leaves the previous checkpoint.
+    callbacks) to ``dirpath/last.ckpt`` after every epoch, and to ``dirpath/best.ckpt`` when ``monitor``
+    improves. Files are written next to their target and renamed into place, so a process killed while writing
+    leaves the previous checkpoint. With :class:`RNGStates` among the callbacks (``NH2ST.train`` adds it), a run
+    restarted from ``last.ckpt`` (``Trainer.fit(ckpt_path=...)``) restores the random number generators too, so
+    on CPU it continues exactly as the interrupted run would have.
 
-    A run restarted from ``last.ckpt`` (``Trainer.fit(ckpt_path=...)``) restores the random number
-    generators too, so on CPU it continues exactly as the interrupted run would have.
+    Not Lightning's ``ModelCheckpoint``: through scvi-tools' ``Trainer`` enabling it also adds scvi-tools' own
+    checkpoint callback (folders under ``scvi_log/``), and it writes ``last.ckpt`` only in epochs that also
+    write a monitored checkpoint.
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str | None = None, mode: Literal["max", "min"] = "max"):
@@ -221,11 +259,11 @@ class EpochCheckpoint(pl.Callback):
         return self.dirpath / "best.ckpt"
 
     def state_dict(self) -> dict:
-        return {"rng": _rng_states(), "best_score": self.best_score}
+        return {"best_score": self.best_score}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_score = state_dict.get("best_score")
-        if "rng" in state_dict:
+        if "rng" in state_dict:  # checkpoints written before RNGStates kept them here
             _set_rng_states(state_dict["rng"])
 
     def _write(self, trainer: pl.Trainer, path: Path) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from st_predict._errors import InputError
+from st_predict._utils._errors import InputError
 from st_predict.benchmark import (
     EGNStyle,
     His2STStyle,
@@ -82,6 +82,7 @@ def fitted(tissue):
     return {"rows": {r["method"]: r for r in res["rows"]}, "models": models, "preds": preds, "fold": folds[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TINY))
 def test_each_peer_learns_the_planted_image_signal(fitted, name):
     rows = fitted["rows"]
@@ -105,9 +106,7 @@ def _painted(fold, spot: str):
     test.uns["spatial"][lib]["images"]["hires"] = img
     setup = fold.extra["setup"]
     geometry = PatchGeometry.resolve(test, test.obs["section"].astype(str).to_numpy(), setup["patch_size"])
-    fmaps = _encoder_fmaps(
-        test, setup, geometry, fold.extra["image_size"], "resnet18", fold.extra["trunk_state"]
-    )[0]
+    fmaps = _encoder_fmaps(test, setup, geometry, fold.extra["image_size"], fold.extra["trunk"], None)[0]
     return dataclasses.replace(
         fold, test=test, feats_test=fmaps.mean((2, 3)).numpy(), extra={**fold.extra, "fmaps_test": fmaps}
     )

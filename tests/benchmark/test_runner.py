@@ -20,6 +20,7 @@ from st_predict.pp import select_genes
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:UserWarning")
 
 
+@pytest.mark.slow
 def test_two_fold_run_writes_tables_and_ranks_sensibly(tissue, tmp_path):
     methods = {
         "per-gene mean": MeanBaseline,

@@ -45,11 +45,22 @@ def test_missing_image_or_scale_factor(tissue):
         setup(train, library_key="sample")
 
 
+def test_spots_at_the_same_coordinates_are_named(split):
+    train, _ = split
+    coords = train.obsm["spatial"].copy()
+    idx = np.flatnonzero(train.obs["section"] == "S1")[:2]
+    coords[idx[1]] = coords[idx[0]]
+    train.obsm["spatial"] = coords
+    with pytest.raises(ValueError, match=r"2 spots of section 'S1' sit at the same coordinates"):
+        setup(train)
+    np.testing.assert_array_equal(train.obsm["spatial"], coords)
+
+
 def test_patches_outside_the_image(tissue, split):
     train, test = split
     coords = train.obsm["spatial"].copy()
     idx = np.flatnonzero(train.obs["section"] == "S1")[:3]
-    coords[idx, 0] = 5.0  # a 32 px patch centred at x=5 starts at x=-11
+    coords[idx, 0] = 5.0 + np.arange(3)  # a 32 px patch centred at x=5 starts at x=-11
     train.obsm["spatial"] = coords
     with pytest.raises(ValueError, match=r"3 spots have a 32 px patch .*section 'S1': 3 spots"):
         setup(train)
@@ -146,7 +157,7 @@ def test_bad_hyperparameters(split):
     with pytest.raises(ValueError, match="attention must be one of"):
         NH2ST(train, **{**SMALL, "attention": "bidirectional"})
     with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'random' nor an existing weights file"):
-        NH2ST(train, **{**SMALL, "weights": "/nonexistent/resnet.pth"})
+        NH2ST(train, **{**SMALL, "encoder_weights": "/nonexistent/resnet.pth"})
 
 
 def test_fixture_images_untouched(tissue):

@@ -14,14 +14,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*:U
 
 def _trained(adata, context, epochs=2):
     torch.manual_seed(0)
-    m = NH2ST(adata, **SMALL, context=context)
+    # the neighbourhood model is the default one: what the tests below show is what NH2ST(adata) does
+    m = NH2ST(adata, **SMALL) if context == "neighbors" else NH2ST(adata, **SMALL, context=context)
+    assert m.module.context == context
     m.train(max_epochs=epochs, progress=False)
     return m
 
 
 @pytest.fixture(scope="module")
 def models(tissue):
-    """A patch-only and a neighbourhood model trained alike on S0 + S1 (pixel size 0.5 um/px)."""
+    """A patch-only and a default (neighbourhood) model trained alike on S0 + S1 (pixel size 0.5 um/px)."""
     adata = tissue[tissue.obs["section"] != "S2"].copy()
     for lib in adata.uns["spatial"]:
         adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 0.5

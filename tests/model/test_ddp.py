@@ -26,7 +26,7 @@ tissue = synthetic_tissue(n_sections=4, n_rows=10, n_cols=10, n_genes=60, seed=0
 train = tissue[tissue.obs["section"] != "S3"].copy()
 test = tissue[tissue.obs["section"] == "S3"].copy()
 NH2ST.setup_anndata(train, library_key="section", patch_size=32)
-model = NH2ST(train, image_size=32, latent_dim=64, n_heads=4, weights="random", n_genes=40,
+model = NH2ST(train, image_size=32, latent_dim=64, n_heads=4, encoder_weights="random", n_genes=40,
               gather_negatives=mode == "ddp_gather")
 seen = {}
 
@@ -37,8 +37,29 @@ class Probe(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
         seen["world"] = trainer.world_size
 
     def on_train_epoch_end(self, trainer, pl_module):
-        cache = pl_module.feature_cache
+        cache = pl_module.neighbor_cache
         seen["cache_sum"] = float(cache.double().sum()) if cache is not None else None
+        # the logged validation PCC against the PCC of every process's validation predictions, gathered
+        import torch.distributed as dist
+        from st_predict.train import mean_gene_pcc
+        mine = (torch.cat(self.pred), torch.cat(self.truth)) if self.pred else None
+        every = [None] * trainer.world_size
+        if trainer.world_size > 1:
+            dist.all_gather_object(every, mine)
+        else:
+            every = [mine]
+        pred = torch.cat([e[0] for e in every if e is not None])
+        truth = torch.cat([e[1] for e in every if e is not None])
+        seen.setdefault("val_pcc_pairs", []).append(
+            (float(trainer.callback_metrics["validation_pcc"]), float(mean_gene_pcc(pred, truth)), len(pred)))
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.pred, self.truth = [], []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.pred.append(outputs["prediction"].float().cpu())
+            self.truth.append(outputs["truth"].float().cpu())
 
 
 kw = dict(max_epochs=6, progress=False, accelerator="cpu", validation="section", best_epoch=True, batch_size=16,
@@ -82,10 +103,13 @@ def test_ddp_on_two_cpu_processes_trains_as_well_as_one(tmp_path):
         r0, r1 = ranks
         assert r0["world"] == 2 and r0["unused"] == [] and r1["unused"] == []
         # both processes end with the same weights (of the same best epoch) and the same neighbour cache;
-        # the validation PCC (each process scores its share of the validation section, then the mean) is
-        # logged every epoch
+        # the validation PCC, logged every epoch, is the PCC of both processes' validation spots together (not
+        # the mean of each process's PCC), and both processes log the same value
         assert r0["trunk_sum"] == r1["trunk_sum"] and r0["best_epoch"] == r1["best_epoch"]
         assert len(r0["val_pcc"]) == 6 and r1["val_pcc"] is None
+        for (logged, gathered, n), (logged1, _, n1) in zip(r0["val_pcc_pairs"], r1["val_pcc_pairs"], strict=True):
+            assert n == n1 and n >= 100  # every spot of the validation section (100), from both processes
+            assert abs(logged - gathered) < 1e-4 and abs(logged1 - logged) < 1e-6, (logged, gathered)
         assert r0["cache_sum"] == r1["cache_sum"]
         # as good as single-process training on the held-out section, within noise
         assert r0["pcc"] > 0.5 * single["pcc"] and abs(r0["pcc"] - single["pcc"]) < 0.1, (mode, r0, single)

@@ -26,16 +26,16 @@ def small():
     return tissue[tissue.obs["section"] != "S2"].copy(), tissue[tissue.obs["section"] == "S2"].copy()
 
 
-def _fit(adata, cache=None, epochs=2, **kwargs):
+def _fit(adata, cache=None, epochs=2, train_kwargs=None, **kwargs):
     setup(adata, patch_size=32)
     torch.manual_seed(0)
     model = NH2ST(adata, **HEAD, **kwargs)
-    model.train(max_epochs=epochs, progress=False, feature_cache=cache)
+    model.train(max_epochs=epochs, progress=False, feature_cache=cache, **(train_kwargs or {}))
     return model
 
 
-def _check_predicts(model, test):
-    pred = model.get_predicted_expression(test)
+def _check_predicts(model, test, tta=None):
+    pred = model.get_predicted_expression(test, tta=tta)
     assert pred.shape == (test.n_obs, HEAD["n_genes"])
     assert np.isfinite(pred.to_numpy()).all()
     assert pred.to_numpy().std(0).max() > 0  # the image reaches the prediction
@@ -154,13 +154,16 @@ def test_a_user_module(small, tmp_path):
 
 def test_a_timm_name_with_random_weights_is_saved_whole(small, tmp_path):
     train, test = small
-    model = _fit(train, None, epochs=1, encoder="vit_tiny_patch16_224", encoder_weights="random", image_size=224)
+    # a ViT at 224 px on a CPU: one view per patch (the views are tested elsewhere)
+    model = _fit(train, None, epochs=1, train_kwargs={"augment": "none"}, encoder="vit_tiny_patch16_224",
+                 encoder_weights="random", image_size=224)
     assert model.module.settings.encoder == "timm:vit_tiny_patch16_224"
     assert model.module.saves_trunk  # random weights cannot be rebuilt from a name
-    pred = _check_predicts(model, test)
+    pred = _check_predicts(model, test, tta=False)
     model.save(tmp_path / "m")
     loaded = NH2ST.load(tmp_path / "m")
-    np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded.get_predicted_expression(test, tta=False).to_numpy(), pred.to_numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_a_lazyslide_registry_key_with_a_local_weights_file(small, tmp_path):
@@ -178,17 +181,20 @@ def test_a_lazyslide_registry_key_with_a_local_weights_file(small, tmp_path):
     )
     weights = tmp_path / "gigapath_flash.bin"
     torch.save(vit.state_dict(), weights)
-    model = _fit(train, tmp_path / "features", epochs=1, encoder="gigapath-flash", encoder_weights=weights)
+    # a full-size ViT on a CPU: one view per patch in training and prediction (the views are tested elsewhere)
+    model = _fit(train, tmp_path / "features", epochs=1, train_kwargs={"augment": "none"}, encoder="gigapath-flash",
+                 encoder_weights=weights)
     net = model.module
     assert net.settings.encoder == "lazyslide:gigapath-flash"
     assert (net.image_size, net.encoder_info.out_channels) == (224, 384)
     torch.testing.assert_close(net.trunk.model.state_dict()["blocks.0.attn.qkv.weight"],
                                vit.state_dict()["blocks.0.attn.qkv.weight"], rtol=0, atol=0)
-    pred = _check_predicts(model, test)
+    pred = _check_predicts(model, test, tta=False)
     model.save(tmp_path / "m")
     loaded = NH2ST.load(tmp_path / "m")
     assert "gigapath_flash.bin" in loaded.weights_source_
-    np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loaded.get_predicted_expression(test, tta=False).to_numpy(), pred.to_numpy(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_predict_slide_streams_tiles_through_the_encoder(small, hf_cache, tmp_path):
@@ -210,7 +216,7 @@ def test_predict_slide_streams_tiles_through_the_encoder(small, hf_cache, tmp_pa
 def test_command_line_trains_and_predicts_with_a_hub_encoder(small, hf_cache, tmp_path, encoder_calls):
     import anndata as ad
 
-    from st_predict._cli import main
+    from st_predict.cli._main import main
 
     train, test = small
     train.write_h5ad(tmp_path / "train.h5ad")
@@ -247,3 +253,76 @@ def test_fine_tuning_the_last_blocks_of_a_hub_encoder(small, hf_cache, tmp_path)
     np.testing.assert_allclose(loaded.get_predicted_expression(test).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="has 2 blocks"):
         NH2ST(train, **HEAD, encoder=f"hf-hub:{REPO}", trunk="finetune", finetune_blocks=3)
+
+
+@pytest.fixture
+def phikon_cache(tmp_path, monkeypatch):
+    """A tiny random ViT written as the Hub repo ``owkin/phikon`` (the registry's Phikon card loads it with
+    transformers, ``ViTModel`` plus its own ``AutoImageProcessor``; no ``img_size``) in a local HF cache, offline.
+    The processor resizes to 32 px and normalises with mean (0.6, 0.5, 0.7), std (0.2, 0.25, 0.2)."""
+    pytest.importorskip("lazyslide_models")
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64), add_pooling_layer=False)
+    repo = tmp_path / "hf" / "hub" / "models--owkin--phikon"
+    snapshot = repo / "snapshots" / ("1" * 40)
+    vit.save_pretrained(snapshot)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.6, 0.5, 0.7],
+                      image_std=[0.2, 0.25, 0.2]).save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return vit.eval()
+
+
+def test_a_registry_card_with_its_own_processor_is_normalised_once(small, phikon_cache, tmp_path):
+    """Phikon's card has no img_size and normalises in its own image processor: its input size and normalisation
+    come from that processor, and the patches reach the ViT normalised once (not rescaled and normalised again)."""
+    train, test = small
+    model = _fit(train, epochs=1, encoder="phikon")
+    net = model.module
+    assert net.settings.encoder == "lazyslide:phikon" and net.trunk_mode == "frozen" and net.image_size == 32
+    assert net.encoder_info.mean == (0.6, 0.5, 0.7) and net.encoder_info.std == (0.2, 0.25, 0.2)
+    seen = []  # what the card's ViT receives
+    net.trunk.model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["pixel_values"]),
+                                              with_kwargs=True)
+    patches = model._training_data().reader.read(np.arange(4))
+    with torch.no_grad():
+        out = net.trunk_features(patches)[:, :, 0, 0]
+    x = (patches.float() / 255 - torch.tensor((0.6, 0.5, 0.7)).view(1, 3, 1, 1)) / torch.tensor(
+        (0.2, 0.25, 0.2)).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[-1].float(), x, rtol=1e-5, atol=1e-5)  # once: exactly (x / 255 - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(out, phikon_cache(pixel_values=x).last_hidden_state[:, 0], rtol=1e-4, atol=1e-5)
+    pred = _check_predicts(model, test)
+    model.save(tmp_path / "m")
+    np.testing.assert_allclose(NH2ST.load(tmp_path / "m").get_predicted_expression(test).to_numpy(), pred.to_numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_bug_inside_the_encoder_keeps_its_traceback(small, monkeypatch, tmp_path, capsys):
+    """build_encoder turns only missing or unreadable weights into its 'download the weights' error; anything else
+    is a bug, raised as it is, and the command line shows its traceback and exits 1."""
+    from st_predict.cli import main
+    from st_predict.nn import ENCODER_SOURCES, build_encoder
+
+    def broken(self, name, weights, image_size, load_weights):
+        return {}["a bug"]  # a KeyError in st_predict's own code
+
+    monkeypatch.setattr(type(ENCODER_SOURCES["timm:"]), "build", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        build_encoder("timm:vit_tiny_patch16_224", "random")
+    train, _ = small
+    train.write_h5ad(tmp_path / "train.h5ad")
+    code = main(["train", str(tmp_path / "train.h5ad"), "--out", str(tmp_path / "m"), "--patch-size", "32",
+                 "--epochs", "1", "--quiet", "--encoder", "timm:vit_tiny_patch16_224", "--encoder-weights",
+                 str(tmp_path / "train.h5ad")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "KeyError: 'a bug'" in err and "download" not in err.lower()

@@ -23,7 +23,8 @@ def _dense(x):
 
 def _snapshot(a):
     return {
-        "X": _dense(a.X).copy(), "obs": a.obs.copy(), "obs_names": list(a.obs_names), "var_names": list(a.var_names),
+        # scvi-tools' registry adds its own "_scvi_*" columns (as it adds uns ids); the user's columns stay as they were
+        "X": _dense(a.X).copy(), "obs": a.obs.loc[:, [c for c in a.obs.columns if not str(c).startswith("_scvi")]].copy(), "obs_names": list(a.obs_names), "var_names": list(a.var_names),
         "spatial": np.asarray(a.obsm["spatial"]).copy(), "uns_keys": sorted(k for k in a.uns if not k.startswith("_scvi")),  # scvi's registration ids
         "images": {k: np.asarray(v["images"]["hires"]).copy() for k, v in a.uns["spatial"].items()},
     }

@@ -36,6 +36,7 @@ def _fit(adata, epochs=30, seed=0, **kwargs):
     return model
 
 
+@pytest.mark.slow
 def test_learns_planted_signal_that_shuffled_patches_cannot(split):
     train, test = split
     model = _fit(train)
@@ -88,9 +89,10 @@ def test_user_adata_only_gains_documented_keys(split):
     model.predict()
     model.predict(test, key_added="nh2st_test")
 
-    def same(a, b, new_obsm=(), new_uns=()):
+    def same(a, b, new_obsm=(), new_uns=(), new_obs=()):
         np.testing.assert_array_equal(a.X, b.X)
-        pd.testing.assert_frame_equal(a.obs, b.obs)
+        assert set(a.obs) == set(b.obs) | set(new_obs)
+        pd.testing.assert_frame_equal(a.obs[list(b.obs)], b.obs)
         pd.testing.assert_frame_equal(a.var, b.var)
         assert set(a.obsm) == set(b.obsm) | set(new_obsm)
         for k in b.obsm:
@@ -101,7 +103,9 @@ def test_user_adata_only_gains_documented_keys(split):
             assert a.uns["spatial"][lib]["scalefactors"] == entry["scalefactors"]
         assert set(a.layers) == set(b.layers) and set(a.obsp) == set(b.obsp)
 
-    same(train, before_train, new_obsm={"nh2st"}, new_uns={"_scvi_uuid", "_scvi_manager_uuid", "st_predict"})
+    # setup_anndata registers the sections (scvi-tools' codes) and the spots' neighbours, as documented
+    same(train, before_train, new_obsm={"nh2st", "spatial_neighbors_indices", "spatial_neighbors_distances"},
+         new_uns={"_scvi_uuid", "_scvi_manager_uuid", "st_predict"}, new_obs={"_scvi_library"})
     same(test, before_test, new_obsm={"nh2st_test"}, new_uns={"st_predict"})
     assert train.obsm["nh2st"].columns.tolist() == model.genes_
     # what predict records beside the predictions: the sections the model trained on

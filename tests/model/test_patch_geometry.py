@@ -76,7 +76,7 @@ def test_geometry_resolves_pixels_to_micrometres_once():
 def _trained(train, image_size, patch_size, epochs, **kwargs):
     torch.manual_seed(0)
     NH2ST.setup_anndata(train, library_key="section", patch_size=patch_size)  # pixels, as in the README
-    model = NH2ST(train, image_size=image_size, latent_dim=64, n_heads=4, weights="random", **kwargs)
+    model = NH2ST(train, image_size=image_size, latent_dim=64, n_heads=4, encoder_weights="random", **kwargs)
     model.train(max_epochs=epochs, progress=False)
     return model
 

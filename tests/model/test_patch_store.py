@@ -10,8 +10,8 @@ import torch
 from helpers import SMALL, her2st_path, setup
 
 from st_predict import NH2ST
-from st_predict._patch_store import PatchStore
 from st_predict.data import read_her2st, read_image
+from st_predict.dataloaders._patch_store import PatchStore
 
 
 def _lazy(adata, decodes=None):
@@ -70,7 +70,7 @@ def test_store_is_reused_and_keyed(split, tmp_path, monkeypatch):
     _model(train.copy()).training_patches(feature_cache=tmp_path)
     entries = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("zarr.json")}
     assert len(entries) == 2
-    from st_predict._imaging import PatchReader
+    from st_predict.dataloaders._patch_reader import PatchReader
 
     calls = []
     real = PatchReader.read

@@ -22,7 +22,9 @@ def model(tissue):
     torch.manual_seed(0)
     adata = tissue[tissue.obs["section"] != "S2"].copy()
     setup(adata)
-    m = NH2ST(adata, **SMALL)
+    # each tile predicted from its own pixels, so that a stand-in network can show which pixels a tile
+    # holds (test_context.py predicts a slide with the default, neighbourhood model)
+    m = NH2ST(adata, **SMALL, context="patch")
     m.train(max_epochs=1, progress=False)
     return m
 
@@ -156,7 +158,7 @@ def test_a_loaded_model_tiles_at_its_training_patch_size_and_pitch(tissue, tmp_p
 def test_predict_slide_command(tissue, model, tmp_path, capsys):
     import spatialdata as sd_
 
-    from st_predict._cli import main
+    from st_predict.cli._main import main
 
     m = _model_with_pixel_size(tissue)
     m.save(tmp_path / "model")
@@ -220,6 +222,7 @@ def _he_anndata(img: np.ndarray, pixel_size_um: float, scale: float):
     }}})
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
 def test_spatialdata_anndata_and_zarr_inputs_tile_the_same_pixels(model, tmp_path, monkeypatch):
     import spatialdata as sd_
@@ -274,9 +277,12 @@ def test_bad_spatialdata_and_anndata_inputs_get_clear_errors(model, tmp_path):
     with pytest.raises(ValueError, match=r"image 'he'.* records no micrometres per pixel; pass mpp="):
         model.predict_slide(sdata, **kw)
     with pytest.raises(KeyError, match=r"no image element 'HE' \(it has: he\)"):
+        model.predict_slide(sdata, image_element="HE", mpp=0.5, **kw)
+    # the old name for a SpatialData's element still works, and says what replaced it
+    with pytest.warns(FutureWarning, match="use image_element="), pytest.raises(KeyError, match="'HE'"):
         model.predict_slide(sdata, image_key="HE", mpp=0.5, **kw)
     two = sd_.SpatialData(images={"a": sdata.images["he"], "b": sdata.images["he"]})
-    with pytest.raises(ValueError, match=r"2 image elements \(a, b\): pass image_key="):
+    with pytest.raises(ValueError, match=r"2 image elements \(a, b\): pass image_element="):
         model.predict_slide(two, mpp=0.5, **kw)
     floats = sd_.SpatialData(images={"f": Image2DModel.parse(img.transpose(2, 0, 1).astype(np.float32) / 255,
                                                              dims=("c", "y", "x"))})
@@ -454,7 +460,7 @@ def test_output_zarr_holds_the_slide_image_and_tiles_draw_over_it(tissue, tmp_pa
     import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
     from spatialdata.transformations import get_transformation
 
-    from st_predict._cli import main
+    from st_predict.cli._main import main
 
     _model_with_pixel_size(tissue).save(tmp_path / "model")
     img = _tissue(2048)
@@ -501,7 +507,7 @@ def test_a_jpeg_with_mpp_predicts_the_tiles_of_the_same_image_as_a_pyramidal_tif
     import tifffile
     from PIL import Image
 
-    from st_predict.model import _slide_image
+    from st_predict.tl import _slide_image
 
     kw = {"tile_size_um": 32.0, "pitch_um": 40.0, "progress": False, "image_mpp": None}
     Image.fromarray(_tissue(2048)).save(tmp_path / "slide.jpg", quality=92)

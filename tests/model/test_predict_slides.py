@@ -20,8 +20,8 @@ from helpers import slide_tissue as _tissue
 from helpers import write_slide as _write_slide
 
 from st_predict import InputError
-from st_predict._cli import main
-from st_predict._cohort import read_manifest, slide_table
+from st_predict.cli._main import main
+from st_predict.tl._cohort import read_manifest, slide_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
@@ -120,22 +120,32 @@ def test_rerun_after_a_kill_skips_finished_slides(saved, tmp_path):
         assert _table(out / f"{sid}.zarr").n_obs == manifest.loc[sid, "tiles"] > 0
 
 
-def test_python_api_resumes_and_retries_failed(saved, tmp_path, capsys):
+@pytest.fixture
+def client():
+    """One local cluster of one worker process for a test's several calls (each call would start its own)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=40) as cluster, Client(cluster) as c:
+        yield c
+
+
+def test_python_api_resumes_and_retries_failed(saved, tmp_path, capsys, client):
     model, _ = saved
     slides = _slides(tmp_path / "in", 2)
     missing = str(tmp_path / "in" / "gone.tif")
     csv = tmp_path / "in" / "slides.csv"
     pd.DataFrame({"slide": ["slide0.tif", "gone.tif"], "slide_id": ["A", "B"], "mpp": [0.5, np.nan]}).to_csv(csv, index=False)
     out = tmp_path / "out"
-    rows = model.predict_slides(csv, out, n_workers=1, progress=False, pitch_um=40.0, image_mpp=None)
+    rows = model.predict_slides(csv, out, client=client, progress=False, pitch_um=40.0, image_mpp=None)
     assert list(rows["status"]) == ["done", "failed"] and "does not exist" in rows["error"].iloc[1]
     # the missing slide appears: a rerun predicts it only
     os.replace(slides[1], missing)
-    rows = model.predict_slides(csv, out, n_workers=1, progress=False, pitch_um=40.0, image_mpp=None)
+    rows = model.predict_slides(csv, out, client=client, progress=False, pitch_um=40.0, image_mpp=None)
     assert list(rows["status"]) == ["done", "done"]
     assert "2 slides: 2 done (1 by an earlier run), 0 failed" in capsys.readouterr().out
     # another list into the same folder: its rows join the manifest, the others' are kept
-    rows = model.predict_slides([slides[0]], out, n_workers=1, progress=False, pitch_um=40.0, image_mpp=None)
+    rows = model.predict_slides([slides[0]], out, client=client, progress=False, pitch_um=40.0, image_mpp=None)
     assert list(rows["slide_id"]) == ["slide0"] and list(rows["status"]) == ["done"]
     assert sorted(read_manifest(out)["slide_id"]) == ["A", "B", "slide0"]
     assert not list(out.glob(".model-*"))  # the model copy for the workers is removed

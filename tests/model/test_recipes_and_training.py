@@ -33,6 +33,7 @@ def _nce_after_training(adata, epochs, **kwargs):
     return hist["train_nce_query"].iloc[-1, 0], hist["train_nce_neighbor"].iloc[-1, 0]
 
 
+@pytest.mark.slow
 def test_contrastive_terms_need_the_image(split):
     """A model that sees one constant colour cannot tell spots apart: both InfoNCE terms stay at
     log B. On the planted morphology -> expression signal they fall. The authors' residual form
@@ -181,7 +182,7 @@ def test_split_validation_rules():
 def test_paper_recipe_reads_back_as_the_paper(split):
     train, _ = split
     setup(train)
-    model = NH2ST(train, recipe="paper", weights="random", n_genes=40)
+    model = NH2ST(train, recipe="paper", encoder_weights="random", n_genes=40)
     kw = model.module_kwargs
     assert kw["image_size"] == 224 and kw["trunk"] == "finetune" and kw["neighbor_trunk_grad"] is True
     assert kw["latent_dim"] == 512 and kw["n_neighbors"] == 8 and kw["n_hgnn_layers"] == 2
@@ -195,7 +196,7 @@ def test_paper_recipe_reads_back_as_the_paper(split):
     assert cfg.validation is None and model.tta_ is False
     assert "recipe 'paper'" in model.summary_string
     # the optimiser Lightning really runs (one short epoch on a small network; same recipe otherwise)
-    small = NH2ST(train, recipe="paper", weights="random", n_genes=40, image_size=32, latent_dim=64, n_heads=4)
+    small = NH2ST(train, recipe="paper", encoder_weights="random", n_genes=40, image_size=32, latent_dim=64, n_heads=4)
     small.train(max_epochs=1, progress=False)
     opt = small.trainer.optimizers[0]
     assert type(opt) is torch.optim.Adam
@@ -218,3 +219,23 @@ def test_recipe_defaults_and_overrides(split):
         NH2ST(train, recipe="fast", **SMALL)
     with pytest.raises(TypeError, match="Unknown training settings"):
         model.resolve_train_settings(epochs=3)
+
+
+def test_train_takes_the_epochs_first_and_a_none_clears_the_recipes_validation(split):
+    """scvi-tools' ``model.train(max_epochs)``; every setting left out keeps the recipe's value, and one given
+    is used as it is, so ``validation=None`` drops a recipe's validation section."""
+    train, _ = split
+    setup(train)
+    base = RECIPES["default"]
+    recipe = base.replace(name="held-out section", training=base.training.replace(validation="section"))
+    model = NH2ST(train, recipe=recipe, **SMALL)
+    assert model.resolve_train_settings().validation == "section"
+    model.train(3, progress=False, validation=None)
+    assert model.train_settings_["max_epochs"] == 3 and model.train_settings_["validation"] is None
+    assert len(model.history["train_loss"]) == 3 and "validation_loss" not in model.history
+    assert model.validation_ is None
+    assert model.train_settings_["lr"] == base.training.lr  # left out: the recipe's
+    with pytest.raises(ValueError, match="max_epochs must be a number of epochs"):
+        model.train("3")
+    with pytest.raises(ValueError, match="lr=None: this training setting needs a value"):
+        model.train(1, lr=None)

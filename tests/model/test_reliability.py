@@ -37,6 +37,7 @@ def fitted(tissue):
     return model, driven
 
 
+@pytest.mark.slow
 def test_an_image_driven_gene_is_reliable_and_a_noise_gene_is_not(fitted):
     model, driven = fitted
     rel = model.gene_reliability_

@@ -1,5 +1,5 @@
 """Tests for :class:`st_predict.module.NH2STModule`, its batches (:class:`NH2STCollate`) and
-:func:`st_predict._imaging.random_dihedral`."""
+:func:`st_predict.nn.random_dihedral`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from st_predict._imaging import random_dihedral
 from st_predict.module import NH2STModule
 from st_predict.nn import DenseGraphConv, HypergraphConv, info_nce
+from st_predict.nn._augment import random_dihedral
 from st_predict.train import NH2STCollate
 
 N_SPOTS, N_GENES, IMAGE, LATENT = 24, 12, 64, 32
@@ -55,6 +55,8 @@ def _module(**kwargs) -> NH2STModule:
         "n_genes": N_GENES, "latent_dim": LATENT, "image_size": IMAGE, "n_heads": 4, "n_neighbors": 4, "hyperedge_degree": 3,
         "translator_hidden": 16, "n_gene_tokens": 4, "lambda_query": LAMBDA_Q, "lambda_neighbor": LAMBDA_N,
         "temperature": 0.1, "trunk": "frozen",
+        # each spot from its own patch (test_context.py covers the neighbourhood translator)
+        "context": "patch",
         # no dropout anywhere unless a test asks for it (the default recipe drops genes and translator inputs)
         "gene_dropout": 0.0, "translator_dropout": None,
     }
@@ -486,7 +488,7 @@ def test_random_dihedral_preserves_uint8_patches():
 def test_cached_neighbours_run_only_target_patches_through_the_trunk(data):
     torch.manual_seed(0)
     module = NH2STModule(N_GENES, latent_dim=32, image_size=64, n_heads=4, n_neighbors=4, hyperedge_degree=3,
-                         trunk="finetune", neighbor_trunk_grad=False)
+                         trunk="finetune", neighbor_trunk_grad=False, context="patch")
     module.train()
     collate = NH2STCollate(data["expression"], data["neighbors"][4], patches=data["patches"], neighbor_patches=False)
     batch = collate(TARGETS)
@@ -539,7 +541,7 @@ def test_a_batch_of_one_spot_skips_the_contrastive_terms(data):
 def test_no_unused_trainable_parameters(data):
     """Every trainable parameter gets a gradient from one training step (DDP needs this)."""
     for kwargs in ({}, {"use_neighbor_branch": False}, {"contrastive": False}, {"attention": "none"},
-                   {"cross_residual": True}, {"attention": "self"}):
+                   {"cross_residual": True}, {"attention": "self"}, {"context": "neighbors"}):
         module = _module(trunk="finetune", **kwargs).train()
         module.fit_targets(data["expression"])
         batch = _patch_batch(data, None if kwargs.get("use_neighbor_branch") is False else 4)

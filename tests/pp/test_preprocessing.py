@@ -9,7 +9,7 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from st_predict._imaging import PatchReader
+from st_predict.dataloaders._patch_reader import PatchReader
 from st_predict.pp import make_patch_reader, normalize_expression, select_genes, spatial_knn
 
 

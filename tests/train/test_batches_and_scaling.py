@@ -6,8 +6,8 @@ import torch
 from helpers import SMALL, setup
 
 from st_predict import NH2ST
-from st_predict._imaging import dihedral_views, stain_jitter
 from st_predict.model._runtime import resolve_precision
+from st_predict.nn._augment import dihedral_views, stain_jitter
 from st_predict.pp import PatchGeometry, section_pixel_sizes
 from st_predict.train import NH2STDataModule, SectionBatchSampler
 
@@ -80,7 +80,7 @@ def test_stain_jitter_matches_scikit_image_deconvolution_and_stays_uint8():
     # the Ruifrok-Johnston stain vectors, as scikit-image's rgb2hed / hed2rgb use them
     from skimage.color import hed_from_rgb, rgb_from_hed
 
-    from st_predict._imaging import _HED_FROM_RGB, _RGB_FROM_HED
+    from st_predict.nn._augment import _HED_FROM_RGB, _RGB_FROM_HED
 
     np.testing.assert_allclose(_RGB_FROM_HED.numpy(), rgb_from_hed, atol=1e-12)
     np.testing.assert_allclose(_HED_FROM_RGB.numpy(), hed_from_rgb, atol=1e-9)

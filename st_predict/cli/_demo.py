@@ -1,4 +1,5 @@
-"""The end-to-end demo: train NH2ST on all sections but one, predict the held-out one, report."""
+"""``st-predict demo``, the end-to-end demo: train NH2ST on all sections but one, predict the held-out one,
+report."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from st_predict._constants import PATCH_SIZE_PX, PREDICTED_KEY, SECTION_KEY
-from st_predict._errors import InputError
-from st_predict._logging import quiet_logger
-from st_predict._threads import available_cores
+from st_predict._utils import (
+    DEFAULT_WEIGHTS,
+    PATCH_SIZE_PX,
+    PREDICTED_KEY,
+    SECTION_KEY,
+    InputError,
+    available_cores,
+    quiet_logger,
+    staged_folder,
+)
+from st_predict.cli._evaluate import _output_folder
+from st_predict.cli._options import EPOCHS_HELP, IMAGE_SIZE_HELP, WEIGHTS_HELP, number
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ def run_demo(
     """Train NH2ST with its default recipe (``epochs``/``image_size``: ``None`` = the recipe's) on every
     section but ``test_section``, predict it, print and save metrics (``metrics.json``) and a figure of
     predicted vs measured expression (``predicted_vs_measured.png``)."""
+    import numpy as np
+    import pandas as pd
     import scvi
     import torch
 
@@ -74,7 +82,7 @@ def run_demo(
     if image_size is not None:
         kwargs["image_size"] = image_size
     NH2ST.setup_anndata(train, library_key="section", patch_size=patch)
-    model = NH2ST(train, weights=weights, **kwargs)
+    model = NH2ST(train, encoder_weights=weights, **kwargs)
     print(f"Training on {train.n_obs} spots of {len(sections) - 1} sections; held-out section {test_section} "
           f"({test.n_obs} spots). Patches {patch} px -> {model.module.image_size} px, ResNet18 trained end to end.")
     print(model.description)  # not "Training status: Not Trained" before training
@@ -134,3 +142,32 @@ def run_demo(
     print(f"{metrics['seconds_total']} s in all (training {metrics['seconds_training_incl_embedding']} s, ridge baseline "
           f"{metrics['seconds_ridge']} s).")
     return metrics
+
+
+def _cmd_demo(args) -> int:
+    out = Path(args.out)
+    _output_folder(out, args.overwrite, ("metrics.json", "predicted_vs_measured.png"))
+    with staged_folder(out) as staging:
+        run_demo(data=args.data, out=staging, epochs=args.epochs, test_section=args.test_section,
+                 image_size=args.image_size, weights=args.weights, fetch=not args.no_fetch, seed=args.seed)
+    print(f"Wrote {out / 'metrics.json'} and {out / 'predicted_vs_measured.png'}")
+    return 0
+
+
+def add_parsers(sub, fmt, debug) -> None:
+    """Add 'demo' to the subcommands ``sub``."""
+    p = sub.add_parser("demo", formatter_class=fmt, parents=[debug],
+                       help="train on all sections but one, predict the held-out one, print metrics, save a figure",
+                       description="Train NH2ST (default recipe) on HER2ST-format sections, or on the built-in "
+                       "synthetic tissue when no data is given and the HER2ST files cannot be fetched; predict the "
+                       "held-out section; print PCC/MSE/MAE; write metrics.json and predicted_vs_measured.png.")
+    p.add_argument("--data", default=None, help="folder in the HER2ST layout (counts/, spots/, images/)")
+    p.add_argument("--out", default="demo_output", help="output folder")
+    p.add_argument("--epochs", type=number(int, 1), default=None, help=EPOCHS_HELP)
+    p.add_argument("--test-section", default=None, help="held-out section (default: the first)")
+    p.add_argument("--image-size", type=number(int, 8), default=None, help=IMAGE_SIZE_HELP + "; 32 for the synthetic tissue")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help=WEIGHTS_HELP)
+    p.add_argument("--no-fetch", action="store_true", help="do not try to download HER2ST")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")
+    p.set_defaults(func=_cmd_demo)

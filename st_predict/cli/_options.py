@@ -7,8 +7,8 @@ import argparse
 import math
 import sys
 
-from st_predict._constants import PATCH_SIZE_PX, SECTION_KEY
-from st_predict._settings import DEFAULT
+from st_predict._utils import PATCH_SIZE_PX, SECTION_KEY
+from st_predict.model import DEFAULT
 
 
 class Deprecated(argparse.Action):
@@ -107,7 +107,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_slide_options(p) -> None:
     """The options of ``predict-slide`` and ``predict-slides`` that go to ``NH2ST.predict_slide``."""
-    from st_predict._constants import PREDICT_BATCH_SIZE, PREDICTED_KEY
+    from st_predict._utils import PREDICT_BATCH_SIZE, PREDICTED_KEY
 
     p.add_argument("--mpp", type=POSITIVE,
                    help="micrometres per level-0 pixel, for a slide whose metadata has none (a JPEG or PNG never has)")
@@ -136,6 +136,6 @@ def add_slide_options(p) -> None:
 def slide_kwargs(args) -> dict:
     """The ``predict_slide`` keywords of the options of :func:`add_slide_options`."""
     return {"mpp": args.mpp, "pitch_um": args.pitch_um, "tile_size_um": args.tile_size_um,
-            "batch_size": args.batch_size, "key_added": args.key_added, "image_key": args.image_element,
+            "batch_size": args.batch_size, "key_added": args.key_added, "image_element": args.image_element,
             "tissue_method": args.tissue_method, "min_tissue_fraction": args.min_tissue_fraction,
             "image_mpp": None if args.no_image else args.image_mpp}

@@ -1,29 +1,16 @@
-"""The settings of NH2ST, each with its default, in one place, and the named recipes built from them.
-
-:class:`NetworkSettings` (the network, :class:`~st_predict.module.NH2STModule`) and
-:class:`TrainingSettings` (:meth:`~st_predict.NH2ST.train`) are frozen dataclasses whose defaults are
-the ``"default"`` recipe; a :class:`Recipe` is a named pair of their instances. Pure Python, so the
-command line reads its defaults without importing torch (``st_predict.module`` and
-``st_predict.train`` export them).
-"""
+"""The settings of the NH2ST network (:class:`~st_predict.module.NH2STModule`), each with its default: the
+``"default"`` recipe's (:data:`st_predict.model.RECIPES`). Pure Python, so the command line reads the defaults
+without importing torch."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
-#: ``TrainingSettings.optimizer`` values
-OPTIMIZERS = ("adam", "adamw")
-#: ``TrainingSettings.schedule`` values
-SCHEDULES = ("onecycle", "step", "constant")
-#: ``TrainingSettings.augment`` values (``True`` means ``"dihedral+stain"``, ``False`` ``"none"``)
-AUGMENTATIONS = ("none", "dihedral", "dihedral+stain")
-#: ``TrainingSettings.batches`` values
-BATCHES = ("mixed", "section")
 #: ``NetworkSettings.context`` values: what the translator sees at training and at inference
 CONTEXTS = ("patch", "neighbors")
 
@@ -36,7 +23,7 @@ def _choice(name: str, value, choices) -> None:
 @dataclass(frozen=True)
 class NetworkSettings:
     """Settings of the NH2ST network (:class:`~st_predict.module.NH2STModule`); the defaults are the
-    ``"default"`` recipe's (:data:`st_predict.train.RECIPES`). Immutable: derive variants with
+    ``"default"`` recipe's (:data:`st_predict.model.RECIPES`). Immutable: derive variants with
     :func:`dataclasses.replace` or :meth:`replace`.
 
     Parameters
@@ -184,8 +171,6 @@ class NetworkSettings:
         _choice("context", self.context, CONTEXTS)
         if not isinstance(self.encoder, str) or not self.encoder:
             raise InputError(f"encoder must be a name, got {self.encoder!r}.")
-        if self.encoder == "resnet18" and (self.image_size < 32 or self.image_size % 32):
-            raise InputError(f"image_size must be a positive multiple of 32, got {self.image_size}.")
         if self.image_size < 8:
             raise InputError(f"image_size must be >= 8 px, got {self.image_size}.")
         if self.latent_dim < 1 or self.n_heads < 1 or self.latent_dim % self.n_heads:
@@ -249,207 +234,3 @@ def _known(cls, values: Mapping) -> dict:
     if unknown:
         raise TypeError(f"Unknown {cls.__name__} {unknown}; the settings are {list(cls.names())}.")
     return dict(values)
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """How NH2ST is trained (:meth:`~st_predict.NH2ST.train`); the defaults are the ``"default"``
-    recipe's (:data:`st_predict.train.RECIPES`). Immutable: ``model.train(lr=3e-4)`` trains with
-    ``dataclasses.replace(recipe_settings, lr=3e-4)``.
-
-    Parameters
-    ----------
-    max_epochs
-        Epochs.
-    batch_size
-        Target spots per batch; each brings its ``K`` neighbours. Must be >= 2 for the contrastive
-        losses; the last incomplete training batch of an epoch is dropped.
-    optimizer
-        ``"adamw"`` or ``"adam"`` (the paper).
-    lr
-        Learning rate (the peak of the one-cycle schedule).
-    weight_decay
-        Weight decay (decoupled with AdamW, an L2 penalty with Adam).
-    schedule
-        ``"onecycle"``: linear warm-up over the first ``warmup`` fraction of the steps, then cosine
-        annealing (:class:`torch.optim.lr_scheduler.OneCycleLR`, per step). ``"step"``: multiply the
-        learning rate by ``lr_gamma`` every ``lr_step_size`` epochs (the paper: 50, 0.9).
-        ``"constant"``.
-    warmup
-        Warm-up fraction of the one-cycle schedule.
-    lr_step_size, lr_gamma
-        The ``"step"`` schedule.
-    augment
-        ``"dihedral+stain"``: one random flip/90-degree rotation per patch and random H&E stain and
-        brightness jitter; ``"dihedral"``: the flips/rotations only; ``"none"`` (``True``/``False``
-        mean ``"dihedral+stain"``/``"none"``). See :class:`~st_predict.train.NH2STCollate`. A frozen
-        trunk augments by caching the trunk maps of the 8 flips/rotations of each patch (stain jitter
-        needs end-to-end training).
-    validation
-        ``None``: train on every spot. ``"section"``: hold out the last training section (an honest
-        basis for choosing the epoch: its spots are not next to training spots); a section name or a
-        list of them: hold those out. ``"random"``: random spots (one section only; leaky, and labelled
-        so). The validation losses and ``validation_pcc`` are logged per epoch.
-    best_epoch
-        With a validation set: keep the weights of the epoch with the best ``validation_pcc``.
-    precision
-        Lightning's training precision, e.g. ``"32-true"`` or ``"bf16-mixed"``; ``"auto"``:
-        ``"bf16-mixed"`` where the hardware computes in bfloat16 (CPUs with AVX512-BF16 or AMX, GPUs
-        with bfloat16 support), else ``"32-true"``. Inference always runs in float32.
-    batches
-        ``"section"``: every training batch holds spots of one section
-        (:class:`~st_predict.train.SectionBatchSampler`), so the contrastive negatives come from the
-        same section and section-wide differences (stain, batch effects) cannot solve InfoNCE.
-        ``"mixed"``: batches of random spots (the paper).
-    center_sections
-        Train on targets standardised within each section (each section's own mean and standard
-        deviation per gene, mapped back onto the training spots' overall scale), so neither the MSE
-        nor the contrastive terms spend capacity on between-section offsets that per-section
-        correlation ignores and a new section does not share. Predictions stay on the data's scale.
-    """
-
-    max_epochs: int = 20
-    batch_size: int = 32
-    optimizer: Literal["adamw", "adam"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    schedule: Literal["onecycle", "step", "constant"] = "onecycle"
-    warmup: float = 0.1
-    lr_step_size: int = 50
-    lr_gamma: float = 0.9
-    augment: Literal["none", "dihedral", "dihedral+stain"] = "dihedral+stain"
-    validation: str | tuple[str, ...] | None = None
-    best_epoch: bool = False
-    precision: str = "auto"
-    batches: Literal["mixed", "section"] = "mixed"
-    center_sections: bool = True
-
-    def __post_init__(self):
-        augment = {True: "dihedral+stain", False: "none"}.get(self.augment, self.augment)
-        object.__setattr__(self, "augment", augment)
-        if isinstance(self.validation, list | tuple):
-            object.__setattr__(self, "validation", tuple(str(v) for v in self.validation))
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}.")
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}.")
-        if self.augment not in AUGMENTATIONS:
-            raise InputError(f"augment must be one of {list(AUGMENTATIONS)} (or True/False), got {self.augment!r}.")
-        if self.batches not in BATCHES:
-            raise InputError(f"batches must be one of {list(BATCHES)}, got {self.batches!r}.")
-        if not 0 < self.warmup < 1:
-            raise InputError(f"warmup must be a fraction in (0, 1), got {self.warmup}.")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, got {self.lr}.")
-        if self.weight_decay < 0:
-            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.max_epochs < 0:
-            raise InputError(f"max_epochs must be >= 0, got {self.max_epochs}.")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.lr_step_size < 1 or not self.lr_gamma > 0:
-            raise InputError(
-                f"lr_step_size must be >= 1 and lr_gamma > 0, got {self.lr_step_size} and {self.lr_gamma}."
-            )
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        """The setting names, in order."""
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    def replace(self, **overrides) -> TrainingSettings:
-        """A copy with ``overrides`` (``None`` values ignored: the setting stays); an unknown name is a
-        ``TypeError`` that lists the settings."""
-        unknown = sorted(set(overrides) - set(self.names()))
-        if unknown:
-            raise TypeError(f"Unknown training settings {unknown}; choose from {list(self.names())}.")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> TrainingSettings:
-        """Settings from a mapping, unknown names refused."""
-        return cls().replace(**values)
-
-    def to_dict(self) -> dict:
-        """The settings as a plain dict."""
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A named pair of settings: the network's (:class:`~st_predict.module.NetworkSettings`) and its
-    training's (:class:`~st_predict.train.TrainingSettings`), plus whether predictions average the 8
-    flips/rotations of each patch (``tta``). Arguments given to :class:`~st_predict.NH2ST` and
-    :meth:`~st_predict.NH2ST.train` override it (:meth:`dataclasses.replace`). Immutable."""
-
-    name: str
-    description: str
-    network: NetworkSettings = field(default_factory=NetworkSettings)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
-    tta: bool = True
-
-    def replace(self, **changes) -> Recipe:
-        """A copy with ``changes`` (e.g. ``name=``, ``training=``)."""
-        return dataclasses.replace(self, **changes)
-
-    def __setstate__(self, state: dict) -> None:
-        # models saved in format 1 pickled recipes as sorted (name, value) items of two dicts
-        if "model_items" in state:
-            model, train = dict(state["model_items"]), dict(state["train_items"])
-            tta = bool(train.pop("tta", False))
-            state = {
-                "name": state["name"], "description": state["description"],
-                "network": NetworkSettings.from_dict({"context": "patch", **model}), "training": TrainingSettings.from_dict(train), "tta": tta,
-            }
-        for key, value in state.items():
-            object.__setattr__(self, key, value)
-
-
-#: The default, chosen on inner splits of the HER2ST training sections (C2 never loaded; see the user
-#: guide and ``benchmarks/README.md``); trains ~900 spots end to end on a laptop CPU in minutes. Its
-#: settings are the defaults of :class:`~st_predict.module.NetworkSettings` and
-#: :class:`~st_predict.train.TrainingSettings`.
-DEFAULT = Recipe(
-    "default",
-    "End to end at 64 px with cached neighbour features; the translator reads each spot's patch and the "
-    "pathology hypergraph of its 8 nearest spots (context 'neighbors'); InfoNCE at temperature 0.1 against a gene encoder "
-    "whose input genes are dropped out (p 0.5); per-gene standardised targets, standardised within each "
-    "section; AdamW one-cycle (lr 1e-3), batch 32, 20 epochs; flips/rotations and H&E stain jitter; "
-    "bfloat16 where the hardware has it; test-time augmentation.",
-)
-
-#: The settings of Qu et al. (section 3 of the paper, and Eq. 1 as written), each given here so that
-#: the recipe does not follow a change of the defaults: a ResNet18 trained end to end on 224 px
-#: patches, every neighbour's patch through the trunk with gradient, raw ``log1p`` targets, Adam (lr
-#: 1e-4, StepLR every 50 epochs by 0.9), batch 8, 20 epochs, flips and 90-degree rotations, no
-#: validation.
-PAPER = Recipe(
-    "paper",
-    "Qu et al. section 3: ResNet18 end to end at 224 px (full-gradient neighbour branch), raw log1p targets, "
-    "Adam lr 1e-4 with StepLR(50, 0.9), batch 8, 20 epochs, flips and 90-degree rotations.",
-    network=NetworkSettings(
-        image_size=224, trunk="finetune", pooling="avg", neighbor_trunk_grad=True, standardize_targets=False,
-        context="patch",
-        latent_dim=512, n_neighbors=8, hyperedge_degree=4, n_hgnn_layers=2, temperature=0.05, lambda_query=1.0,
-        lambda_neighbor=0.5, gene_dropout=0.0, translator_hidden=256, dropout=0.0, translator_dropout=0.0,
-    ),
-    training=TrainingSettings(
-        max_epochs=20, batch_size=8, optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="step", lr_step_size=50,
-        lr_gamma=0.9, augment="dihedral", validation=None, best_epoch=False, precision="32-true", batches="mixed",
-        center_sections=False,
-    ),
-    tta=False,
-)
-
-#: The named recipes, ``"default"`` and ``"paper"``, by name.
-RECIPES: dict[str, Recipe] = {r.name: r for r in (DEFAULT, PAPER)}
-
-
-def get_recipe(name: str | Recipe) -> Recipe:
-    """The recipe called ``name`` (``"default"`` or ``"paper"``), or ``name`` itself if it is a
-    :class:`Recipe`."""
-    if isinstance(name, Recipe):
-        return name
-    if name not in RECIPES:
-        raise InputError(f"recipe must be one of {sorted(RECIPES)} (or a Recipe), got {name!r}.")
-    return RECIPES[name]

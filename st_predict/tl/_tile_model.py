@@ -21,7 +21,7 @@ class NH2STTileModel(TilePredictionModel):
 
     def __init__(self, model, tta: bool | None = None):
         if model.module.context != "patch":
-            from st_predict._errors import InputError
+            from st_predict._utils import InputError
 
             raise InputError(
                 "This model predicts each tile from its neighbourhood (context='neighbors'), but LazySlide's "

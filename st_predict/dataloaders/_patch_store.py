@@ -4,11 +4,11 @@ End-to-end training reads every spot's patch many times (each epoch, as a target
 Kept in memory, the patches of a large training set (150 KB a spot at 224 px) and the section images
 they are cropped from grow with the data. Here each section's patches are cropped once, section by
 section (a lazily read image is decoded only for this), into a zarr array under the feature cache's
-folder, named by the SHA-256 of a key (:func:`~st_predict._feature_cache.patches_key`: the section, its
+folder, named by the SHA-256 of a key (:func:`~st_predict.dataloaders._feature_cache.patches_key`: the section, its
 image, its spots' crop boxes, the patch size); a batch reads only its own rows. A later training on the
 same sections (another model, fold or run) opens the arrays instead of cropping again; a changed image,
 spot or patch size is another key. Arrays are written in a hidden folder and renamed into place
-(:func:`~st_predict._atomic.staged_folder`), so a killed run leaves no half-written entry.
+(:func:`~st_predict._utils._atomic.staged_folder`), so a killed run leaves no half-written entry.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._atomic import staged_folder
-from st_predict._feature_cache import FeatureCache, image_digest, patches_key
+from st_predict._utils import staged_folder
+from st_predict.dataloaders._feature_cache import FeatureCache, image_digest, patches_key
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _write(path: Path, key_text: str, reader, rows: np.ndarray, size: int):
 
 
 def patch_store(reader, cache: FeatureCache, progress: bool = False) -> PatchStore:
-    """The patches of every spot of ``reader`` (a :class:`~st_predict._imaging.PatchReader`) in the on-disk
+    """The patches of every spot of ``reader`` (a :class:`~st_predict.dataloaders.PatchReader`) in the on-disk
     store of ``cache``: opened where an entry of the same key exists, else cropped section by section."""
     size = reader.out_size
     arrays, rows_of = [], []

@@ -13,28 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
-
-import torch
 
 logger = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota if one is set."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(float(quota) / float(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
+    """Cores this process may run on: joblib's count, which honours the CPU affinity mask and a cgroup CPU
+    quota (a container limited to 2 of the host's 64 cores counts 2)."""
+    from joblib import cpu_count
+
+    return max(1, int(cpu_count()))
 
 
 @contextlib.contextmanager
@@ -42,6 +31,7 @@ def thread_limits() -> Iterator[int]:
     """Inside the block, torch's intra-op threads and the BLAS/OpenMP pools are at most
     :func:`available_cores` (a lower setting of the user's stays); on exit they are what they were.
     Yields torch's thread count inside."""
+    import torch
     from threadpoolctl import threadpool_info, threadpool_limits
 
     cores = available_cores()
@@ -70,6 +60,8 @@ def single_thread_worker(worker_id: int) -> None:
     process forked from one whose pools had been busy deadlocked the worker (both seen in the test
     suite), and the workers only crop and decode images.
     """
+    import torch
+
     torch.set_num_threads(1)
 
 

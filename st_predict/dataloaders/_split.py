@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 
 def split_validation(

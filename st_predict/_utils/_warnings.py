@@ -7,7 +7,8 @@ import os
 import sys
 import warnings
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: st_predict itself (this file is st_predict/_utils/_warnings.py)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: frames that are never the caller: st_predict itself and the wrappers between it and the user
 _SKIP = (_PACKAGE_DIR, os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py", os.sep + "_contextlib.py",
          os.sep + "functools.py")

@@ -7,6 +7,9 @@ class _RegistryKeys(NamedTuple):
     X_KEY: str = "X"
     SPATIAL_KEY: str = "spatial"
     LIBRARY_KEY: str = "library"
+    NEIGHBOR_INDICES_KEY: str = "neighbor_indices"
+    NEIGHBOR_DISTANCES_KEY: str = "neighbor_distances"
+    PATCH_KEY: str = "patch"
 
 
 REGISTRY_KEYS = _RegistryKeys()
@@ -21,5 +24,5 @@ PATCH_SIZE_PX = 224
 N_GENES = 250
 #: Default patches per forward pass when predicting (spots and whole-slide tiles alike).
 PREDICT_BATCH_SIZE = 64
-#: Default trunk weights (``NH2ST(weights=)``).
+#: Default trunk weights (``NH2ST(encoder_weights=)``).
 DEFAULT_WEIGHTS = "imagenet"

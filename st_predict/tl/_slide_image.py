@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from st_predict._errors import InputError
+from st_predict._utils import InputError
 
 #: files opened as plain images (decoded or read by tifffile) rather than by a whole-slide reader
 PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")

@@ -4,7 +4,7 @@ Each entry is one tensor (e.g. a frozen encoder's features of one section's spot
 named by the SHA-256 of its key: the encoder and its weights, the section and its image, the spot
 coordinates, the patch size and the transform. A changed part of the key is another file, so a
 stale feature is never read; the key is stored in the file too and checked on reading. Entries are
-written through :func:`~st_predict._atomic.staged_file`, so a crash while writing leaves no entry
+written through :func:`~st_predict._utils._atomic.staged_file`, so a crash while writing leaves no entry
 (only a hidden temporary file that is never read). torch and the standard library only.
 
 The location is ``root=``, else ``$ST_PREDICT_CACHE_DIR``, else ``$XDG_CACHE_HOME/st_predict/features``
@@ -13,7 +13,6 @@ The location is ``root=``, else ``$ST_PREDICT_CACHE_DIR``, else ``$XDG_CACHE_HOM
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from st_predict._atomic import staged_file
-from st_predict._errors import InputTypeError
+from st_predict._utils import InputTypeError, digest, staged_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +38,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "st_predict" / "features"
 
 
-def digest(value) -> str:
-    """SHA-256 (hex) of an array or tensor: its dtype, shape and bytes."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous().numpy()
-    arr = np.ascontiguousarray(value)
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(arr.view(np.uint8).reshape(-1).data if arr.size else b"")
-    return h.hexdigest()
-
-
 def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes, values): the identity of its weights."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(digest(tensor).encode())
-    return h.hexdigest()
+    return digest(module)
 
 
 def maps_key(info, weights: str, input_size: int, views: int, pooled: bool, section: str, image: str, boxes) -> dict:
@@ -127,7 +111,7 @@ class FeatureCache:
 
     def path(self, key: Mapping) -> Path:
         """Where the entry of ``key`` lives."""
-        name = hashlib.sha256(self.key_text(key).encode()).hexdigest()
+        name = digest(self.key_text(key))
         return self.root / name[:2] / f"{name}.pt"
 
     def get(self, key: Mapping) -> torch.Tensor | None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from st_predict._atomic import staged_folder
-from st_predict._errors import InputError, MissingFileError
+from st_predict._utils import PREDICTED_KEY, InputError, MissingFileError, staged_folder
+from st_predict.cli._options import add_library_key
 
 
 def _output_folder(out: Path, overwrite: bool, produces: tuple[str, ...]) -> None:
@@ -125,3 +125,19 @@ def reliability_lines(model, key: str, level: float, n_show: int = 5) -> str:
     else:
         lines.append(f"  all {len(rel)} genes reliable (95 % interval above 0)")
     return "\n".join(lines)
+
+
+def add_parsers(sub, fmt, debug) -> None:
+    """Add 'evaluate' to the subcommands ``sub``."""
+    p = sub.add_parser("evaluate", formatter_class=fmt, parents=[debug], help="metrics of predictions against measured expression",
+                       description="Per section: per-gene PCC (mean over genes, NaN genes counted), MSE, MAE on the "
+                       "predictions' scale, plus the labelled optimistic variants (top-50 genes, pooled). Writes "
+                       "metrics.json, metrics.md and pcc_distribution_<section>.png.")
+    p.add_argument("predictions", help=".h5ad written by st-predict predict, with measured counts in X (or --layer)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--key", default=PREDICTED_KEY, help="obsm key of the predictions")
+    add_library_key(p, "obs column of sections (absent: one section)")
+    p.add_argument("--layer", default=None, help="measured expression layer (default: X)")
+    p.add_argument("--normalized", action="store_true", help="the measured expression is already log-normalised")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder")
+    p.set_defaults(func=_cmd_evaluate)

@@ -9,10 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from st_predict._errors import InputError
-from st_predict._imaging import random_dihedral, stain_jitter
-from st_predict._settings import AUGMENTATIONS
-from st_predict._threads import single_thread_worker
+from st_predict._utils import InputError, single_thread_worker
+from st_predict.nn import random_dihedral, stain_jitter
+from st_predict.train import AUGMENTATIONS
 
 
 class NH2STCollate:
@@ -39,7 +38,7 @@ class NH2STCollate:
     augment
         ``"none"``; ``"dihedral"``: one random flip/90-degree rotation per patch (on a frozen cache: a
         random one of the cached views); ``"dihedral+stain"``: also random H&E stain and brightness
-        jitter (:func:`~st_predict.train.stain_jitter`, end-to-end only). ``True`` means
+        jitter (:func:`~st_predict.nn.stain_jitter`, end-to-end only). ``True`` means
         ``"dihedral+stain"``, ``False`` ``"none"``.
     stain_strength
         Strength of the stain jitter.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from st_predict._cli_options import add_slide_options, number, slide_kwargs
-from st_predict._errors import InputError, MissingFileError
+from st_predict._utils import InputError, MissingFileError
+from st_predict.cli._options import add_slide_options, number, slide_kwargs
 
 #: exit code when some slides failed (the others were written; the manifest says which and why)
 EXIT_SOME_FAILED = 3
@@ -50,7 +50,8 @@ def _cmd_predict_slides(args) -> int:
     missing = [s for s in args.slides if not Path(s).exists()]
     if missing:  # a typo on the command line is bad input; an unreadable slide fails alone
         raise MissingFileError(f"slide {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    from st_predict._cohort import DONE, run
+    from st_predict.tl import DONE
+    from st_predict.tl import run_cohort as run
 
     kwargs = slide_kwargs(args)
     load = {"accelerator": args.accelerator, "encoder_weights": args.encoder_weights}

@@ -1,0 +1,552 @@
+"""Whole-slide prediction: tissue detection, a tile grid at a physical pitch, batched trunk + translator.
+
+Slides are opened, tissue is found and tiles are laid out by the scverse whole-slide stack
+(wsidata's ``open_wsi`` and tile dataset, lazyslide's ``find_tissues`` / ``tile_tissues``), installed
+with ``pip install 'st-predict[wsi]'``. Only the tiles of the batches in flight are in memory; the
+predictions (one float32 per tile and gene) go into one array allocated up front.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from st_predict._utils import (
+    PREDICT_BATCH_SIZE,
+    PREDICTED_KEY,
+    InputError,
+    InputTypeError,
+    MissingFileError,
+    MissingKeyError,
+    available_cores,
+    index_batches,
+    interactive,
+    progress_logger,
+    run_batches,
+    single_thread_worker,
+    thread_limits,
+    user_stacklevel,
+)
+
+from ._slide_image import CONVERT_HINT, PLAIN_SUFFIXES, plain_image_element
+
+#: what the slide readers raise for a file they cannot read as a slide (OpenSlide's and tifffile's
+#: errors derive from these; wsidata raises ValueError when no reader accepts the file)
+_UNREADABLE = (OSError, ValueError, KeyError, IndexError)
+
+
+def _wsi_stack():
+    try:
+        import lazyslide
+        import wsidata
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "Whole-slide prediction needs wsidata and lazyslide: pip install 'st-predict[wsi]'."
+        ) from err
+    return wsidata, lazyslide
+
+
+@dataclass
+class OpenedSlide:
+    """A slide opened for prediction: the :class:`wsidata.WSIData`, a name for messages, the µm/px its
+    source recorded (``None`` if none) and, for an AnnData image, how to map tile centres back to the
+    AnnData's full-resolution pixels."""
+
+    wsi: Any
+    name: str
+    mpp: float | None = None
+    to_fullres: float = 1.0
+    spatial_uns: dict = field(default_factory=dict)
+
+
+def _is_zarr_store(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("zarr.json", ".zgroup", ".zattrs")
+    )
+
+
+def _from_spatialdata(sdata, image_key: str | None, name: str) -> OpenedSlide:
+    wsidata, _ = _wsi_stack()
+    from spatialdata import SpatialData
+
+    keys = list(sdata.images)
+    if image_key is None:
+        if len(keys) != 1:
+            raise InputError(
+                f"{name} has {len(keys)} image elements ({', '.join(keys) or 'none'}): pass image_element= to "
+                "choose the H&E."
+            )
+        image_key = keys[0]
+    if image_key not in sdata.images:
+        raise MissingKeyError(f"{name} has no image element {image_key!r} (it has: {', '.join(keys) or 'none'}).")
+    try:
+        # a SpatialData of this one element: the user's object gets no tiles, tissues or tables
+        wsi = wsidata.open_wsi(SpatialData(images={image_key: sdata.images[image_key]}), image_key=image_key)
+    except ValueError as err:
+        raise InputError(f"Image element {image_key!r} of {name} cannot be read as an H&E slide: {err}") from err
+    return OpenedSlide(wsi, f"{name} image {image_key!r}")
+
+
+def _from_anndata(adata, image_key: str | None, library_id: str | None) -> OpenedSlide:
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    from st_predict.pp import section_images, section_pixel_sizes
+
+    spatial = adata.uns.get("spatial")
+    if not isinstance(spatial, Mapping) or not spatial:
+        raise MissingKeyError("The AnnData has no image: expected adata.uns['spatial'][library_id]['images'].")
+    if library_id is None:
+        if len(spatial) != 1:
+            raise InputError(
+                f"adata.uns['spatial'] has {len(spatial)} libraries ({', '.join(map(str, spatial))}): pass "
+                "library_id= to choose the slide."
+            )
+        library_id = next(iter(spatial))
+    libs = np.array([library_id])
+    images, scales = section_images(adata, libs, image_key or "hires")
+    img = np.asarray(images[library_id])
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise InputError(f"The image of library {library_id!r} must be RGB (H, W, 3), got shape {img.shape}.")
+    if img.dtype != np.uint8:
+        raise InputError(f"The image of library {library_id!r} must be uint8 RGB, got {img.dtype}.")
+    scale = scales[library_id]
+    pixel_size = section_pixel_sizes(adata, libs)[library_id]
+    element = Image2DModel.parse(img[..., :3].transpose(2, 0, 1), dims=("c", "y", "x"))
+    opened = _from_spatialdata(SpatialData(images={"image": element}), "image", f"the AnnData's {library_id!r}")
+    opened.mpp = None if pixel_size is None else pixel_size / scale  # µm per pixel of this image
+    opened.to_fullres = 1.0 / scale
+    opened.spatial_uns = {library_id: dict(spatial[library_id])}
+    return opened
+
+
+def open_slide(slide: Any, image_key: str | None = None, library_id: str | None = None,
+               image_element: str | None = None) -> OpenedSlide:
+    """Open ``slide`` for prediction: a slide file (SVS, NDPI, pyramidal TIFF, ...), a plain JPEG, PNG or
+    TIFF (the µm/px must then be given as ``mpp``), a SpatialData
+    ``.zarr`` store, a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` with an image
+    element, or an AnnData with a Visium-style image in ``uns["spatial"]``."""
+    from spatialdata import SpatialData as _SpatialData
+
+    if image_key is not None and (isinstance(slide, _SpatialData) or isinstance(slide, str | os.PathLike)
+                                  and _is_zarr_store(os.fspath(slide))):
+        warnings.warn("image_key= for a SpatialData's image element is deprecated: use image_element= (image_key "
+                      "names an AnnData's image, as in setup_anndata).", FutureWarning, stacklevel=user_stacklevel())
+        image_element = image_key if image_element is None else image_element
+    wsidata, _ = _wsi_stack()
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    if isinstance(slide, wsidata.WSIData):
+        source = slide.path or getattr(slide.reader, "file", None)
+        return OpenedSlide(slide, str(source) if source else "the slide")
+    if isinstance(slide, SpatialData):
+        return _from_spatialdata(slide, image_element, "the SpatialData")
+    if isinstance(slide, AnnData):
+        return _from_anndata(slide, image_key, library_id)
+    if isinstance(slide, str | os.PathLike):
+        path = os.fspath(slide)
+        if not os.path.exists(path):
+            raise MissingFileError(f"Slide file {path!r} does not exist.")
+        if _is_zarr_store(path):
+            import spatialdata
+
+            try:
+                sdata = spatialdata.read_zarr(path)
+            except _UNREADABLE as err:
+                raise InputError(f"Could not read {path!r} as a SpatialData store: {err}") from err
+            return _from_spatialdata(sdata, image_element, path)
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix not in (".jpg", ".jpeg", ".png"):
+            try:
+                # store=None: no zarr store is created or reused next to the slide
+                return OpenedSlide(wsidata.open_wsi(path, store=None), path)
+            except _UNREADABLE as err:
+                if suffix not in PLAIN_SUFFIXES:
+                    raise InputError(
+                        f"Could not open {path!r} as a whole-slide image (no reader of wsidata accepts it: "
+                        f"{type(err).__name__}); for an image in another format, {CONVERT_HINT}."
+                    ) from err
+        # a plain JPEG / PNG, or a TIFF no whole-slide reader takes (not tiled): its pixels, at the µm/px of mpp=
+        from spatialdata import SpatialData
+
+        try:
+            element = plain_image_element(path)
+        except InputError as err:
+            why = err.__cause__ or err  # the reader's own words, without the path again
+            raise InputError(f"Could not open {path!r} as a whole-slide or a plain image ({type(why).__name__}: {why}; "
+                             "a truncated or corrupted file?)") from err
+        opened = _from_spatialdata(SpatialData(images={"image": element}), "image", path)
+        opened.name = path
+        return opened
+    raise InputTypeError(
+        "slide must be a path, a wsidata.WSIData, a SpatialData or an AnnData with an image, got "
+        f"{type(slide).__name__}."
+    )
+
+
+def default_num_workers() -> int:
+    """DataLoader workers that read tiles while the network runs.
+
+    None on a machine with 4 cores or fewer: on 2 cores a reading worker takes a core from the
+    network's threads and whole-slide prediction got 20 % slower (``benchmarks/her2st_slide.py``).
+    With more cores, half of them (at most 8) read, the rest run the network's threads.
+    """
+    n = available_cores()  # the cores this process may use, as for the thread limits
+    return 0 if n <= 4 else min(8, n // 2)
+
+
+def _tissue_fraction(tiles, tissues) -> np.ndarray:
+    """The fraction of each tile's area inside the tissue polygons (NaN without them)."""
+    if tissues is None or len(tissues) == 0:
+        return np.full(len(tiles), np.nan, dtype=np.float32)
+    import shapely
+
+    tissue = shapely.union_all(tissues.geometry.to_numpy())
+    geoms = tiles.geometry.to_numpy()
+    return (shapely.area(shapely.intersection(geoms, tissue)) / shapely.area(geoms)).astype(np.float32)
+
+
+def _tile_geometry_um(tiles, slide_mpp: float) -> tuple[float, float]:
+    """Side and pitch (median distance to the nearest other tile centre) of tile shapes, in micrometres."""
+    from scipy.spatial import cKDTree
+
+    bounds = tiles.geometry.bounds
+    side = float(np.median(bounds["maxx"] - bounds["minx"])) * slide_mpp
+    xy = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) * slide_mpp if len(xy) > 1 else side
+    return side, pitch
+
+
+def predict_slide(
+    model,
+    slide,
+    mpp: float | None = None,
+    pitch_um: float | None = None,
+    tile_size_um: float | None = None,
+    batch_size: int = PREDICT_BATCH_SIZE,
+    tta: bool | None = None,
+    key_added: str = PREDICTED_KEY,
+    progress: bool | None = None,
+    num_workers: int | None = None,
+    image_key: str | None = None,
+    library_id: str | None = None,
+    patch_size_um: float | None = None,
+    image_element: str | None = None,
+    features_key: str | None = None,
+    tissue_method: str = "entropy",
+    min_tissue_fraction: float = 0.7,
+    image_mpp: float | None = 2.0,
+    interval_level: float | None = 0.9,
+    ensemble: bool | None = None,
+):
+    """Predict expression over the tissue of a whole H&E slide that has no expression.
+
+    Finds the tissue (lazyslide's ``find_tissues``), lays tiles on it every ``pitch_um``
+    micrometres (default: the training data's spot pitch, :attr:`spot_pitch_um_`), each the
+    physical size of the training patches (:attr:`patch_geometry_`), reads them lazily at the
+    network's resolution through wsidata and runs trunk + translator on each batch. Needs
+    ``pip install 'st-predict[wsi]'``.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~st_predict.NH2ST` (``model.predict_slide(slide, ...)`` calls this).
+    slide
+        A slide file (SVS, NDPI, pyramidal TIFF / OME-TIFF, anything OpenSlide or tiffslide
+        reads), a plain JPEG, PNG or TIFF with ``mpp=`` (JPEG and PNG are decoded into memory, up to
+        2 GiB of pixels, about 715 Mpx; a TIFF is read lazily), a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` (or the path of
+        its ``.zarr`` store) with an RGB uint8 image element, or an AnnData with a Visium-style
+        image in ``uns["spatial"][library_id]["images"]`` (its µm/px taken from
+        ``metadata["pixel_size_um"]`` and the image's scale factor, as st_predict's readers
+        write them). The input is not modified.
+    mpp
+        Micrometres per level-0 pixel, for a slide whose metadata has none (it overrides the
+        metadata otherwise). SpatialData images carry no µm/px: pass it.
+    pitch_um
+        Distance between tile centres in micrometres; smaller than the spot pitch for denser maps.
+    tile_size_um
+        Tile side in micrometres; default: the training patches' (``patch_geometry_.size_um``).
+        Needed only for a model whose training data had no pixel size.
+    batch_size
+        Tiles per forward pass.
+    tta
+        Average over the 8 flips/rotations of each tile (default: the model's setting).
+    key_added
+        Name of the table (``sdata.tables[key_added]``); the tiles are the shapes
+        ``f"{key_added}_tiles"`` and the tissue polygons ``f"{key_added}_tissues"``.
+    progress
+        Print the tile count and show a progress bar (default: on a terminal or in a notebook).
+    num_workers
+        DataLoader worker processes that read and resize tiles while the network runs
+        (default: none on 4 cores or fewer, where they slow the network down; otherwise half
+        the cores, at most 8; ``0`` reads in this process).
+    image_element
+        The image element of a SpatialData (needed when it has several).
+    image_key
+        The image of an AnnData, ``uns["spatial"][library_id]["images"][image_key]`` (default ``"hires"``),
+        as in :meth:`~st_predict.NH2ST.setup_anndata`. For a SpatialData, a deprecated name of
+        ``image_element``.
+    library_id
+        The library of an AnnData whose ``uns["spatial"]`` holds several.
+    patch_size_um
+        Deprecated name of ``tile_size_um``.
+    tissue_method
+        How lazyslide's ``find_tissues`` tells tissue from glass: ``"entropy"`` (default: local
+        entropy of the haematoxylin/eosin colour space, so a smooth stain haze or smear on the glass
+        is not tissue) or ``"otsu"`` (lazyslide's default: a threshold on brightness, which keeps pale
+        eosin haze as tissue). On HER2ST C2, written as a slide, ``"otsu"`` took 3.1 Mpx of the pink
+        haze beside the section as tissue and left 1.6 % of the measured spots outside it; ``"entropy"``
+        took 0.1 Mpx there and every spot inside.
+    min_tissue_fraction
+        Drop tiles whose area is less than this fraction tissue (lazyslide's ``tile_tissues`` with
+        ``background_fraction = 1 - min_tissue_fraction``). Each tile's fraction is written to the
+        table (``obs["tissue_fraction"]``).
+    image_mpp
+        Resolution, in micrometres per pixel, of the image of the slide put into the output (a lazy
+        multiscale image element ``f"{key_added}_image"`` over the tiles' frame, so spatialdata-plot draws
+        the tiles over the H&E); ``None``: no image. It is read from the slide only when the output is
+        written or drawn.
+    interval_level, ensemble
+        For a model trained with ``reliability=True``: the tiles' lower and upper bounds at this level go
+        into the table's layers ``"lower"`` and ``"upper"`` (``None``: none), each gene's reliability into
+        its ``var``, and ``ensemble`` is as in :meth:`predict`. The fold models then predict every tile too
+        (K more passes over the tiles).
+    features_key
+        Predict from tile features already in ``slide`` instead of tiling and encoding it: the
+        table ``slide.tables[features_key]`` that LazySlide's ``zs.tl.feature_extraction`` wrote
+        (``"{model}_{tile_key}"``), one row per tile of its tile shapes. The features must be those of
+        this model's frozen encoder on tiles of its patch (``as_tile_model().tile_kwargs``); only the
+        head and translator run. LazySlide's transforms may resize and centre-crop where st_predict
+        only resizes, so the values can differ slightly from ``predict_slide`` on the same tiles.
+
+    Returns
+    -------
+    The slide as a SpatialData object (:class:`wsidata.WSIData`) with a table of tiles x genes
+    (``X``: predictions on the ``log1p`` scale of counts per 10k, ``obsm["spatial"]``: tile centres
+    in level-0 pixels, ``uns["st_predict"]``: the slide and settings) annotating the tile shapes.
+    The table alone is an AnnData: ``sdata.tables[key_added]``. For an AnnData input its
+    ``obsm["spatial"]`` is in the AnnData's full-resolution pixels and its ``uns["spatial"]``
+    holds the library's images, so ``sc.pl.spatial`` draws the tiles over the H&E. The image
+    ``f"{key_added}_image"`` (see ``image_mpp``) is the slide, downsampled, in the tiles' frame.
+    """
+    if patch_size_um is not None:
+        warnings.warn("predict_slide(patch_size_um=) is deprecated: use tile_size_um=.", FutureWarning,
+                      stacklevel=user_stacklevel())
+        tile_size_um = patch_size_um if tile_size_um is None else tile_size_um
+    model._check_if_trained(warn=False)
+    _, zs = _wsi_stack()
+    tile_um = tile_size_um if tile_size_um is not None else model.patch_geometry_.size_um
+    if tile_um is None:
+        raise InputError(
+            "This model records no physical patch size (its training data had no pixel size): pass "
+            "tile_size_um= (the side of its training patches in micrometres)."
+        )
+    if not tile_um > 0:
+        raise InputError(f"tile_size_um must be positive, got {tile_um!r}.")
+    if tissue_method not in ("entropy", "otsu"):
+        raise InputError(f"tissue_method must be 'entropy' or 'otsu', got {tissue_method!r}.")
+    if not 0 <= min_tissue_fraction <= 1:
+        raise InputError(f"min_tissue_fraction must be between 0 and 1, got {min_tissue_fraction!r}.")
+    pitch = pitch_um if pitch_um is not None else (model.spot_pitch_um_ or tile_um)
+    if not pitch > 0:
+        raise InputError(f"pitch_um must be positive, got {pitch!r}.")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    if mpp is not None and not mpp > 0:
+        raise InputError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
+    if image_mpp is not None and not image_mpp > 0:
+        raise InputError(f"image_mpp must be a positive number of micrometres per pixel or None, got {image_mpp!r}.")
+    opened = open_slide(slide, image_key=image_key, library_id=library_id, image_element=image_element)
+    wsi, name = opened.wsi, opened.name
+    if mpp is not None or opened.mpp is not None:
+        wsi.set_mpp(float(mpp if mpp is not None else opened.mpp))
+    slide_mpp = wsi.properties.mpp
+    if slide_mpp is None or not np.isfinite(slide_mpp) or slide_mpp <= 0:
+        raise InputError(
+            f"The slide {name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
+        )
+    size = model.module.image_size
+    tta = model.tta_ if tta is None else bool(tta)
+    tissue_level = bounds = None
+    tissue_key = f"{key_added}_tissues"
+    if features_key is not None:
+        tile_key, tiles, pred = _from_tile_features(model, wsi, features_key, batch_size)
+        tta = False
+        tile_um, pitch = _tile_geometry_um(tiles, slide_mpp)
+        model_um = model.patch_geometry_.size_um if model.patch_geometry_ is not None else None
+        if model_um and abs(tile_um - model_um) > 0.1 * model_um:
+            warnings.warn(
+                f"The tiles of {features_key!r} are {tile_um:.1f} um wide but the model was trained on {model_um:.1f} "
+                "um patches: lay them with model.as_tile_model().tile_kwargs.", UserWarning, stacklevel=user_stacklevel())
+    else:
+        num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        tile_mpp = float(tile_um) / size  # tiles are read straight at the network's resolution
+        stride = max(1, int(round(pitch / tile_mpp)))
+        tile_key = f"{key_added}_tiles"
+        # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
+        # lazyslide's "auto" picks the level by free memory, which on a large slide means gigabytes
+        level_mpp = [slide_mpp * d for d in wsi.properties.level_downsample]
+        fine_enough = [i for i, m in enumerate(level_mpp) if m <= tile_um / 4]
+        tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
+        zs.pp.find_tissues(wsi, level=tissue_level, method=tissue_method, key_added=tissue_key)
+        if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
+            raise InputError(f"No tissue found on the slide {name}.")
+        zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
+                           key_added=tile_key, background_fraction=1 - min_tissue_fraction)
+        tiles = wsi.shapes[tile_key] if tile_key in wsi.shapes else ()  # lazyslide may add no element
+        if len(tiles) == 0:
+            raise InputError(f"No tissue found on the slide {name} (no tile of {tile_um:g} um on tissue).")
+        if progress is None:
+            progress = interactive()
+        if progress:
+            progress_logger().info("%d tiles of %g um every %g um on %s", len(tiles), tile_um, pitch, name)
+        # a network that predicts from its neighbourhood reads the neighbouring tiles, one training pitch away
+        neighbors = (_tile_neighbors(model, tiles, slide_mpp, stride * tile_mpp) if model.module.context != "patch"
+                     else None)
+        with thread_limits():
+            pred = _predict_tiles(model, wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress, neighbors)
+            if model.has_reliability:
+                bounds = model.with_reliability(pred, lambda: _predict_tiles(model,
+                    wsi, tile_key, len(tiles), batch_size, num_workers, tta, False, neighbors), interval_level,
+                    ensemble)
+                pred = bounds["point"]
+    centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    from anndata import AnnData
+    from spatialdata.models import TableModel
+
+    obs = pd.DataFrame({"region": pd.Categorical([tile_key] * len(tiles)),
+                        "tile_id": tiles["tile_id"].to_numpy(), "tissue_id": tiles["tissue_id"].to_numpy(),
+                        "tissue_fraction": _tissue_fraction(tiles, wsi.shapes[tissue_key] if tissue_key in wsi.shapes else None)},
+                       index=[f"tile_{i}" for i in tiles["tile_id"]])
+    table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(model.genes_)))
+    if bounds is not None:
+        for name in ("lower", "upper"):
+            if name in bounds:
+                table.layers[name] = bounds[name].astype(np.float32)
+        rel = model.gene_reliability_
+        table.var = table.var.join(rel[["reliability", "ci_low", "ci_high", "reliable"]])
+    # tile centres in the slide's level-0 pixels (for an AnnData image: the AnnData's full-resolution
+    # pixels, the frame of its obsm["spatial"], so scanpy/squidpy draw the tiles over its image)
+    table.obsm["spatial"] = centres * opened.to_fullres
+    table.uns["st_predict"] = {
+        "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(tile_um),
+        "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta),
+        "tissue_level": -1 if tissue_level is None else int(tissue_level), "features_key": features_key or "",
+        "tissue_method": tissue_method if features_key is None else "", "min_tissue_fraction": float(min_tissue_fraction),
+        "scale": "log1p(counts / library size * 1e4)",
+    }
+    if bounds is not None:
+        table.uns["st_predict"].update(ensemble=bool(bounds["ensemble"]),
+                                       interval_level=-1.0 if interval_level is None else float(interval_level))
+    if opened.spatial_uns:
+        lib, entry = next(iter(opened.spatial_uns.items()))
+        scalef = dict(entry.get("scalefactors", {}))
+        scalef["spot_diameter_fullres"] = float(tile_um / slide_mpp * opened.to_fullres)
+        table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
+    wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
+    if image_mpp is not None:
+        from ._slide_image import overview_image
+
+        wsi.images[f"{key_added}_image"] = overview_image(wsi, slide_mpp, float(image_mpp))
+    return wsi
+
+def _from_tile_features(model, wsi, features_key: str, batch_size: int):
+    """The tile key, tile shapes and predictions of a feature table written by ``zs.tl.feature_extraction``."""
+    module = model.module
+    if module.trunk_mode != "frozen":
+        raise InputError("features_key needs a model with a frozen encoder: a fine-tuned one is not what "
+                         "extracted the features.")
+    if features_key not in wsi.tables:
+        raise MissingKeyError(f"The slide has no table {features_key!r} (tables: {list(wsi.tables)}).")
+    table = wsi.tables[features_key]
+    tile_key = table.uns.get("spatialdata_attrs", {}).get("region")
+    tile_key = tile_key[0] if isinstance(tile_key, list) else tile_key
+    if tile_key not in wsi.shapes:
+        raise MissingKeyError(f"The features {features_key!r} annotate {tile_key!r}, which is not among the slide's "
+                              "shapes.")
+    feats = np.asarray(table.X.toarray() if hasattr(table.X, "toarray") else table.X, dtype=np.float32)
+    width = module.encoder_info.out_channels
+    if feats.ndim != 2 or feats.shape[1] != width:
+        raise InputError(
+            f"The features {features_key!r} have {feats.shape[-1]} columns but the model's encoder "
+            f"{module.encoder_info.name!r} gives {width}: they come from another encoder."
+        )
+    tiles = wsi.shapes[tile_key]
+    order = pd.Index(table.obs["tile_id"].to_numpy()).get_indexer(tiles["tile_id"].to_numpy())
+    if (order < 0).any():
+        raise InputError(f"{int((order < 0).sum())} tiles of {tile_key!r} have no row in {features_key!r}.")
+    feats = torch.from_numpy(feats[order])
+    context = module.context != "patch"
+
+    def one_batch(idx: np.ndarray) -> torch.Tensor:
+        fm = {"fmaps": feats[torch.as_tensor(idx), :, None, None].to(module.device)}
+        return module.latent(fm) if context else module.predict_expression(fm)
+
+    out = run_batches(one_batch, index_batches(len(tiles), batch_size), len(tiles), module)
+    out = out if out is not None else torch.zeros((0, len(model.genes_)))
+    if context:
+        slide_mpp = wsi.properties.mpp
+        neighbors = _tile_neighbors(model, tiles, slide_mpp, _tile_geometry_um(tiles, slide_mpp)[1])
+        every = np.arange(len(tiles))
+        out = model._translate_neighborhoods(out, every, every, neighbors, batch_size)
+    return tile_key, tiles, out.numpy()
+
+
+def _tile_neighbors(model, tiles, slide_mpp: float, pitch_um: float) -> np.ndarray:
+    """Each tile's ``K`` neighbours for a ``context="neighbors"`` network: the nearest tiles of its sub-grid
+    at about the training spot pitch (every ``round(spot pitch / tile pitch)``-th tile; the adjacent tiles
+    when the pitch is unknown or the tiles are at least that far apart)."""
+    from st_predict.pp import grid_neighbors
+
+    centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    every = max(1, int(round(model.spot_pitch_um_ / pitch_um))) if model.spot_pitch_um_ else 1
+    return grid_neighbors(centres, pitch_um / slide_mpp, every, model.module.n_neighbors)
+
+
+def as_tile_model(model, tta: bool | None = None):
+    """This model as a lazyslide-models tile-prediction model, for LazySlide users::
+
+        tiles = model.as_tile_model()
+        zs.pp.tile_tissues(wsi, **tiles.tile_kwargs)
+        zs.tl.tile_prediction(wsi, tiles)  # one column per gene in wsi["tiles"]
+
+    ``tta``: the model's setting by default. Needs the ``wsi`` extra (lazyslide-models). A model with
+    ``context="neighbors"`` cannot be one (tile_prediction gives it no neighbouring tiles): it raises an
+    :class:`~st_predict.InputError` that says to use :meth:`predict_slide`."""
+    from ._tile_model import NH2STTileModel
+
+    return NH2STTileModel(model, tta=tta)
+
+
+def _predict_tiles(model, wsi, tile_key: str, n_tiles: int, batch_size: int, num_workers: int, tta: bool,
+                   progress: bool, neighbors: np.ndarray | None = None) -> np.ndarray:
+    """Predictions ``(n_tiles, n_genes)`` of the tiles ``tile_key``, read in batches by wsidata. A
+    ``context="neighbors"`` network first embeds every tile, then predicts each from the latents of its
+    ``neighbors`` (``(n_tiles, K)``) too."""
+    size = model.module.image_size
+    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
+    # workers read and resize the next batches while the network runs on this one
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         worker_init_fn=single_thread_worker)
+    module = model.module
+    context = module.context != "patch"
+    if context and neighbors is None:  # pragma: no cover - predict_slide always gives them
+        raise RuntimeError("A context='neighbors' network needs the tiles' neighbours.")
+
+    def one_batch(batch) -> torch.Tensor:
+        img = {"patches": batch["image"].permute(0, 3, 1, 2).contiguous().to(module.device)}
+        return module.latent(img, tta=tta) if context else module.predict_expression(img, tta=tta)
+
+    pred = run_batches(one_batch, loader, n_tiles, module, bool(progress) and interactive(), "Predicting tiles")
+    if context:
+        every = np.arange(n_tiles)
+        pred = model._translate_neighborhoods(pred, every, every, neighbors, batch_size)
+    return pred.numpy()
