@@ -116,7 +116,7 @@ def test_benchmark_command_writes_tables(trained, tmp_path, capsys):
         (["predict-slides", "{model}", "--manifest", "{tmp}/gone.csv", "--out", "{tmp}/s"], "gone.csv does not exist"),
         (["benchmark", "{data}", "--folds", "S7", "--out", "{tmp}/b", "--weights", "random"], "S7"),
         (["demo", "--no-fetch", "--epochs", "1", "--weights", "random", "--test-section", "Z9", "--out", "{tmp}/d"],
-         "test_section='Z9'"),
+         "--test-section 'Z9'"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_code_2(trained, tmp_path, capsys, argv, message):
@@ -371,3 +371,19 @@ def test_train_reads_a_her2st_folder_lazily(tmp_path, monkeypatch):
     assert main(["train", str(root), "--out", str(tmp_path / "model"), *SMALL_TRAIN]) == 0
     assert len(images) == 2 and all(isinstance(img, da.Array) for img in images)
     assert (tmp_path / "model" / "model.pt").is_file()
+
+
+def test_errors_name_the_commands_options_not_python_keywords(cli_model, tmp_path, capsys):
+    pytest.importorskip("lazyslide")
+    from helpers import slide_tissue
+    from PIL import Image
+
+    model_dir, _ = cli_model
+    Image.fromarray(slide_tissue(256)).save(tmp_path / "slide.jpg")
+    out = ["--out", str(tmp_path / "o.zarr")]
+    assert main(["predict-slide", str(model_dir), str(tmp_path / "slide.jpg"), *out]) == 2
+    assert "pass --tile-size-um (the side of its training patches" in capsys.readouterr().err  # no pixel size known
+    assert main(["predict-slide", str(model_dir), str(tmp_path / "slide.jpg"), "--tile-size-um", "32", *out]) == 2
+    err = capsys.readouterr().err
+    assert "records no micrometres per pixel; pass --mpp (e.g. --mpp 0.25" in err and "mpp=" not in err
+    assert not (tmp_path / "o.zarr").exists()

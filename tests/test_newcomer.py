@@ -204,6 +204,10 @@ def test_numeric_arguments_are_checked_before_the_heavy_imports(tmp_path):
     assert not torch_loaded and not scvi_loaded
     for message in cases.values():
         assert message in proc.stderr, (message, proc.stderr[-2000:])
+    # each error is its one line with a pointer to the help, not the usage first
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == len(cases) and not any(line.startswith("usage:") for line in lines), lines
+    assert all(line.endswith("--help)") for line in lines), lines
 
 
 def test_training_into_a_log_file_prints_a_line_per_epoch_and_no_noise(run, tmp_path, capsys, caplog):
@@ -261,3 +265,50 @@ def test_reliability_from_the_command_line(run, tmp_path, capsys):
     cov = metrics["intervals"]
     assert cov["level"] == 0.8 and 0 < cov["coverage_held_out"] <= 1 and set(cov["coverage_by_section"]) == {"S2"}
     assert f"80% intervals (obsm['nh2st_lower'], obsm['nh2st_upper']) hold {cov['coverage_held_out']:.1%}" in printed
+
+
+def test_predict_never_writes_over_the_coordinates_or_a_key_of_the_users(cli_model):
+    import anndata as ad
+    import numpy as np
+
+    from st_predict import NH2ST, InputError
+
+    model_dir, data = cli_model
+    model = NH2ST.load(model_dir)
+    adata = ad.read_h5ad(data)
+    adata = adata[adata.obs["section"] == "S2"].copy()
+    spatial = adata.obsm["spatial"].copy()
+    with pytest.raises(InputError, match=r"key_added='spatial' would replace the spot coordinates"):
+        model.predict(adata, key_added="spatial", tta=False)
+    np.testing.assert_array_equal(adata.obsm["spatial"], spatial)
+    adata.obsm["mine"] = np.zeros((adata.n_obs, 2))
+    with pytest.raises(InputError, match=r"adata.obsm\['mine'\] already holds data .*overwrite=True"):
+        model.predict(adata, key_added="mine", tta=False)
+    assert (adata.obsm["mine"] == 0).all()
+    model.predict(adata, key_added="mine", tta=False, overwrite=True)
+    assert adata.obsm["mine"].shape == (adata.n_obs, len(model.genes_))
+    with pytest.warns(UserWarning, match="not unique"):  # anndata's own notice
+        twice = ad.concat([adata[:3], adata[:3]])
+    with pytest.raises(InputError, match=r"adata.obs_names has 3 duplicates .*obs_names_make_unique"):
+        model.predict(twice, tta=False)
+    # a key an earlier predict wrote is replaced without asking
+    first = model.predict(adata, tta=False)
+    again = model.predict(adata, tta=False)
+    np.testing.assert_allclose(again.to_numpy(), first.to_numpy(), rtol=1e-6)
+
+
+def test_the_model_file_stands_for_its_folder_and_a_missing_gpu_is_one_line(run, capsys):
+    import torch
+
+    root, data = run
+    out = root / "from_file.h5ad"
+    assert main(["predict", str(root / "model" / "model.pt"), str(data), "--out", str(out), "--quiet"]) == 0
+    assert out.is_file()
+    if torch.cuda.is_available():
+        return
+    capsys.readouterr()
+    code = main(["predict", str(root / "model"), str(data), "--out", str(root / "gpu.h5ad"), "--accelerator", "gpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "no CUDA device is visible to this process: use --accelerator 'cpu'" in err[0]
+    assert not (root / "gpu.h5ad").exists()

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from st_predict._utils import InputError, MissingFileError
+from st_predict.cli._common import check_model_folder
 from st_predict.cli._options import add_slide_options, number, slide_kwargs
 
 #: exit code when some slides failed (the others were written; the manifest says which and why)
@@ -41,8 +42,7 @@ def add_predict_slides_parser(sub, fmt, debug) -> None:
 
 
 def _cmd_predict_slides(args) -> int:
-    if not (Path(args.model) / "model.pt").is_file():
-        raise MissingFileError(f"no saved model at {args.model} (expected {Path(args.model) / 'model.pt'})")
+    check_model_folder(args)
     if bool(args.slides) == bool(args.manifest):
         raise InputError("give the slides, or --manifest slides.csv (not both)")
     if args.scheduler and (args.workers or args.threads_per_worker):

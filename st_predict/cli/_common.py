@@ -81,10 +81,20 @@ def read_genes(spec: str) -> list[str]:
     return genes
 
 
+def check_model_folder(args) -> None:
+    """Check that ``args.model`` is a saved model's folder; its ``model.pt`` file is taken to mean the folder."""
+    model = Path(args.model)
+    if model.is_file() and model.name == "model.pt":
+        args.model = str(model.parent)
+        return
+    if not (model / "model.pt").is_file():
+        raise MissingFileError(f"no saved model at {args.model} (expected {model / 'model.pt'}; pass the folder that "
+                               "st-predict train wrote)")
+
+
 def model_and_output(args, suffix: str) -> Path:
     """Check that ``args.model`` is a saved model and ``args.out`` a new (or ``--overwrite``) ``suffix`` path."""
-    if not (Path(args.model) / "model.pt").is_file():
-        raise MissingFileError(f"no saved model at {args.model} (expected {Path(args.model) / 'model.pt'})")
+    check_model_folder(args)
     out = Path(args.out)
     if out.suffix != suffix:
         raise InputError(f"--out must end in {suffix}, got {args.out!r}")

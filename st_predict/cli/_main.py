@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -23,10 +24,17 @@ from st_predict.cli._options import HelpFormatter
 
 
 # -- parser ------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line and a pointer to ``--help`` (not the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``st-predict`` argument parser."""
     fmt = HelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="st-predict",
         description="Predict spatially resolved gene expression from H&E slides with NH2ST. "
         "Predictions are log1p(counts / library size x 1e4) unless the training data was already normalised.",
@@ -77,6 +85,20 @@ def _version() -> str:
     return __version__
 
 
+def _in_option_words(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """An error written for Python callers ("pass mpp= (e.g. mpp=0.25)") in the command's own words
+    ("pass --mpp (e.g. --mpp 0.25)"), for each keyword that is an option of ``command``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(command)
+    for action in (sub._actions if sub is not None else []):
+        if not action.option_strings or not action.dest.isidentifier():
+            continue
+        option = max(action.option_strings, key=len)
+        key = rf"(?<![\w.-]){re.escape(action.dest)}="
+        message = re.sub(key + r"(?=[\s,;.)]|$)", option, message)
+        message = re.sub(key + r"([^\s,;)]+)", rf"{option} \1", message)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``st-predict`` command; returns the exit code: 0, 2 for bad input (one line on
     stderr), 1 for anything else (with its traceback)."""
@@ -93,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         if args.debug:
             traceback.print_exc()
-        msg = str(err)
+        msg = _in_option_words(str(err), parser, args.command)
         print(f"st-predict {args.command}: error: {msg.splitlines()[0] if msg else type(err).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:  # noqa: BLE001 - a bug, or a crash in a dependency: never dressed up as bad input

@@ -158,14 +158,15 @@ def measured_expression(adata, genes: Sequence[str], layer: str | None = None, i
     """The measured expression of ``genes`` in ``adata`` (``X`` or ``layers[layer]``) on the model's
     scale (:func:`~st_predict.pp.normalize_expression`: ``log1p`` counts per 10k, or as it is with
     ``is_count_data=False``), as a spots x genes DataFrame to score predictions against."""
-    from st_predict.pp import normalize_expression
+    from st_predict.pp import absent_genes_hint, normalize_expression
 
     if adata.n_vars == 0:
         raise InputError("The AnnData has no measured expression (n_vars == 0) to evaluate against.")
     genes = [str(g) for g in genes]
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
-        raise MissingKeyError(f"{len(missing)} predicted genes are not in adata.var_names, e.g. {missing[:5]}.")
+        raise MissingKeyError(f"{len(missing)} predicted genes are not in adata.var_names, e.g. {missing[:5]}."
+                              + absent_genes_hint(missing, adata.var_names, adata.var))
     if layer is not None and layer not in adata.layers:
         raise MissingKeyError(f"adata.layers has no {layer!r} (it has: {list(adata.layers)}).")
     matrix = adata.layers[layer] if layer is not None else adata.X

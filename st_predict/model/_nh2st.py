@@ -527,8 +527,13 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         feature_cache: str | os.PathLike | bool | None = None,
         interval_level: float | None = INTERVAL_LEVEL,
         ensemble: bool | None = None,
+        overwrite: bool = False,
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
+
+        ``key_added`` may name a key an earlier ``predict`` wrote (it is replaced); a key that holds anything else
+        of the user's is refused unless ``overwrite=True``, and the spot coordinates (``obsm["spatial"]``, or
+        ``spatial_key``) are never replaced.
 
         A model trained with ``reliability=True`` also writes, at ``interval_level`` (default 90 %;
         ``None``: none), the bounds ``obsm[f"{key_added}_lower"]`` and ``obsm[f"{key_added}_upper"]``
@@ -544,6 +549,11 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         may be given as in :meth:`get_predicted_expression`. Returns the DataFrame.
         """
         target = self._target(adata)
+        _check_key_added(target, key_added, spatial_key or "spatial", overwrite)
+        if not target.obs_names.is_unique:
+            dup = target.obs_names[target.obs_names.duplicated()]
+            raise InputError(f"adata.obs_names has {len(dup)} duplicates (e.g. {dup[0]!r}): the predictions are a "
+                             "DataFrame indexed by them. Call adata.obs_names_make_unique() first.")
         df = self.get_predicted_expression(
             target, batch_size=batch_size, progress=progress, library_key=library_key, image_key=image_key,
             spatial_key=spatial_key, tta=tta, feature_cache=feature_cache,
@@ -568,3 +578,21 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         target.uns["st_predict"] = meta
         logger.info("Added predicted expression of %d genes to adata.obsm[%r].", df.shape[1], key_added)
         return df
+
+
+def _check_key_added(adata, key_added: str, spatial_key: str, overwrite: bool) -> None:
+    """Refuse an ``obsm`` key for predictions that holds the user's data: the spot coordinates always, and any
+    other existing key that no earlier ``predict`` wrote (``uns["st_predict"]`` records those) unless
+    ``overwrite``."""
+    if not isinstance(key_added, str) or not key_added:
+        raise InputError(f"key_added must be a non-empty string, got {key_added!r}.")
+    keys = [key_added, f"{key_added}_lower", f"{key_added}_upper"]
+    if spatial_key in keys:
+        raise InputError(f"key_added={key_added!r} would replace the spot coordinates in adata.obsm[{spatial_key!r}]: "
+                         "choose another key (the default is 'nh2st').")
+    meta = adata.uns.get("st_predict")
+    ours = set(meta) if isinstance(meta, Mapping) else set()
+    taken = [k for k in keys if k in adata.obsm and k.removesuffix("_lower").removesuffix("_upper") not in ours]
+    if taken and not overwrite:
+        raise InputError(f"adata.obsm[{taken[0]!r}] already holds data that st_predict did not write: pass "
+                         "overwrite=True to replace it, or choose another key_added.")

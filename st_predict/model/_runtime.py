@@ -29,8 +29,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16-mixed" if device.type == "cpu" and _cpu_has_bf16() else "32-true"
 
 
+def check_accelerator(accelerator: str) -> None:
+    """Refuse ``accelerator="gpu"`` (or ``"cuda"``) where no CUDA device is visible, in one line instead of
+    Lightning's traceback."""
+    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        from st_predict._utils import InputError
+
+        raise InputError(f"accelerator={accelerator!r}, but no CUDA device is visible to this process: use "
+                         "accelerator='cpu' or accelerator='auto'.")
+
+
 def device_for(accelerator: str) -> torch.device:
     """The device Lightning's ``accelerator`` puts the model on (CUDA for ``"auto"``/``"gpu"`` when present)."""
+    check_accelerator(accelerator)
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

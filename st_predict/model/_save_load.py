@@ -107,7 +107,7 @@ class SaveLoadMixin:
         Parameters
         ----------
         dir_path
-            Folder given to :meth:`save`.
+            Folder given to :meth:`save` (or the ``model.pt`` file in it).
         adata
             ``None``: the AnnData saved with the model if any, else none (call
             ``predict(adata)`` later). An AnnData with expression: registered with the saved setup;
@@ -126,9 +126,16 @@ class SaveLoadMixin:
             (a frozen hub or registry encoder is rebuilt, not read from the model file). The
             weights must be those the model was trained with: their digest is checked.
         """
-        path = os.path.join(dir_path, f"{prefix or ''}model.pt")
+        from ._runtime import check_accelerator
+
+        check_accelerator(accelerator)
+        name = f"{prefix or ''}model.pt"
+        if os.path.isfile(dir_path) and os.path.basename(os.fspath(dir_path)) == name:
+            dir_path = os.path.dirname(os.path.abspath(dir_path))  # the model file itself: its folder is the model
+        path = os.path.join(dir_path, name)
         if not os.path.isfile(path):
-            raise MissingFileError(f"No saved NH2ST model at {path}.")
+            raise MissingFileError(f"No saved NH2ST model at {path}" + (
+                ": pass the folder that save() wrote, not a file in it." if os.path.isfile(dir_path) else "."))
         try:
             saved = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:

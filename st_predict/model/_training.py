@@ -28,6 +28,7 @@ from st_predict.dataloaders import (
     state_digest,
 )
 from st_predict.pp import (
+    absent_genes_hint,
     make_patch_reader,
     normalize_expression,
 )
@@ -89,7 +90,8 @@ class TrainingMixin:
         gene_idx = adata.var_names.get_indexer(self.genes_)
         if (gene_idx < 0).any():
             missing = [g for g, i in zip(self.genes_, gene_idx, strict=True) if i < 0]
-            raise InputError(f"{len(missing)} model genes are not in adata.var_names: {missing[:10]}")
+            raise InputError(f"{len(missing)} model genes are not in adata.var_names: {missing[:10]}."
+                             + absent_genes_hint(missing, adata.var_names, adata.var))
         targets = normalize_expression(counts, gene_idx, setup["is_count_data"], self._library_size)
         facts = self._facts  # the registry's: sections, neighbours, the patch's pixels on each section
         libraries = facts.libraries

@@ -1,6 +1,12 @@
 """Preprocessing: gene selection, normalisation, spatial neighbours, spot patches."""
 
-from ._genes import check_expression, check_sections_have_counts, normalize_expression, select_genes
+from ._genes import (
+    absent_genes_hint,
+    check_expression,
+    check_sections_have_counts,
+    normalize_expression,
+    select_genes,
+)
 from ._geometry import PatchGeometry, spot_pitch_um
 from ._neighbors import N_NEIGHBORS_STORED as _N_NEIGHBORS_STORED
 from ._neighbors import NEIGHBORS_KEY as _NEIGHBORS_KEY
@@ -27,6 +33,7 @@ NEIGHBORS_KEY = _NEIGHBORS_KEY
 N_NEIGHBORS_STORED = _N_NEIGHBORS_STORED
 
 __all__ = [
+    "absent_genes_hint",
     "NEIGHBORS_KEY",
     "N_NEIGHBORS_STORED",
     "PIXEL_SIZE_KEY",

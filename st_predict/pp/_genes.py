@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -107,6 +108,37 @@ def normalize_expression(
     return np.log1p(dense).astype(np.float32)
 
 
+_ENSEMBL = r"^ENS[A-Z]*G\d{6,}"
+
+
+def absent_genes_hint(missing: Sequence[str], var_names, var: pd.DataFrame | None = None) -> str:
+    """What a "genes are not in adata.var_names" error adds: the names ``var_names`` has in another case
+    ("did you mean ERBB2?"), or, where ``var_names`` are Ensembl IDs and the genes are not, how to map them (naming
+    the ``var`` column that holds the symbols, if one does). Empty when there is nothing to suggest."""
+    names = pd.Index(np.asarray(var_names).astype(str))
+    by_lower: dict[str, str] = {}
+    for n in names:
+        by_lower.setdefault(n.lower(), n)
+    found = [by_lower[g.lower()] for g in map(str, missing) if g.lower() in by_lower]
+    hint = ""
+    if found:
+        hint += f" Did you mean {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}? (gene names are case-sensitive)"
+    missing_ens = pd.Index([str(g) for g in missing]).str.match(_ENSEMBL)
+    if len(names) and names.str.match(_ENSEMBL).mean() > 0.5 and not missing_ens.all():
+        col = None
+        if var is not None:
+            for c in var.columns:
+                values = var[c].astype(str)
+                if values.isin([str(g) for g in missing]).any():
+                    col = c
+                    break
+        how = (f"adata.var[{col!r}] holds the symbols: adata.var_names = adata.var[{col!r}].astype(str), then "
+               "adata.var_names_make_unique()" if col is not None else
+               "set adata.var_names to a column of gene symbols (then adata.var_names_make_unique())")
+        hint += (f" adata.var_names look like Ensembl IDs (e.g. {names[0]!r}) and these genes are symbols: {how}.")
+    return hint
+
+
 def select_genes(
     counts,
     var_names: Sequence[str],
@@ -120,7 +152,7 @@ def select_genes(
     ``genes`` given: checked to exist (a ``ValueError`` lists the absent ones) and returned in that
     order. Otherwise the ``n_top`` genes with the highest mean normalised expression
     (``log1p`` of counts per 10k) among the genes detected (count > 0) in every section. With fewer
-    such genes than ``n_top``, all of them are used (and logged).
+    such genes than ``n_top``, all of them are used, with a warning that gives both numbers.
     """
     var_names = pd.Index(np.asarray(var_names).astype(str))
     if genes is not None:
@@ -128,7 +160,8 @@ def select_genes(
         missing = [g for g in genes if g not in var_names]
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise InputError(f"{len(missing)} requested genes are not in adata.var_names: {shown}")
+            raise InputError(f"{len(missing)} requested genes are not in adata.var_names: {shown}."
+                             + absent_genes_hint(missing, var_names))
         if len(set(genes)) != len(genes):
             raise InputError("The gene list has duplicates.")
         return genes
@@ -146,5 +179,9 @@ def select_genes(
     means = norm.mean(0)
     order = candidates[np.argsort(-means, kind="stable")]
     if len(order) < n_top:
-        logger.info("Only %d genes are detected in every section; using all of them.", len(order))
+        from st_predict._utils import user_stacklevel
+
+        warnings.warn(f"n_genes={n_top} asks for more genes than the {len(order):,} detected in every section (of "
+                      f"{len(var_names):,} in var_names): the model predicts those {len(order):,}.", UserWarning,
+                      stacklevel=user_stacklevel())
     return var_names[order[:n_top]].tolist()

@@ -164,6 +164,8 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
                 raise InputError(f"Could not read {path!r} as a SpatialData store: {err}") from err
             return _from_spatialdata(sdata, image_element, path)
         suffix = os.path.splitext(path)[1].lower()
+        if suffix in _TIFF_SUFFIXES:
+            _check_tiff_complete(path)
         if suffix not in (".jpg", ".jpeg", ".png"):
             try:
                 # store=None: no zarr store is created or reused next to the slide
@@ -190,6 +192,46 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
         "slide must be a path, a wsidata.WSIData, a SpatialData or an AnnData with an image, got "
         f"{type(slide).__name__}."
     )
+
+
+#: slide formats that are TIFF files inside (a truncated copy is caught before a slide reader opens it)
+_TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
+
+
+def _check_tiff_complete(path: str) -> None:
+    """Refuse a TIFF-based slide whose image data runs past the end of the file (a truncated copy or download),
+    naming tifffile's own complaint: slide readers open such a file from its header and then report missing
+    metadata, or fail on the first tile."""
+    import logging
+    import struct
+
+    import tifffile
+
+    size = os.path.getsize(path)
+    said: list[str] = []
+
+    class _Keep(logging.Handler):  # tifffile reports a bad page offset on its logger, then reads on
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    log = logging.getLogger("tifffile")
+    handler = _Keep(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            ends = [int(o) + int(n) for page in tif.pages
+                    for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n]
+    except (tifffile.TiffFileError, OSError, ValueError, struct.error) as err:
+        raise InputError(f"Could not open {path!r}: it does not read as a TIFF ({type(err).__name__}: {err}); a "
+                         "truncated or corrupted file, or not an image?") from err
+    finally:
+        log.removeHandler(handler)
+    end = max(ends, default=0)
+    said = [m for m in said if "offset" in m.lower() or "truncat" in m.lower()]  # not its benign notes
+    if end > size or said:
+        detail = f" (tifffile: {said[0].strip()})" if said else ""
+        where = f"its image data runs to byte {end:,} but the file has {size:,} bytes" if end > size else "its pages do not read"
+        raise InputError(f"{path!r} is truncated or corrupted: {where}{detail}. Copy or download it again.")
 
 
 def default_num_workers() -> int:
@@ -428,9 +470,9 @@ def predict_slide(
                        index=[f"tile_{i}" for i in tiles["tile_id"]])
     table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(model.genes_)))
     if bounds is not None:
-        for name in ("lower", "upper"):
-            if name in bounds:
-                table.layers[name] = bounds[name].astype(np.float32)
+        for layer in ("lower", "upper"):  # not `name`: that is the slide's
+            if layer in bounds:
+                table.layers[layer] = bounds[layer].astype(np.float32)
         rel = model.gene_reliability_
         table.var = table.var.join(rel[["reliability", "ci_low", "ci_high", "reliable"]])
     # tile centres in the slide's level-0 pixels (for an AnnData image: the AnnData's full-resolution

@@ -141,6 +141,24 @@ def test_bad_slides_get_clear_errors(model, tmp_path):
         model.predict_slide(no_mpp, mpp=0.5, progress=False)
 
 
+def test_a_truncated_slide_is_reported_as_truncated_not_as_missing_metadata(model, tmp_path):
+    from st_predict.cli._main import main
+
+    good = _write_slide(tmp_path / "slide.tif", _tissue(1024), mpp=0.5)
+    from pathlib import Path
+
+    data = Path(good).read_bytes()
+    for name in ("cut.tif", "cut.svs"):  # a pyramidal TIFF, and the same bytes as an SVS-like file
+        (tmp_path / name).write_bytes(data[: 2 * len(data) // 3])
+        with pytest.raises(ValueError, match=rf"{name}' is truncated or corrupted: its image data runs to byte .* but "
+                                             rf"the file has {2 * len(data) // 3:,} bytes"):
+            model.predict_slide(tmp_path / name, tile_size_um=32.0, progress=False)
+    model.save(tmp_path / "m")
+    assert main(["predict-slide", str(tmp_path / "m"), str(tmp_path / "cut.svs"), "--out", str(tmp_path / "o.zarr"),
+                 "--tile-size-um", "32"]) == 2
+    assert model.predict_slide(good, tile_size_um=32.0, progress=False).tables["nh2st"].n_obs > 0  # the whole file
+
+
 def test_a_loaded_model_tiles_at_its_training_patch_size_and_pitch(tissue, tmp_path):
     m = _model_with_pixel_size(tissue)
     m.save(tmp_path / "model")
@@ -181,13 +199,13 @@ def test_predict_slide_command(tissue, model, tmp_path, capsys):
                  "--pitch-um", "20"]) == 0
     assert sd_.read_zarr(out).tables["nh2st"].uns["st_predict"]["pitch_um"] == 20.0
     no_mpp = _write_slide(tmp_path / "no_mpp.tif", _tissue(1024), mpp=None)
-    fails(["predict-slide", str(tmp_path / "model"), no_mpp, "--out", str(tmp_path / "a.zarr")], "pass mpp=")
+    fails(["predict-slide", str(tmp_path / "model"), no_mpp, "--out", str(tmp_path / "a.zarr")], "pass --mpp")
     blank = _write_slide(tmp_path / "blank.tif", np.full((1024, 1024, 3), 242, np.uint8), mpp=0.5)
     fails(["predict-slide", str(tmp_path / "model"), blank, "--out", str(tmp_path / "b.zarr")], "No tissue found")
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"not a tiff")
     fails(["predict-slide", str(tmp_path / "model"), str(broken), "--out", str(tmp_path / "c.zarr")], "Could not open")
-    fails(["predict-slide", str(tmp_path / "no_um_model"), slide, "--out", str(tmp_path / "d.zarr")], "tile_size_um=")
+    fails(["predict-slide", str(tmp_path / "no_um_model"), slide, "--out", str(tmp_path / "d.zarr")], "pass --tile-size-um")
     fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "nope.tif"), "--out", str(tmp_path / "e.zarr")],
           "does not exist")
     # a SpatialData store with an H&E image element: its um/px comes from --mpp
@@ -196,7 +214,7 @@ def test_predict_slide_command(tissue, model, tmp_path, capsys):
                  str(tmp_path / "f.zarr"), "--mpp", "0.5", "--image-element", "he", "--quiet"]) == 0
     assert sd_.read_zarr(tmp_path / "f.zarr").tables["nh2st"].n_obs > 0
     fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "he.zarr"), "--out", str(tmp_path / "g.zarr")],
-          "pass mpp=")
+          "pass --mpp")
     fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "he.zarr"), "--out", str(tmp_path / "h.zarr"),
            "--mpp", "0.5", "--image-element", "HE"], "has no image element 'HE' (it has: he)")
     assert not any((tmp_path / f"{x}.zarr").exists() for x in "abcdegh")

@@ -116,6 +116,8 @@ def test_predict_slide_writes_bounds_and_reliability_into_its_table(fitted, tmp_
     assert lo.shape == x.shape and (lo <= x + 1e-6).all() and (x <= hi + 1e-6).all() and (hi - lo).min() > 0
     pd.testing.assert_series_equal(table.var["reliability"], model.gene_reliability_["reliability"], check_names=False)
     assert table.uns["st_predict"]["interval_level"] == 0.9
+    # the slide's name, not a name of the layers written next to it
+    assert table.uns["st_predict"]["slide"] not in ("lower", "upper") and "slide" in table.uns["st_predict"]["slide"]
     plain = model.predict_slide(slide, tile_size_um=32.0, pitch_um=40.0, progress=False, image_mpp=None,
                                 interval_level=None).tables["nh2st"]
     assert "lower" not in plain.layers

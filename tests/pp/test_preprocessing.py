@@ -55,7 +55,8 @@ def test_select_genes_top_mean_among_genes_in_every_section():
     # g3 has the highest mean but is absent from section B; g1 is absent from B too
     assert genes == ["g0", "g2", "g4"]
     assert select_genes(x, names, libs, n_top=1) == ["g0"]
-    assert select_genes(x, names, libs, n_top=10) == ["g0", "g2", "g4"]  # fewer available: all
+    with pytest.warns(UserWarning, match=r"n_genes=10 asks for more genes than the 3 detected"):
+        assert select_genes(x, names, libs, n_top=10) == ["g0", "g2", "g4"]  # fewer available: all
     assert select_genes(x, names, libs, genes=["g3", "g1"]) == ["g3", "g1"]
     with pytest.raises(ValueError, match="duplicates"):
         select_genes(x, names, libs, genes=["g1", "g1"])
@@ -140,3 +141,25 @@ def test_patch_reader_computes_lazy_crops_without_dask_threads(monkeypatch):
     reader = PatchReader({"A": lazy}, {"A": 1.0}, np.array([[20.0, 30.0]]), ["A"], 16, 16)
     eager = PatchReader({"A": img}, {"A": 1.0}, np.array([[20.0, 30.0]]), ["A"], 16, 16)
     torch.testing.assert_close(reader.read([0]), eager.read([0]))
+
+
+def test_absent_genes_are_suggested_in_another_case_and_ensembl_ids_are_explained():
+    names = ["ERBB2", "ESR1", "GAPDH"]
+    with pytest.raises(ValueError, match=r"2 requested genes .*: erbb2, esr1\. Did you mean ERBB2, ESR1\?"):
+        select_genes(np.ones((3, 3)), names, np.array(["a", "a", "a"]), genes=["erbb2", "esr1"])
+    with pytest.raises(ValueError, match=r"not in adata.var_names: KRT99\.$"):  # nothing to suggest: nothing said
+        select_genes(np.ones((3, 3)), names, np.array(["a", "a", "a"]), genes=["KRT99"])
+    # var_names are Ensembl IDs and the genes symbols: the message names the var column that holds them
+    from st_predict.metrics import measured_expression
+
+    adata = AnnData(np.ones((4, 3), dtype=np.float32),
+                    var=pd.DataFrame({"gene_symbols": names}, index=["ENSG00000141736", "ENSG00000091831", "ENSG00000111640"]))
+    with pytest.raises(KeyError, match=r"look like Ensembl IDs .*adata\.var\['gene_symbols'\] holds the symbols"):
+        measured_expression(adata, ["ERBB2", "ESR1"])
+
+
+def test_more_genes_asked_than_detected_warns_with_both_numbers():
+    x = np.array([[1, 0, 3], [2, 0, 1], [1, 1, 0], [3, 0, 2]], dtype=np.float32)
+    with pytest.warns(UserWarning, match=r"n_genes=100000 asks for more genes than the 2 detected in every section \(of 3"):
+        genes = select_genes(x, ["A", "B", "C"], np.array(["s", "s", "t", "t"]), n_top=100000)
+    assert sorted(genes) == ["A", "C"]  # B is not detected in section s
