@@ -387,3 +387,24 @@ def test_errors_name_the_commands_options_not_python_keywords(cli_model, tmp_pat
     err = capsys.readouterr().err
     assert "records no micrometres per pixel; pass --mpp (e.g. --mpp 0.25" in err and "mpp=" not in err
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_predict_never_writes_over_its_input_and_outputs_follow_the_umask(trained, tmp_path, capsys):
+    import os
+    import shutil
+    import stat
+
+    root, data = trained
+    copy = tmp_path / "in.h5ad"
+    shutil.copy(data, copy)
+    before = copy.read_bytes()
+    assert main(["predict", str(root / "model"), str(copy), "--out", str(copy), "--overwrite", "--quiet"]) == 2
+    assert "is the input: the output holds downsampled copies of its images" in capsys.readouterr().err
+    assert copy.read_bytes() == before
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "pred.h5ad"
+        assert main(["predict", str(root / "model"), str(copy), "--out", str(out), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600: colleagues can read it

@@ -24,6 +24,12 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def staging_path(target: str | os.PathLike) -> Path:
     """The fixed hidden sibling ``.<name>.writing`` of ``target``: for writers that must agree on the
     name across processes (every DDP rank calls Lightning's ``save_checkpoint``; rank 0 writes)."""
@@ -46,6 +52,7 @@ def staged_file(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep colleagues out: the mode open() would give
     try:
         yield Path(tmp)
         commit_file(tmp, target)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from st_predict._utils import (
     PREDICT_BATCH_SIZE,
     PREDICTED_KEY,
+    InputError,
     MissingFileError,
     staged_file,
 )
@@ -27,6 +29,9 @@ def _cmd_predict(args) -> int:
     out = model_and_output(args, ".h5ad")  # before the heavy imports
     if not Path(args.input).exists():
         raise MissingFileError(f"input {args.input!r} does not exist")
+    if out.exists() and os.path.samefile(out, args.input):
+        raise InputError(f"--out {args.out!r} is the input: the output holds downsampled copies of its images, so "
+                         "writing it over the input would lose them. Write to another file.")
     from st_predict import NH2ST
     from st_predict.data import choose_image_key, downsample_images
 

@@ -158,7 +158,7 @@ def measured_expression(adata, genes: Sequence[str], layer: str | None = None, i
     """The measured expression of ``genes`` in ``adata`` (``X`` or ``layers[layer]``) on the model's
     scale (:func:`~st_predict.pp.normalize_expression`: ``log1p`` counts per 10k, or as it is with
     ``is_count_data=False``), as a spots x genes DataFrame to score predictions against."""
-    from st_predict.pp import absent_genes_hint, normalize_expression
+    from st_predict.pp import absent_genes_hint, check_expression, normalize_expression
 
     if adata.n_vars == 0:
         raise InputError("The AnnData has no measured expression (n_vars == 0) to evaluate against.")
@@ -170,6 +170,8 @@ def measured_expression(adata, genes: Sequence[str], layer: str | None = None, i
     if layer is not None and layer not in adata.layers:
         raise MissingKeyError(f"adata.layers has no {layer!r} (it has: {list(adata.layers)}).")
     matrix = adata.layers[layer] if layer is not None else adata.X
+    # the same refusal as training: NaN, infinite, negative or (for counts) non-integer values
+    check_expression(matrix, f"adata.layers[{layer!r}]" if layer is not None else "adata.X", is_count_data)
     values = normalize_expression(matrix, adata.var_names.get_indexer(genes), is_count_data=is_count_data)
     return pd.DataFrame(values, index=adata.obs_names, columns=genes)
 

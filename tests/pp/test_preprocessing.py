@@ -163,3 +163,13 @@ def test_more_genes_asked_than_detected_warns_with_both_numbers():
     with pytest.warns(UserWarning, match=r"n_genes=100000 asks for more genes than the 2 detected in every section \(of 3"):
         genes = select_genes(x, ["A", "B", "C"], np.array(["s", "s", "t", "t"]), n_top=100000)
     assert sorted(genes) == ["A", "C"]  # B is not detected in section s
+
+
+def test_evaluation_refuses_nan_counts_as_training_does():
+    from st_predict.metrics import evaluate
+
+    adata = AnnData(np.array([[1.0, 2.0], [np.nan, 1.0], [3.0, 0.0]], dtype=np.float32),
+                    var=pd.DataFrame(index=["A", "B"]))
+    adata.obsm["nh2st"] = pd.DataFrame(np.ones((3, 2)), index=adata.obs_names, columns=["A", "B"])
+    with pytest.raises(ValueError, match=r"adata.X holds 1 NaN or infinite values"):
+        evaluate(adata, key="nh2st")
