@@ -194,6 +194,25 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
     )
 
 
+#: grey levels (of 255) by which a pixel's colour channels must differ to count as stained: H&E's pinks and purples
+#: differ by tens, glass with a scanner's sensor noise by a few
+STAIN_SPREAD = 12
+#: fraction of a slide's pixels that must be stained for it to hold tissue (a small biopsy on a large slide is ~1 %)
+MIN_STAINED_FRACTION = 1e-3
+
+
+def _check_stained(image: np.ndarray, name: str) -> None:
+    """Refuse a slide with (almost) no stained pixel, where a tissue detector found "tissue" in the noise of bare
+    glass or of a black background."""
+    rgb = np.asarray(image)[..., :3]
+    spread = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1).astype(np.int16)
+    stained = float((spread >= STAIN_SPREAD).mean()) if spread.size else 0.0
+    if stained < MIN_STAINED_FRACTION:
+        raise InputError(f"No tissue found on the slide {name}: {stained:.2%} of its pixels are stained (colour "
+                         f"channels {STAIN_SPREAD} or more grey levels apart), fewer than {MIN_STAINED_FRACTION:.1%}; "
+                         "bare glass or background with sensor noise?")
+
+
 #: slide formats that are TIFF files inside (a truncated copy is caught before a slide reader opens it)
 _TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
 
@@ -441,6 +460,7 @@ def predict_slide(
         zs.pp.find_tissues(wsi, level=tissue_level, method=tissue_method, key_added=tissue_key)
         if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
             raise InputError(f"No tissue found on the slide {name}.")
+        _check_stained(wsi.reader.get_level(tissue_level), name)
         zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
                            key_added=tile_key, background_fraction=1 - min_tissue_fraction)
         tiles = wsi.shapes[tile_key] if tile_key in wsi.shapes else ()  # lazyslide may add no element

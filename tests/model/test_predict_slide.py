@@ -141,6 +141,28 @@ def test_bad_slides_get_clear_errors(model, tmp_path):
         model.predict_slide(no_mpp, mpp=0.5, progress=False)
 
 
+def test_glass_or_black_background_with_sensor_noise_is_no_tissue(model, tmp_path):
+    from st_predict.cli._main import main
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 4, size=(1024, 1024, 3))
+    # lazyslide's detector finds "tissue" in the glass's noise; no pixel of it is stained
+    for name, img, why in (("glass", 240 + noise, r": .*are stained"), ("black", 8 + noise, "")):
+        path = _write_slide(tmp_path / f"{name}.tif", img.astype(np.uint8), mpp=0.5)
+        with pytest.raises(ValueError, match=rf"No tissue found on the slide .*{name}\.tif{why}"):
+            model.predict_slide(path, tile_size_um=32.0, progress=False)
+    model.save(tmp_path / "m")
+    out = tmp_path / "o.zarr"
+    assert main(["predict-slide", str(tmp_path / "m"), str(tmp_path / "glass.tif"), "--out", str(out),
+                 "--tile-size-um", "32"]) == 2
+    assert not out.exists()
+    # the same slide with some tissue on it predicts
+    img = (240 + noise).astype(np.uint8)
+    img[300:700, 300:700] = _tissue(400)
+    assert model.predict_slide(_write_slide(tmp_path / "some.tif", img, mpp=0.5), tile_size_um=32.0,
+                               progress=False).tables["nh2st"].n_obs > 0
+
+
 def test_a_truncated_slide_is_reported_as_truncated_not_as_missing_metadata(model, tmp_path):
     from st_predict.cli._main import main
 
