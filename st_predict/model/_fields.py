@@ -15,6 +15,7 @@ from st_predict._utils import REGISTRY_KEYS, InputError
 from st_predict.pp import (
     PatchGeometry,
     make_patch_reader,
+    section_images,
     section_pixel_sizes,
     spot_coordinates,
     spot_libraries,
@@ -65,7 +66,10 @@ class PatchField(BaseAnnDataField):
 
     def validate_field(self, adata: AnnData) -> None:
         spot_coordinates(adata, self._spatial_key)
-        self._sections(adata)
+        libraries, _ = self._sections(adata)
+        # each section's uns["spatial"] entry and image first: a missing entry is the real error, not the pixel size
+        # it would then lack
+        section_images(adata, libraries, self._image_key)
 
     def register_field(self, adata: AnnData) -> dict:
         self.validate_field(adata)

@@ -165,3 +165,12 @@ def test_fixture_images_untouched(tissue):
     for lib in ("S0", "S1", "S2"):
         assert "hires" in tissue.uns["spatial"][lib]["images"]
         assert tissue.uns["spatial"][lib]["scalefactors"]["tissue_hires_scalef"] == 1.0
+
+
+def test_a_section_without_its_uns_entry_is_named_before_its_pixel_size(split):
+    train, _ = split
+    for entry in train.uns["spatial"].values():
+        entry.setdefault("metadata", {})["pixel_size_um"] = 0.5
+    train.uns["spatial"]["S0_image"] = train.uns["spatial"].pop("S0")
+    with pytest.raises(KeyError, match=r"Section 'S0' has no entry in adata.uns\['spatial'\] \(it has: .*S0_image"):
+        setup(train, patch_size=None, patch_size_um=16.0)
