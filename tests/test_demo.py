@@ -33,4 +33,4 @@ def test_demo_bad_section(tmp_path, capsys):
     code = main(["demo", "--no-fetch", "--epochs", "1", "--weights", "random", "--test-section", "Z9",
                  "--out", str(tmp_path)])
     assert code == 2
-    assert "test_section='Z9' is not one of the sections" in capsys.readouterr().err
+    assert "--test-section 'Z9' is not one of the sections" in capsys.readouterr().err

@@ -312,3 +312,12 @@ def test_the_model_file_stands_for_its_folder_and_a_missing_gpu_is_one_line(run,
     assert code == 2 and len(err) == 1, err
     assert "no CUDA device is visible to this process: use --accelerator 'cpu'" in err[0]
     assert not (root / "gpu.h5ad").exists()
+
+
+def test_a_prediction_batch_of_zero_names_the_range(cli_model):
+    from st_predict import NH2ST, InputError
+
+    model = NH2ST.load(cli_model[0])
+    for bad in (0, -3, 2.5):
+        with pytest.raises(InputError, match=rf"batch_size must be an integer >= 1, got {bad}"):
+            model.get_predicted_expression(model.adata, batch_size=bad)

@@ -498,6 +498,8 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         ``(spots x genes)`` DataFrame (index ``obs_names``, columns :attr:`genes_`) on the target
         scale (``log1p`` counts per 10k for count data).
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         self._check_if_trained(warn=True)
         keys = {"library_key": library_key, "image_key": image_key, "spatial_key": spatial_key}
         tta = self.tta_ if tta is None else bool(tta)
