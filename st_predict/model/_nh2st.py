@@ -593,8 +593,8 @@ def _check_key_added(adata, key_added: str, spatial_key: str, overwrite: bool) -
         raise InputError(f"key_added={key_added!r} would replace the spot coordinates in adata.obsm[{spatial_key!r}]: "
                          "choose another key (the default is 'nh2st').")
     meta = adata.uns.get("st_predict")
-    ours = set(meta) if isinstance(meta, Mapping) else set()
-    taken = [k for k in keys if k in adata.obsm and k.removesuffix("_lower").removesuffix("_upper") not in ours]
-    if taken and not overwrite:
+    written_by_predict = isinstance(meta, Mapping) and key_added in meta
+    taken = [k for k in keys if k in adata.obsm]
+    if taken and not (written_by_predict or overwrite):
         raise InputError(f"adata.obsm[{taken[0]!r}] already holds data that st_predict did not write: pass "
                          "overwrite=True to replace it, or choose another key_added.")

@@ -52,8 +52,9 @@ def check_tiff_complete(path: str) -> None:
     log.addHandler(handler)
     try:
         with tifffile.TiffFile(path) as tif:
-            ends = [int(o) + int(n) for page in tif.pages
-                    for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n]
+            # the end of each page's last byte of image data (one array operation per page, not a loop per tile)
+            ends = [int((np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)).max())
+                    for page in tif.pages if len(page.databytecounts)]
     except (tifffile.TiffFileError, OSError, ValueError, struct.error) as err:
         raise InputError(f"Could not open {path!r}: it does not read as a TIFF ({type(err).__name__}: {err}); a "
                          "truncated or corrupted file, or not an image?") from err
