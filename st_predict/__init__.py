@@ -10,15 +10,15 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
-from st_predict._utils import InputError
+from st_predict._utils import InputError, InputWarning
 
 # Heavy parts (scvi-tools, scanpy, squidpy) load on first use, so that ``st_predict.module`` and
 # ``st_predict.train`` import with torch + Lightning alone (e.g. on a bare GPU image).
 _LAZY = {"NH2ST": ("st_predict.model", "NH2ST")}
 _SUBMODULES = ("benchmark", "cli", "data", "dataloaders", "metrics", "model", "module", "nn", "pl", "pp", "tl", "train")
 
-__all__ = ["NH2ST", "InputError", "benchmark", "cli", "data", "dataloaders", "metrics", "model", "module", "nn", "pl",
-           "pp", "tl", "train", "__version__"]
+__all__ = ["NH2ST", "InputError", "InputWarning", "benchmark", "cli", "data", "dataloaders", "metrics", "model", "module",
+           "nn", "pl", "pp", "tl", "train", "__version__"]
 
 
 def __getattr__(name: str):

@@ -28,3 +28,8 @@ class MissingFileError(InputError, FileNotFoundError):
 
 class InputTypeError(InputError, TypeError):
     """An argument of the wrong kind (e.g. a slide that is neither a path nor an image object)."""
+
+
+class InputWarning(UserWarning):
+    """The input can be used, but not as well as it looks: a slide scanned coarser than the model's tiles,
+    patches on background. ``predict_slides`` records these in its manifest's ``warning`` column."""

@@ -1,4 +1,5 @@
-"""Downsampled copies of (possibly lazy) images, for overviews and plots."""
+"""Downsampled copies of (possibly lazy) images, for overviews and plots, and patches resampled to the network's
+input."""
 
 from __future__ import annotations
 
@@ -14,3 +15,26 @@ def downsample(img, max_side: int) -> tuple[np.ndarray, float]:
     if small.dtype != np.uint8 and small.max() > 1.0:
         small = small.astype(np.uint8)
     return small, 1.0 / step
+
+
+def resize_patch(patch, size: int):
+    """A ``(3, H, W)`` uint8 torch patch resampled to ``(3, size, size)`` (bilinear, antialiased when shrinking):
+    the one resampling of spot patches, slide tiles and LazySlide tiles, so that the same pixels give the same
+    input whichever path read them."""
+    import torch.nn.functional as F
+
+    if patch.shape[-2:] == (size, size):
+        return patch
+    import torch
+
+    return F.interpolate(patch[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_tile(tile, size: int):
+    """An ``(H, W, 3)`` uint8 tile (numpy, as wsidata's tile dataset reads it) resampled to ``(size, size, 3)``
+    with :func:`resize_patch`."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(np.asarray(tile)[..., :3])).permute(2, 0, 1)
+    return resize_patch(t, size).permute(1, 2, 0).numpy()

@@ -10,9 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from st_predict._utils import InputError
+from st_predict._utils import InputError, resize_patch
 
 
 def crop_boxes(centers: np.ndarray, scale: float, patch_size: float) -> np.ndarray:
@@ -128,13 +127,7 @@ class PatchReader:
         for i, idx in enumerate(indices):
             y0, x0, y1, x1 = self.boxes[idx]
             crop = _to_uint8_rgb(_materialise(self._image(self.libraries[idx])[y0:y1, x0:x1]))
-            t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
-            if t.shape[-1] != self.out_size or t.shape[-2] != self.out_size:
-                t = F.interpolate(
-                    t[None].float(), size=(self.out_size, self.out_size), mode="bilinear", antialias=True,
-                    align_corners=False,
-                )[0].round().clamp(0, 255).to(torch.uint8)
-            out[i] = t
+            out[i] = resize_patch(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), self.out_size)
         return out
 
 

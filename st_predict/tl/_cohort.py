@@ -28,11 +28,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from st_predict._utils import PREDICTED_KEY, InputError, MissingFileError, staged_file, staged_folder
+from st_predict._utils import (
+    PREDICTED_KEY,
+    InputError,
+    InputWarning,
+    MissingFileError,
+    staged_file,
+    staged_folder,
+)
 
 #: The manifest's file name in the output folder, and its columns.
 MANIFEST = "manifest.csv"
-COLUMNS = ("slide_id", "slide", "status", "tiles", "seconds", "error", "finished")
+COLUMNS = ("slide_id", "slide", "status", "tiles", "seconds", "error", "warning", "finished")
+#: columns a manifest of an earlier version may lack (filled with "")
+_ADDED_COLUMNS = ("warning",)
 #: Statuses in the manifest: written, failed (with its error), or not (yet) done.
 DONE, FAILED, PENDING = "done", "failed", "pending"
 
@@ -94,8 +103,11 @@ def read_manifest(out_dir: str | os.PathLike) -> pd.DataFrame:
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-    df = pd.read_csv(path, dtype={"slide_id": str, "slide": str, "status": str, "error": str, "finished": str},
-                     keep_default_na=False)
+    df = pd.read_csv(path, dtype={"slide_id": str, "slide": str, "status": str, "error": str, "warning": str,
+                                  "finished": str}, keep_default_na=False)
+    for col in _ADDED_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
     missing = set(COLUMNS) - set(df.columns)
     if missing:
         raise InputError(f"{path} is not a manifest written by st_predict (no columns {sorted(missing)}).")
@@ -160,14 +172,19 @@ def predict_one(model_dir: str, load_kwargs: dict, slide: str, out: str, predict
         # the slide readers' dask arrays are computed here, in this task: with dask's default in a worker they
         # would go to the cluster, and the task, waiting, would let the worker start another slide (three at
         # once in one worker here: slower, and more memory)
-        with dask.config.set(scheduler="synchronous"):
+        with dask.config.set(scheduler="synchronous"), warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("default")
             sdata = model.predict_slide(slide, progress=False, num_workers=0, **predict_kwargs)
             write_prediction(sdata, key, out)
         tiles = int(sdata.tables[key].n_obs)
         del sdata
-        return {"status": DONE, "tiles": tiles, "seconds": time.perf_counter() - start, "error": ""}
+        # st_predict's own warnings about this slide (an upsampled coarse scan, ...), which a worker cannot show
+        ours = [_one_line(w.message) for w in said if issubclass(w.category, InputWarning)]
+        return {"status": DONE, "tiles": tiles, "seconds": time.perf_counter() - start, "error": "",
+                "warning": " | ".join(dict.fromkeys(ours))}
     except Exception as err:  # noqa: BLE001 - one slide's failure is that slide's, recorded in the manifest
-        return {"status": FAILED, "tiles": 0, "seconds": time.perf_counter() - start, "error": _one_line(err)}
+        return {"status": FAILED, "tiles": 0, "seconds": time.perf_counter() - start, "error": _one_line(err),
+                "warning": ""}
 
 
 # -- the client's side ---------------------------------------------------------------------------
@@ -195,7 +212,7 @@ def plan(table: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame
             rows.append({**prev.loc[r.slide_id].to_dict(), "slide_id": r.slide_id})
         else:
             rows.append({"slide_id": r.slide_id, "slide": r.slide, "status": PENDING, "tiles": 0, "seconds": np.nan,
-                         "error": "", "finished": ""})
+                         "error": "", "warning": "", "finished": ""})
     manifest = pd.DataFrame(rows, columns=list(COLUMNS))
     if len(old):
         manifest = pd.concat([old, manifest], ignore_index=True)
@@ -277,9 +294,9 @@ def run(model_dir: str | os.PathLike, slides, out_dir: str | os.PathLike, *, loa
                 except Exception as err:  # noqa: BLE001 - the task never returned (its worker died, e.g. out of
                     # memory, or could not run it): this slide failed
                     res = {"status": FAILED, "tiles": 0, "seconds": np.nan,
-                           "error": f"the task did not return: {_one_line(err)}"}
+                           "error": f"the task did not return: {_one_line(err)}", "warning": ""}
                 i = where.get_loc(sid)
-                for col in ("status", "tiles", "seconds", "error"):
+                for col in ("status", "tiles", "seconds", "error", "warning"):
                     manifest.iat[i, manifest.columns.get_loc(col)] = res[col]
                 manifest.iat[i, manifest.columns.get_loc("finished")] = time.strftime("%Y-%m-%dT%H:%M:%S")
                 write_manifest(out_dir, manifest)
@@ -289,6 +306,8 @@ def run(model_dir: str | os.PathLike, slides, out_dir: str | os.PathLike, *, loa
          f"manifest {out_dir / MANIFEST}")
     for r in failed.itertuples(index=False):
         echo(f"  failed {r.slide_id}: {r.error}")
+    for r in rows[(rows["status"] == DONE) & (rows["warning"] != "")].itertuples(index=False):
+        echo(f"  warning {r.slide_id}: {r.warning}")
     return rows.reset_index(drop=True)
 
 

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,13 +30,14 @@ from st_predict._utils import (
     index_batches,
     interactive,
     progress_logger,
+    resize_tile,
     run_batches,
     single_thread_worker,
     thread_limits,
     user_stacklevel,
 )
 
-from ._slide_checks import TIFF_SUFFIXES, check_stained, check_tiff_complete
+from ._slide_checks import TIFF_SUFFIXES, check_stained, check_tiff_complete, tile_reading
 from ._slide_image import CONVERT_HINT, PLAIN_SUFFIXES, plain_image_element
 
 #: what the slide readers raise for a file they cannot read as a slide (OpenSlide's and tifffile's
@@ -255,8 +257,11 @@ def predict_slide(
     Finds the tissue (lazyslide's ``find_tissues``), lays tiles on it every ``pitch_um``
     micrometres (default: the training data's spot pitch, :attr:`spot_pitch_um_`), each the
     physical size of the training patches (:attr:`patch_geometry_`), reads them lazily at the
-    network's resolution through wsidata and runs trunk + translator on each batch. Needs
-    ``pip install 'st-predict[wsi]'``.
+    network's resolution through wsidata and runs trunk + translator on each batch. A slide scanned
+    coarser than that resolution is tiled at its own pixels and each tile upsampled to the network's
+    input, as spot-level :meth:`predict` resamples its crops: an :class:`~st_predict.InputWarning` gives
+    both resolutions, and the factor is recorded (``uns["st_predict"]["upsampling"]``); a slide so coarse
+    that a tile covers fewer than 16 pixels is refused. Needs ``pip install 'st-predict[wsi]'``.
 
     Parameters
     ----------
@@ -379,6 +384,7 @@ def predict_slide(
     size = model.module.image_size
     tta = model.tta_ if tta is None else bool(tta)
     tissue_level = bounds = None
+    upsampling = 1.0
     tissue_key = f"{key_added}_tissues"
     if features_key is not None:
         tile_key, tiles, pred = _from_tile_features(model, wsi, features_key, batch_size)
@@ -391,7 +397,9 @@ def predict_slide(
                 "um patches: lay them with model.as_tile_model().tile_kwargs.", UserWarning, stacklevel=user_stacklevel())
     else:
         num_workers = default_num_workers() if num_workers is None else int(num_workers)
-        tile_mpp = float(tile_um) / size  # tiles are read straight at the network's resolution
+        # tiles are read straight at the network's resolution, or, on a slide coarser than that, at the slide's own
+        # and upsampled (warned once)
+        tile_px, tile_mpp, upsampling = tile_reading(tile_um, size, slide_mpp, name)
         stride = max(1, int(round(pitch / tile_mpp)))
         tile_key = f"{key_added}_tiles"
         # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
@@ -403,7 +411,7 @@ def predict_slide(
         if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
             raise InputError(f"No tissue found on the slide {name}.")
         check_stained(wsi.reader.get_level(tissue_level), name)
-        zs.pp.tile_tissues(wsi, tile_px=size, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
+        zs.pp.tile_tissues(wsi, tile_px=tile_px, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
                            key_added=tile_key, background_fraction=1 - min_tissue_fraction)
         tiles = wsi.shapes[tile_key] if tile_key in wsi.shapes else ()  # lazyslide may add no element
         if len(tiles) == 0:
@@ -445,6 +453,7 @@ def predict_slide(
         "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta),
         "tissue_level": -1 if tissue_level is None else int(tissue_level), "features_key": features_key or "",
         "tissue_method": tissue_method if features_key is None else "", "min_tissue_fraction": float(min_tissue_fraction),
+        "upsampling": float(upsampling),
         "scale": "log1p(counts / library size * 1e4)",
     }
     if bounds is not None:
@@ -536,7 +545,10 @@ def _predict_tiles(model, wsi, tile_key: str, n_tiles: int, batch_size: int, num
     ``context="neighbors"`` network first embeds every tile, then predicts each from the latents of its
     ``neighbors`` (``(n_tiles, K)``) too."""
     size = model.module.image_size
-    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size)
+    # tiles of a slide coarser than the network's input are read at the slide's pixels and upsampled here
+    spec = wsi.tile_spec(tile_key)
+    resize = None if spec is None or (spec.width, spec.height) == (size, size) else partial(resize_tile, size=size)
+    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size, transform=resize)
     # workers read and resize the next batches while the network runs on this one
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          worker_init_fn=single_thread_worker)

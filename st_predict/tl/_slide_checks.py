@@ -1,4 +1,5 @@
-"""Checks on a slide before it is tiled: a TIFF cut short, and a slide with no stained pixel."""
+"""Checks on a slide before it is tiled: a TIFF cut short, a slide with no stained pixel, and a slide scanned coarser
+than the model's tiles."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 
 import numpy as np
 
-from st_predict._utils import InputError
+from st_predict._utils import InputError, InputWarning, warn
 
 #: grey levels (of 255) by which a pixel's colour channels must differ to count as stained: H&E's pinks and purples
 #: differ by tens, glass with a scanner's sensor noise by a few
@@ -66,3 +67,33 @@ def check_tiff_complete(path: str) -> None:
         detail = f" (tifffile: {said[0].strip()})" if said else ""
         where = f"its image data runs to byte {end:,} but the file has {size:,} bytes" if end > size else "its pages do not read"
         raise InputError(f"{path!r} is truncated or corrupted: {where}{detail}. Copy or download it again.")
+
+
+#: the fewest slide pixels across a tile that st_predict upsamples to the network's input: below this a tile holds
+#: too little of the tissue's structure for a prediction (a 165 um tile needs a slide finer than ~10 um/px)
+MIN_TILE_PX = 16
+
+
+def tile_reading(tile_um: float, size: int, slide_mpp: float, name: str) -> tuple[int, float, float]:
+    """How to read tiles of ``tile_um`` micrometres for a network of ``size`` px on a slide at ``slide_mpp``:
+    ``(tile_px, mpp, upsampling)`` for lazyslide's ``tile_tissues``.
+
+    A slide at least as fine as the tiles (``slide_mpp <= tile_um / size``) is read at the tiles' resolution,
+    ``size`` px a tile. A coarser slide is tiled at its own, finest resolution (``tile_um / slide_mpp`` px) and each
+    tile is upsampled to ``size`` px, as spot-level ``predict`` resamples its crops; this warns once, giving both
+    resolutions. A slide so coarse that a tile covers fewer than :data:`MIN_TILE_PX` px is refused."""
+    tile_mpp = float(tile_um) / size
+    if slide_mpp <= tile_mpp * (1 + 1e-6):
+        return int(size), tile_mpp, 1.0
+    tile_px = int(round(tile_um / slide_mpp))
+    if tile_px < MIN_TILE_PX:
+        raise InputError(
+            f"The slide {name} is at {slide_mpp:.3g} um/px: a tile of {tile_um:.0f} um would cover {tile_um / slide_mpp:.1f}"
+            f" px, fewer than the {MIN_TILE_PX} st_predict upsamples to the network's {size} px (the model's tiles are at "
+            f"{tile_mpp:.3g} um/px). Predict it from a finer scan, or check the slide's micrometres per pixel (mpp=)."
+        )
+    upsampling = size / tile_px
+    warn(f"The slide {name} is at {slide_mpp:.3g} um/px, coarser than the model's tiles ({tile_um:.0f} um over {size} px,"
+         f" {tile_mpp:.3g} um/px): each tile is read at {tile_px} px and upsampled {upsampling:.2f}x. Detail finer than "
+         "the scan is not in it, so expect less accurate predictions than on a slide at the model's resolution.", InputWarning)
+    return tile_px, float(slide_mpp), upsampling

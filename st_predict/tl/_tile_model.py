@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lazyslide_models import TilePredictionModel
+
+from st_predict._utils import resize_patch
 
 
 class NH2STTileModel(TilePredictionModel):
@@ -14,8 +15,9 @@ class NH2STTileModel(TilePredictionModel):
     gives for the same tiles.
 
     Lay the tiles at the model's patch with :attr:`tile_kwargs` (``zs.pp.tile_tissues(wsi,
-    **tile_model.tile_kwargs)``): tiles of another physical size are resampled to the network's input
-    but show another area of tissue than the model was trained on. Get one from
+    **tile_model.tile_kwargs)``), or, for a slide scanned coarser than the model's tiles, with
+    :meth:`tile_kwargs_for` (``tile_model.tile_kwargs_for(wsi)``): tiles of another physical size are resampled
+    to the network's input but show another area of tissue than the model was trained on. Get one from
     :meth:`NH2ST.as_tile_model`.
     """
 
@@ -44,16 +46,32 @@ class NH2STTileModel(TilePredictionModel):
             raise ValueError("This model records no physical patch size: tile at its training patch yourself.")
         return {"tile_px": self.image_size, "mpp": float(size_um) / self.image_size}
 
+    def tile_kwargs_for(self, wsi) -> dict:
+        """:attr:`tile_kwargs` for one slide: on a slide scanned coarser than the model's tiles (where LazySlide's
+        ``tile_tissues`` refuses to upsample), tiles of the slide's own pixels, which :meth:`get_transform`
+        upsamples to the network's input as :meth:`NH2ST.predict_slide` does (it warns once, with both
+        resolutions); a slide too coarse for that is refused."""
+        from st_predict._utils import InputError
+
+        from ._slide_checks import tile_reading
+
+        size_um = self.nh2st.patch_size_um_
+        slide_mpp = wsi.properties.mpp
+        if size_um is None:
+            raise InputError("This model records no physical patch size: tile at its training patch yourself.")
+        if slide_mpp is None or not slide_mpp > 0:
+            raise InputError("The slide records no micrometres per pixel: set it with wsi.set_mpp(...) first.")
+        tile_px, mpp, _ = tile_reading(float(size_um), self.image_size, float(slide_mpp),
+                                       str(getattr(wsi, "path", None) or "the slide"))
+        return {"tile_px": tile_px, "mpp": mpp}
+
     def get_transform(self):
         size = self.image_size
 
         def to_patch(image) -> torch.Tensor:
             """An ``(H, W, 3)`` uint8 tile -> ``(3, size, size)`` uint8, resampled as st_predict's readers do."""
-            t = torch.from_numpy(np.ascontiguousarray(np.asarray(image)[..., :3])).permute(2, 0, 1)
-            if t.shape[-2:] != (size, size):
-                t = F.interpolate(t[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-            return t
+            return resize_patch(torch.from_numpy(np.ascontiguousarray(np.asarray(image)[..., :3])).permute(2, 0, 1),
+                                size)
 
         return to_patch
 

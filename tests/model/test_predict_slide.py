@@ -196,8 +196,11 @@ def test_a_loaded_model_tiles_at_its_training_patch_size_and_pitch(tissue, tmp_p
 
 @pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
 def test_predict_slide_command(tissue, model, tmp_path, capsys):
+    import warnings
+
     import spatialdata as sd_
 
+    from st_predict import InputWarning
     from st_predict.cli._main import main
 
     m = _model_with_pixel_size(tissue)
@@ -240,6 +243,16 @@ def test_predict_slide_command(tissue, model, tmp_path, capsys):
     fails(["predict-slide", str(tmp_path / "model"), str(tmp_path / "he.zarr"), "--out", str(tmp_path / "h.zarr"),
            "--mpp", "0.5", "--image-element", "HE"], "has no image element 'HE' (it has: he)")
     assert not any((tmp_path / f"{x}.zarr").exists() for x in "abcdegh")
+    # a slide scanned coarser than the model's tiles (1 um/px against 0.5) is predicted, with one line of warning
+    coarse = _write_slide(tmp_path / "coarse.tif", _tissue(512), mpp=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        assert main(["predict-slide", str(tmp_path / "model"), coarse, "--out", str(tmp_path / "i.zarr"), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "InputWarning: The slide" in err[0] and "upsampled 2.00x" in err[0], err
+    assert sd_.read_zarr(tmp_path / "i.zarr").tables["nh2st"].uns["st_predict"]["upsampling"] == 2.0
+    fails(["predict-slide", str(tmp_path / "model"), coarse, "--out", str(tmp_path / "j.zarr"), "--mpp", "4"],
+          "fewer than the 16 st_predict upsamples")
 
 
 def _he_spatialdata(img: np.ndarray, multiscale: bool = False):
@@ -406,7 +419,24 @@ def test_lazyslide_tile_prediction_gives_the_predict_slide_values(tissue, tmp_pa
     own = sd.shapes["own_tiles"]
     assert len(own) == len(expected)
     np.testing.assert_allclose(own[list(model.genes_)].to_numpy(dtype=np.float32), got, rtol=1e-5, atol=1e-5)
-    del sd, expected, table, own
+    # a slide scanned coarser than the model's tiles (1 um/px against 0.5): tile_kwargs_for lays tiles of the slide's
+    # own pixels, which the wrapper upsamples as predict_slide does (LazySlide alone refuses to upsample)
+    from st_predict import InputWarning
+
+    coarse_path = _write_slide(tmp_path / "coarse.tif", _tissue(512), mpp=1.0)
+    with pytest.warns(InputWarning, match="upsampled 2.00x"):
+        coarse = model.predict_slide(coarse_path, pitch_um=40.0, progress=False, image_mpp=None)
+    with pytest.warns(InputWarning, match="coarser than the model's tiles"):
+        kw = tiles.tile_kwargs_for(coarse)
+    assert kw == {"tile_px": 16, "mpp": 1.0}
+    assert tiles.tile_kwargs_for(sd) == tiles.tile_kwargs  # a fine enough slide: the model's own tiles
+    zs.pp.tile_tissues(coarse, stride_px=40, tissue_key="nh2st_tissues", key_added="own_tiles", **kw)
+    zs.tl.tile_prediction(coarse, tiles, tile_key="own_tiles", pbar=False, device="cpu")
+    want = coarse.tables["nh2st"]
+    own = coarse.shapes["own_tiles"]
+    assert len(own) == want.n_obs > 5
+    np.testing.assert_allclose(own[list(model.genes_)].to_numpy(dtype=np.float32), want.X, rtol=1e-5, atol=1e-5)
+    del sd, expected, table, own, coarse, want
     gc.collect()
 
 
@@ -584,3 +614,50 @@ def test_tissue_without_a_whole_tile_is_a_clear_error(tissue, tmp_path):
     path = _write_slide(tmp_path / "slide.tif", _tissue(768), mpp=0.5)
     with pytest.raises(InputError, match="no tile of 300 um on tissue"):
         _model_with_pixel_size(tissue).predict_slide(path, tile_size_um=300, min_tissue_fraction=1.0, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # wsidata's reader on collection, above
+def test_a_slide_coarser_than_the_tiles_is_upsampled_as_spot_predict_does(model, tmp_path):
+    """The model's tiles are 32 um over 32 px (1 um/px); a 2 um/px slide is tiled at 16 px and each tile upsampled,
+    warned once, and its tiles predict what spot-level ``predict`` gives for spots at their centres."""
+    import warnings as _warnings
+
+    from anndata import AnnData
+
+    from st_predict import InputError
+    from st_predict.tl import _slide_checks
+
+    img = _tissue(1024)
+    path = _write_slide(tmp_path / "coarse.tif", img, mpp=2.0)
+    with _warnings.catch_warnings(record=True) as said:
+        _warnings.simplefilter("always")
+        out = model.predict_slide(path, tile_size_um=32.0, pitch_um=40.0, progress=False, image_mpp=None)
+    coarse = [str(w.message) for w in said if "coarser than the model's tiles" in str(w.message)]
+    assert len(coarse) == 1 and "2 um/px" in coarse[0] and "1 um/px" in coarse[0] and "upsampled 2.00x" in coarse[0]
+    table = out.tables["nh2st"]
+    assert table.uns["st_predict"]["upsampling"] == pytest.approx(2.0)
+    sides = out.shapes["nh2st_tiles"].geometry.bounds
+    np.testing.assert_allclose(sides["maxx"] - sides["minx"], 16)  # 32 um of the slide's own 2 um pixels
+    assert table.n_obs > 20
+    # spot-level predict on the same image, spots at the tile centres (a Visium-style AnnData in level-0 pixels)
+    spots = AnnData(obs={"section": ["coarse"] * table.n_obs}, obsm={"spatial": table.obsm["spatial"].copy()},
+                    uns={"spatial": {"coarse": {"images": {"hires": img},
+                                                "scalefactors": {"tissue_hires_scalef": 1.0,
+                                                                 "spot_diameter_fullres": 8.0},
+                                                "metadata": {"pixel_size_um": 2.0}}}})
+    spots.obs_names = [f"s{i}" for i in range(table.n_obs)]
+    spot_pred = model.predict(spots, interval_level=None).to_numpy()
+    tile_pred = np.asarray(table.X)
+    r = np.corrcoef(spot_pred.ravel(), tile_pred.ravel())[0, 1]
+    assert r >= 0.95, r
+    # a finer slide is read at the tiles' resolution and says nothing
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", UserWarning)
+        fine = model.predict_slide(_write_slide(tmp_path / "fine.tif", img, mpp=0.5), tile_size_um=32.0,
+                                   pitch_um=40.0, progress=False, image_mpp=None).tables["nh2st"]
+    assert fine.uns["st_predict"]["upsampling"] == 1.0
+    # too coarse: fewer than MIN_TILE_PX slide pixels across a tile
+    with pytest.raises(InputError, match=rf"would cover 8.0 px, fewer than the {_slide_checks.MIN_TILE_PX}"):
+        model.predict_slide(path, mpp=4.0, tile_size_um=32.0, progress=False)
+    del out, table, fine
+    gc.collect()

@@ -53,14 +53,21 @@ def test_three_slides_one_corrupt_on_two_workers(saved, tmp_path, capsys):
     bad = tmp_path / "in" / "broken.tif"
     data = open(good[0], "rb").read()
     bad.write_bytes(data[: len(data) // 3])  # a truncated copy: the header reads, the tiles do not
+    # scanned at 1 um/px, coarser than the model's 0.5 um/px tiles: predicted, its warning in the manifest
+    coarse = _write_slide(tmp_path / "in" / "coarse.tif", _tissue(512, seed=5), mpp=1.0)
     out = tmp_path / "out"
-    code = main(["predict-slides", model_dir, *good, str(bad), "--out", str(out), "--workers", "2", "--quiet",
-                 "--pitch-um", "40"])
+    code = main(["predict-slides", model_dir, *good, str(bad), coarse, "--out", str(out), "--workers", "2",
+                 "--quiet", "--pitch-um", "40"])
     assert code == 3  # some failed
     printed = capsys.readouterr().out
-    assert "3 slides: 2 done (0 by an earlier run), 1 failed" in printed and "failed broken:" in printed
+    assert "4 slides: 3 done (0 by an earlier run), 1 failed" in printed and "failed broken:" in printed
     manifest = read_manifest(out).set_index("slide_id")
-    assert sorted(manifest.index) == ["broken", "slide0", "slide1"]
+    assert sorted(manifest.index) == ["broken", "coarse", "slide0", "slide1"]
+    assert manifest.loc["coarse", "status"] == "done" and manifest.loc["coarse", "tiles"] > 0
+    warned = manifest.loc["coarse", "warning"]
+    assert "coarser than the model's tiles" in warned and "upsampled 2.00x" in warned and warned in printed
+    assert (manifest.loc[["slide0", "slide1", "broken"], "warning"] == "").all()
+    assert _table(out / "coarse.zarr").uns["st_predict"]["upsampling"] == 2.0
     assert manifest.loc["broken", "status"] == "failed" and "is truncated or corrupted" in manifest.loc["broken", "error"]
     assert manifest.loc["broken", "error"] in printed
     assert not (out / "broken.zarr").exists()
@@ -77,7 +84,7 @@ def test_three_slides_one_corrupt_on_two_workers(saved, tmp_path, capsys):
     # each output is its own slide's (the slides differ in size)
     assert manifest.loc["slide0", "tiles"] < manifest.loc["slide1", "tiles"]
     # nothing half-written is left
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.csv", "slide0.zarr", "slide1.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["coarse.zarr", "manifest.csv", "slide0.zarr", "slide1.zarr"]
 
 
 def test_rerun_after_a_kill_skips_finished_slides(saved, tmp_path):
