@@ -65,11 +65,11 @@ def slide_tissue(size: int, seed: int = 0) -> np.ndarray:
     return img
 
 
-def write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3, mean: bool = False) -> str:
+def write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3, mean: bool = False, step: int = 2) -> str:
     """Tiled, zlib-compressed pyramidal TIFF, levels as successive IFDs (how OpenSlide reads them).
 
-    Each level is every second pixel of the one above, or with ``mean`` the mean of each 2 x 2 block (as libvips
-    and spatialdata make pyramids)."""
+    Each level is every ``step``-th pixel of the one above, or with ``mean`` the mean of each ``step x step`` block
+    (as libvips and spatialdata make pyramids); ``step=4`` gives an SVS's levels."""
     import tifffile
 
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
@@ -77,14 +77,14 @@ def write_slide(path, img: np.ndarray, mpp: float | None, levels: int = 3, mean:
         for i in range(levels):
             kw = {}
             if mpp is not None:
-                kw = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
+                kw = {"resolution": (1e4 / (mpp * step**i),) * 2, "resolutionunit": "CENTIMETER"}
             tw.write(level, tile=(128, 128), compression="zlib", photometric="rgb",
                      subfiletype=0 if i == 0 else 1, **kw)
             if mean:
-                h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-                level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).mean((1, 3)).astype(np.uint8)
+                h, w = level.shape[0] // step * step, level.shape[1] // step * step
+                level = level[:h, :w].reshape(h // step, step, w // step, step, -1).mean((1, 3)).astype(np.uint8)
             else:
-                level = level[::2, ::2]
+                level = level[::step, ::step]
     return str(path)
 
 

@@ -39,6 +39,7 @@ from st_predict._utils import (
 
 from ._slide_checks import TIFF_SUFFIXES, check_stained, check_tiff_complete, tile_reading
 from ._slide_image import CONVERT_HINT, PLAIN_SUFFIXES, plain_image_element
+from ._tissue import find_tissue, tissue_mpp_for
 
 #: what the slide readers raise for a file they cannot read as a slide (OpenSlide's and tifffile's
 #: errors derive from these; wsidata raises ValueError when no reader accepts the file)
@@ -269,8 +270,8 @@ def predict_slide(
         A trained :class:`~st_predict.NH2ST` (``model.predict_slide(slide, ...)`` calls this).
     slide
         A slide file (SVS, NDPI, pyramidal TIFF / OME-TIFF, anything OpenSlide or tiffslide
-        reads), a plain JPEG, PNG or TIFF with ``mpp=`` (JPEG and PNG are decoded into memory, up to
-        2 GiB of pixels, about 715 Mpx; a TIFF is read lazily), a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` (or the path of
+        reads), a plain JPEG, PNG or TIFF with ``mpp=`` (decoded into memory up to 2 GiB of pixels,
+        about 715 Mpx; a larger TIFF is read lazily, a larger JPEG or PNG refused), a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` (or the path of
         its ``.zarr`` store) with an RGB uint8 image element, or an AnnData with a Visium-style
         image in ``uns["spatial"][library_id]["images"]`` (its µm/px taken from
         ``metadata["pixel_size_um"]`` and the image's scale factor, as st_predict's readers
@@ -383,7 +384,7 @@ def predict_slide(
         )
     size = model.module.image_size
     tta = model.tta_ if tta is None else bool(tta)
-    tissue_level = bounds = None
+    tissue_level = tissue_mpp = bounds = None
     upsampling = 1.0
     tissue_key = f"{key_added}_tissues"
     if features_key is not None:
@@ -402,15 +403,14 @@ def predict_slide(
         tile_px, tile_mpp, upsampling = tile_reading(tile_um, size, slide_mpp, name)
         stride = max(1, int(round(pitch / tile_mpp)))
         tile_key = f"{key_added}_tiles"
-        # tissue detection on the coarsest pyramid level that still resolves a tile (>= 4 px per tile side):
-        # lazyslide's "auto" picks the level by free memory, which on a large slide means gigabytes
-        level_mpp = [slide_mpp * d for d in wsi.properties.level_downsample]
-        fine_enough = [i for i, m in enumerate(level_mpp) if m <= tile_um / 4]
-        tissue_level = max(fine_enough, key=lambda i: level_mpp[i]) if fine_enough else 0
-        zs.pp.find_tissues(wsi, level=tissue_level, method=tissue_method, key_added=tissue_key)
+        # tissue detection at one physical resolution, on pixels averaged down from a finer level, so that the
+        # same H&E gives the same tissue in any container (lazyslide's "auto" level also depends on free memory)
+        tissue_mpp = tissue_mpp_for(tile_um)
+        tissue_level, seen = find_tissue(wsi, slide_mpp, tissue_mpp, tissue_method, tissue_key)
         if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
             raise InputError(f"No tissue found on the slide {name}.")
-        check_stained(wsi.reader.get_level(tissue_level), name)
+        check_stained(seen, name)
+        del seen
         zs.pp.tile_tissues(wsi, tile_px=tile_px, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
                            key_added=tile_key, background_fraction=1 - min_tissue_fraction)
         tiles = wsi.shapes[tile_key] if tile_key in wsi.shapes else ()  # lazyslide may add no element
@@ -452,6 +452,7 @@ def predict_slide(
         "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(tile_um),
         "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta),
         "tissue_level": -1 if tissue_level is None else int(tissue_level), "features_key": features_key or "",
+        "tissue_mpp": -1.0 if tissue_mpp is None else float(tissue_mpp),
         "tissue_method": tissue_method if features_key is None else "", "min_tissue_fraction": float(min_tissue_fraction),
         "upsampling": float(upsampling),
         "scale": "log1p(counts / library size * 1e4)",

@@ -21,8 +21,6 @@ CONVERT_HINT = (
     "vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg --Q 90 (or bfconvert -pyramid-resolutions 5 "
     "-pyramid-scale 2 -tilex 512 -tiley 512 IN OUT.ome.tif), and pass --mpp"
 )
-#: the plain image's pyramid for tissue detection stops at this side (pixels)
-_MIN_LEVEL_SIDE = 256
 
 
 def _image_pixels(path: Path) -> tuple[int, int]:
@@ -48,9 +46,10 @@ def _scale_factors(height: int, width: int, min_side: int) -> list[int]:
 def plain_image_element(path: str | os.PathLike):
     """A plain JPEG, PNG or (non-pyramidal) TIFF as a multiscale SpatialData image element.
 
-    TIFF files are read lazily by tifffile; JPEG and PNG are decoded into memory, up to
-    :data:`PLAIN_IMAGE_MAX_BYTES`. Coarser levels (halvings) are computed lazily, so tissue is found on a
-    small level, as on a whole-slide pyramid.
+    JPEG, PNG and TIFF files up to :data:`PLAIN_IMAGE_MAX_BYTES` are decoded into memory; a larger TIFF is read
+    lazily by tifffile (slowly: each tile reads its strips); a larger JPEG or PNG is refused. It has one level, its own pixels: tissue detection averages them down by
+    blocks, and tiles are read from them directly (lazily computed halvings made every tile read compute its
+    blocks of the level again, 0.3 s a tile on a HER2ST section).
     """
     import dask.array as da
     from spatialdata.models import Image2DModel
@@ -67,10 +66,12 @@ def plain_image_element(path: str | os.PathLike):
                 f"{PLAIN_IMAGE_MAX_BYTES / 1024**3:g} GiB st_predict decodes into memory; {CONVERT_HINT}."
             )
     img = read_image(path)  # (H, W, 3) uint8: numpy for JPEG/PNG, lazy dask for TIFF
+    if not isinstance(img, np.ndarray) and int(np.prod(img.shape)) <= PLAIN_IMAGE_MAX_BYTES:
+        # a TIFF of strips is read whole for each tile otherwise (100 s for a HER2ST section's tiles, 12 s decoded)
+        img = np.asarray(img)
     data = da.asarray(img).transpose(2, 0, 1)
     data = data.rechunk((3, 1024, 1024))
-    return Image2DModel.parse(data, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
-                              scale_factors=_scale_factors(*data.shape[1:], _MIN_LEVEL_SIDE))
+    return Image2DModel.parse(data, dims=("c", "y", "x"), c_coords=["r", "g", "b"])
 
 
 def overview_image(wsi, slide_mpp: float, image_mpp: float, min_side: int = 256):

@@ -49,8 +49,9 @@ def test_tiles_cover_tissue_and_skip_background(model, tmp_path):
             np.testing.assert_allclose(steps, 80, atol=1)
     meta = table.uns["st_predict"]
     assert meta["slide_mpp"] == 0.5 and meta["patch_size_um"] == 32.0 and meta["pitch_um"] == 40.0
-    # tissue was found on the coarsest level with >= 4 px per tile side (2 um/px), not at full resolution
-    assert meta["tissue_level"] == 2
+    # tissue was found at 2 um/px (16 px per tile side), averaged down from full resolution (the levels at 1 and 2 um/px
+    # are not 4x finer), and its image never held the whole slide at full resolution
+    assert meta["tissue_mpp"] == 2.0 and meta["tissue_level"] == 0
 
 
 def _predict_colour_stats(model, monkeypatch):
@@ -146,11 +147,16 @@ def test_glass_or_black_background_with_sensor_noise_is_no_tissue(model, tmp_pat
 
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 4, size=(1024, 1024, 3))
-    # lazyslide's detector finds "tissue" in the glass's noise; no pixel of it is stained
-    for name, img, why in (("glass", 240 + noise, r": .*are stained"), ("black", 8 + noise, "")):
+    # lazyslide's detector can find "tissue" in the noise of glass or of a black background (on the pixels averaged
+    # for detection it mostly does not); no pixel of it is stained, which the stain check says where it does
+    from st_predict.tl._slide_checks import check_stained
+
+    for name, img in (("glass", 240 + noise), ("black", 8 + noise)):
         path = _write_slide(tmp_path / f"{name}.tif", img.astype(np.uint8), mpp=0.5)
-        with pytest.raises(ValueError, match=rf"No tissue found on the slide .*{name}\.tif{why}"):
+        with pytest.raises(ValueError, match=rf"No tissue found on the slide .*{name}\.tif"):
             model.predict_slide(path, tile_size_um=32.0, progress=False)
+        with pytest.raises(ValueError, match=rf"No tissue found on the slide {name}: 0.00% of its pixels are stained"):
+            check_stained(img.astype(np.uint8), name)
     model.save(tmp_path / "m")
     out = tmp_path / "o.zarr"
     assert main(["predict-slide", str(tmp_path / "m"), str(tmp_path / "glass.tif"), "--out", str(out),
@@ -519,6 +525,20 @@ def test_tiles_on_a_pale_smear_are_dropped_and_tissue_tiles_stay(model, tmp_path
     assert fewer.n_obs < table.n_obs and (fewer.obs["tissue_fraction"].to_numpy() >= 1 - 1e-6).all()
 
 
+def test_tissue_on_a_black_background_gets_tiles_on_tissue_only(model, tmp_path):
+    """Tissue on black (as some exported images are), with sensor noise in the black: no tile on the background."""
+    rng = np.random.default_rng(3)
+    img = _tissue(2048)
+    background = (img == 242).all(-1)
+    img[background] = rng.integers(0, 6, (int(background.sum()), 3))
+    table = model.predict_slide(_write_slide(tmp_path / "black.tif", img, mpp=0.5, levels=4), tile_size_um=32.0,
+                                pitch_um=40.0, progress=False, image_mpp=None).tables["nh2st"]
+    centres = table.obsm["spatial"] / 2048
+    d = np.stack([np.hypot(centres[:, 1] - cy, centres[:, 0] - cx) / r for cy, cx, r in BLOBS])
+    assert table.n_obs > 50 and (d.min(0) < 1.0).all()
+    assert (d[0] < 0.8).sum() > 20 and (d[1] < 0.8).sum() > 5  # both blobs keep their inner tiles
+
+
 @pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
 def test_output_zarr_holds_the_slide_image_and_tiles_draw_over_it(tissue, tmp_path):
     import matplotlib
@@ -590,12 +610,18 @@ def test_a_jpeg_with_mpp_predicts_the_tiles_of_the_same_image_as_a_pyramidal_tif
     png = model.predict_slide(tmp_path / "slide.png", mpp=0.5, **kw).tables["nh2st"]
     tifffile.imwrite(tmp_path / "plain.tif", pixels, photometric="rgb")  # stripped, one level: no slide reader takes it
     plain = model.predict_slide(tmp_path / "plain.tif", mpp=0.5, **kw).tables["nh2st"]
-    for name, got in {"jpeg": jpeg, "png": png, "plain tiff": plain}.items():
-        # the same tiles, with the same predictions
+    # the same pixels in pyramids whose levels are strided (x2, and x4 as in an SVS): tissue is found at one
+    # physical resolution on pixels averaged down from a finer level, so their levels give the same tiles
+    strided = model.predict_slide(_write_slide(tmp_path / "x2.tif", pixels, mpp=0.5, levels=4), **kw).tables["nh2st"]
+    svs = model.predict_slide(_write_slide(tmp_path / "x4.tif", pixels, mpp=0.5, levels=3, step=4),
+                              **kw).tables["nh2st"]
+    for name, got in {"jpeg": jpeg, "png": png, "plain tiff": plain, "strided x2": strided, "strided x4": svs}.items():
+        # the same tiles (within two at the edge), with the same predictions (the plain images are read from their
+        # full resolution and resized, the mean pyramid from its level at the tiles' resolution: 1e-4 apart)
         a, b = _paired(got, 0.5, ref, 0.5, tol_um=0.5)
-        assert len(a) == ref.n_obs == got.n_obs, name
-        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
-        assert got.uns["st_predict"]["slide_mpp"] == 0.5
+        assert abs(got.n_obs - ref.n_obs) <= 2 and len(a) >= ref.n_obs - 2, name
+        np.testing.assert_allclose(a, b, atol=1e-3, err_msg=name)
+        assert got.uns["st_predict"]["slide_mpp"] == 0.5 and got.uns["st_predict"]["tissue_mpp"] == 2.0
     with pytest.raises(ValueError, match=r"slide\.jpg records no micrometres per pixel; pass mpp="):
         model.predict_slide(tmp_path / "slide.jpg", **kw)
     monkeypatch.setattr(_slide_image, "PLAIN_IMAGE_MAX_BYTES", 2048 * 2048 * 3 - 1)
