@@ -321,3 +321,22 @@ def test_a_prediction_batch_of_zero_names_the_range(cli_model):
     for bad in (0, -3, 2.5):
         with pytest.raises(InputError, match=rf"batch_size must be an integer >= 1, got {bad}"):
             model.get_predicted_expression(model.adata, batch_size=bad)
+
+
+def test_a_section_of_one_colour_warns_that_its_patches_hold_no_tissue(cli_model):
+    import anndata as ad
+    import numpy as np
+
+    from st_predict import NH2ST, InputWarning
+
+    model_dir, data = cli_model
+    model = NH2ST.load(model_dir)
+    adata = ad.read_h5ad(data)
+    adata = adata[adata.obs["section"] == "S2"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        model.predict(adata, tta=False)  # the synthetic tissue: no word
+    img = adata.uns["spatial"]["S2"]["images"]["hires"]
+    adata.uns["spatial"]["S2"]["images"]["hires"] = np.full_like(img, 180)
+    with pytest.warns(InputWarning, match=r"Section 'S2': its patches hold no tissue \(the image is one colour"):
+        model.predict(adata, tta=False)

@@ -94,6 +94,8 @@ def _in_option_words(message: str, parser: argparse.ArgumentParser, command: str
             continue
         option = max(action.option_strings, key=len)
         key = rf"(?<![\w.-]){re.escape(action.dest)}="
+        if isinstance(action, argparse._StoreTrueAction):  # allow_off_tissue=True -> --allow-off-tissue
+            message = re.sub(key + r"True\b", option, message)
         message = re.sub(key + r"(?=[\s,;.)]|$)", option, message)
         message = re.sub(key + r"([^\s,;)]+)", rf"{option} \1", message)
     return message

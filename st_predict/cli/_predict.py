@@ -45,7 +45,7 @@ def _cmd_predict(args) -> int:
         image_key = choose_image_key(adata)
     df = model.predict(adata, key_added=args.key_added, batch_size=args.batch_size, progress=progress(args),
                        library_key=library_key, image_key=image_key, feature_cache=feature_cache(args),
-                       interval_level=args.interval_level)
+                       interval_level=args.interval_level, allow_off_tissue=args.allow_off_tissue)
     downsample_images(adata)
     with staged_file(out) as staged:
         adata.write_h5ad(staged)
@@ -91,6 +91,8 @@ def add_parsers(sub, fmt, debug) -> None:
     p.add_argument("--interval-level", type=number(float, 0, strict=True, high=1), default=0.9,
                    help="coverage of the per-spot intervals (models trained with --reliability)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
+    p.add_argument("--allow-off-tissue", action="store_true",
+                   help="predict spots that look misplaced (on glass, swapped x/y, another pixel scale) anyway")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)

@@ -52,6 +52,7 @@ from ._docstrings import nh2st_dsp
 from ._encoder import encoder_digest, resolve_encoder
 from ._fields import PatchField, setup_facts
 from ._inference import InferenceMixin
+from ._predict_checks import check_key_added, check_placement
 from ._recipes import RECIPES, Recipe, get_recipe
 from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
 from ._save_load import LOADING, SaveLoadMixin
@@ -530,8 +531,15 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         interval_level: float | None = INTERVAL_LEVEL,
         ensemble: bool | None = None,
         overwrite: bool = False,
+        allow_off_tissue: bool = False,
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
+
+        Before predicting, each new section's spots are checked against its image: x and y swapped (against
+        its array grid), coordinates in a downscaled image's pixels or in micrometres (the spot pitch in um
+        against the training data's and the platforms'), or spots on glass (more than a quarter of the patches)
+        raise an :class:`~st_predict.InputError` naming the likely cause; ``allow_off_tissue=True`` predicts
+        them anyway. Patches of one colour only give an :class:`~st_predict.InputWarning`.
 
         ``key_added`` may name a key an earlier ``predict`` wrote (it is replaced); a key that holds anything else
         of the user's is refused unless ``overwrite=True``, and the spot coordinates (``obsm["spatial"]``, or
@@ -551,11 +559,16 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         may be given as in :meth:`get_predicted_expression`. Returns the DataFrame.
         """
         target = self._target(adata)
-        _check_key_added(target, key_added, spatial_key or "spatial", overwrite)
+        check_key_added(target, key_added, spatial_key or "spatial", overwrite)
         if not target.obs_names.is_unique:
             dup = target.obs_names[target.obs_names.duplicated()]
             raise InputError(f"adata.obs_names has {len(dup)} duplicates (e.g. {dup[0]!r}): the predictions are a "
                              "DataFrame indexed by them. Call adata.obs_names_make_unique() first.")
+        keys = {"library_key": library_key, "image_key": image_key, "spatial_key": spatial_key}
+        if target is not self.adata:  # the training sections were checked by training on them
+            setup, lib_key = self._prediction_keys(target, keys)
+            check_placement(self, target, self._reader_for(target, keys), spot_coordinates(target, setup["spatial_key"]),
+                            spot_libraries(target, lib_key), setup["spatial_key"], allow_off_tissue)
         df = self.get_predicted_expression(
             target, batch_size=batch_size, progress=progress, library_key=library_key, image_key=image_key,
             spatial_key=spatial_key, tta=tta, feature_cache=feature_cache,
@@ -580,21 +593,3 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         target.uns["st_predict"] = meta
         logger.info("Added predicted expression of %d genes to adata.obsm[%r].", df.shape[1], key_added)
         return df
-
-
-def _check_key_added(adata, key_added: str, spatial_key: str, overwrite: bool) -> None:
-    """Refuse an ``obsm`` key for predictions that holds the user's data: the spot coordinates always, and any
-    other existing key that no earlier ``predict`` wrote (``uns["st_predict"]`` records those) unless
-    ``overwrite``."""
-    if not isinstance(key_added, str) or not key_added:
-        raise InputError(f"key_added must be a non-empty string, got {key_added!r}.")
-    keys = [key_added, f"{key_added}_lower", f"{key_added}_upper"]
-    if spatial_key in keys:
-        raise InputError(f"key_added={key_added!r} would replace the spot coordinates in adata.obsm[{spatial_key!r}]: "
-                         "choose another key (the default is 'nh2st').")
-    meta = adata.uns.get("st_predict")
-    written_by_predict = isinstance(meta, Mapping) and key_added in meta
-    taken = [k for k in keys if k in adata.obsm]
-    if taken and not (written_by_predict or overwrite):
-        raise InputError(f"adata.obsm[{taken[0]!r}] already holds data that st_predict did not write: pass "
-                         "overwrite=True to replace it, or choose another key_added.")
