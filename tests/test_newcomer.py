@@ -73,7 +73,14 @@ def test_evaluate_takes_an_anndata_and_normalises_the_truth_itself(run):
     assert adata.uns["st_predict"]["nh2st"]["training_sections"] == ["S0", "S1"]
     pred = adata.obsm["nh2st"]
     truth = normalize_expression(adata.X, adata.var_names.get_indexer(pred.columns))
-    assert evaluate(adata, key="nh2st") == evaluate(pred, truth)
+    from st_predict import InputWarning
+
+    with pytest.warns(InputWarning, match=r"training section\(s\) S0, S1: this score is not held out"):
+        assert evaluate(adata, key="nh2st") == {**evaluate(pred, truth), "trained_on": True}
+    held_out = adata[adata.obs["section"] == "S2"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        assert evaluate(held_out, key="nh2st")["trained_on"] is False
     per_section = evaluate(adata, key="nh2st", library_key="section")
     assert list(per_section.index) == ["S0", "S1", "S2"] and list(per_section["trained_on"]) == [True, True, False]
     s2 = (adata.obs["section"] == "S2").to_numpy()

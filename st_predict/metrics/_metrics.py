@@ -16,12 +16,12 @@ names saying so:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from st_predict._utils import PREDICTED_KEY, InputError, InputTypeError, MissingKeyError
+from st_predict._utils import PREDICTED_KEY, InputError, InputTypeError, InputWarning, MissingKeyError, warn
 
 
 def _as_array(x) -> np.ndarray:
@@ -102,7 +102,9 @@ def evaluate(
 
     Returns ``pcc`` (mean over genes of the per-gene PCC; NaN genes are left out of the mean and
     counted in ``n_nan_genes``), ``mse`` and ``mae`` over spots x genes, ``n_genes``, ``n_spots``, and
-    the **optimistic** ``pcc_top50`` (:func:`top_k_pcc` with ``k = top_k``; the key keeps its name
+    the **optimistic** ``pcc_top50``; from an AnnData also ``trained_on`` (its spots include a section the
+    model trained on, as :meth:`~st_predict.NH2ST.predict` recorded; an :class:`~st_predict.InputWarning`
+    says so) (:func:`top_k_pcc` with ``k = top_k``; the key keeps its name
     for other ``top_k``), labelled as such wherever st_predict reports it.
 
     Parameters
@@ -183,12 +185,26 @@ def _evaluate_anndata(adata, key, layer, is_count_data, library_key, top_k):
     if not isinstance(pred, pd.DataFrame):
         raise InputTypeError(f"adata.obsm[{key!r}] must be a spots x genes DataFrame (as model.predict writes it).")
     truth = measured_expression(adata, pred.columns, layer, is_count_data)
+    meta = adata.uns.get("st_predict", {})
+    entry = meta.get(key, {}) if isinstance(meta, Mapping) else {}
+    trained = {str(s) for s in (entry.get("training_sections", []) if isinstance(entry, Mapping) else [])}
     if library_key is None:
-        return evaluate(pred, truth, top_k)
+        scores = evaluate(pred, truth, top_k)
+        # the sections of these spots, by the column predict read them from (or the one section of uns["spatial"])
+        column = entry.get("library_key") if isinstance(entry, Mapping) else None
+        if column and column in adata.obs:
+            sections = set(adata.obs[column].astype(str))
+        else:
+            spatial = adata.uns.get("spatial")
+            sections = {str(next(iter(spatial)))} if isinstance(spatial, Mapping) and len(spatial) == 1 else set()
+        seen = sorted(sections & trained)
+        scores["trained_on"] = bool(seen)
+        if seen:
+            warn(f"adata holds spots of the model's training section(s) {', '.join(seen)}: this score is not "
+                 "held out. Pass library_key= for one row per section, marked trained_on.", InputWarning)
+        return scores
     if library_key not in adata.obs:
         raise MissingKeyError(f"{library_key!r} is not a column of adata.obs.")
-    meta = adata.uns.get("st_predict", {})
-    trained = set(meta.get(key, {}).get("training_sections", []) if isinstance(meta, dict) else [])
     sections = adata.obs[library_key].astype(str).to_numpy()
     rows = {}
     for sec in pd.unique(sections):

@@ -574,6 +574,7 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             spatial_key=spatial_key, tta=tta, feature_cache=feature_cache,
         )
         entry = {
+            "library_key": self._prediction_keys(target, keys)[1] or "",  # where evaluate finds the sections
             "training_sections": list(self.train_sections_ or []),
             "validation_sections": [str(s) for s in ((self.validation_ or {}).get("sections") or [])],
         }
