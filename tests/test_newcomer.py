@@ -347,3 +347,12 @@ def test_a_section_of_one_colour_warns_that_its_patches_hold_no_tissue(cli_model
     adata.uns["spatial"]["S2"]["images"]["hires"] = np.full_like(img, 180)
     with pytest.warns(InputWarning, match=r"Section 'S2': its patches hold no tissue \(the image is one colour"):
         model.predict(adata, tta=False)
+
+
+def test_a_flag_named_in_an_error_reads_as_the_commands_option():
+    from st_predict.cli._main import _in_option_words
+
+    said = _in_option_words("if the spots are where you mean them, pass allow_off_tissue=True.", build_parser(), "predict")
+    assert said == "if the spots are where you mean them, pass --allow-off-tissue."
+    args = build_parser().parse_args(["predict", "m", "in.h5ad", "--out", "o.h5ad", "--allow-off-tissue"])
+    assert args.allow_off_tissue is True
