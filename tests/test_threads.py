@@ -63,5 +63,16 @@ def test_progress_bars_only_where_someone_reads_them(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     assert not _threads.interactive()  # a log file
+    # ipykernel imported (a test ran a notebook) is not a kernel running this process; a kernel's shell is
+    import types
+
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: None
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert not _threads.interactive()
+    fake.get_ipython = lambda: type("ZMQInteractiveShell", (), {})()
+    assert _threads.interactive()  # a notebook
+    fake.get_ipython = lambda: None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert _threads.interactive()  # a terminal

@@ -69,4 +69,9 @@ def interactive() -> bool:
     """Whether progress bars have a reader: a terminal, or a Jupyter kernel (not a log file)."""
     import sys
 
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
+    if sys.stderr.isatty():
+        return True
+    # a Jupyter kernel runs this process (ipykernel merely imported, e.g. by a test that ran a notebook, is not one)
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
