@@ -24,19 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-
-def _write_pyramid(path: Path, img: np.ndarray, mpp: float, levels: int = 3) -> str:
-    import tifffile
-
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        level = img
-        for i in range(levels):
-            tw.write(level, tile=(256, 256), compression="zlib", photometric="rgb", subfiletype=0 if i == 0 else 1,
-                     resolution=(1e4 / (mpp * 2**i),) * 2, resolutionunit="CENTIMETER")
-            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-            level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).mean((1, 3)).round().astype(np.uint8)
-    return str(path)
+from her2st_containers import write_pyramid  # benchmarks/ is on sys.path when a script there runs
 
 
 def _pcc(a: np.ndarray, b: np.ndarray) -> dict:
@@ -81,7 +69,7 @@ def main() -> None:
     res.update(slide_mpp=slide_mpp, slide_px=list(small.shape[:2]))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path = _write_pyramid(tmp / "C2_coarse.tif", small, slide_mpp)
+        path = write_pyramid(tmp / "C2_coarse.tif", small, slide_mpp, levels=3, step=2, mean=True)
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             t = time.perf_counter()

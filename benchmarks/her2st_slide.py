@@ -23,17 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-
-def _write_pyramid(path: Path, img: np.ndarray, mpp: float, levels: int = 4) -> None:
-    import tifffile
-
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        level = img
-        for i in range(levels):
-            tw.write(level, tile=(256, 256), compression="zlib", photometric="rgb", subfiletype=0 if i == 0 else 1,
-                     resolution=(1e4 / (mpp * 2**i),) * 2, resolutionunit="CENTIMETER")
-            level = level[::2, ::2]
+from her2st_containers import write_pyramid  # benchmarks/ is on sys.path when a script there runs
 
 
 def _throughput(model, path: Path, pitch: float) -> dict:
@@ -101,7 +91,7 @@ def main() -> None:
     img = np.asarray(meta["images"]["hires"])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{args.test}.tif"
-        _write_pyramid(path, img, mpp)
+        write_pyramid(path, img, mpp, levels=4, step=2, mean=False)
         del img
         t = time.perf_counter()
         sdata = model.predict_slide(path, progress=False)

@@ -102,10 +102,10 @@ def evaluate(
 
     Returns ``pcc`` (mean over genes of the per-gene PCC; NaN genes are left out of the mean and
     counted in ``n_nan_genes``), ``mse`` and ``mae`` over spots x genes, ``n_genes``, ``n_spots``, and
-    the **optimistic** ``pcc_top50``; from an AnnData also ``trained_on`` (its spots include a section the
-    model trained on, as :meth:`~st_predict.NH2ST.predict` recorded; an :class:`~st_predict.InputWarning`
-    says so) (:func:`top_k_pcc` with ``k = top_k``; the key keeps its name
-    for other ``top_k``), labelled as such wherever st_predict reports it.
+    the **optimistic** ``pcc_top50`` (:func:`top_k_pcc` with ``k = top_k``; the key keeps its name
+    for other ``top_k``), labelled as such wherever st_predict reports it. From an AnnData also
+    ``trained_on``: whether its spots include a section the model trained on, as
+    :meth:`~st_predict.NH2ST.predict` recorded (an :class:`~st_predict.InputWarning` says so).
 
     Parameters
     ----------

@@ -565,8 +565,8 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             raise InputError(f"adata.obs_names has {len(dup)} duplicates (e.g. {dup[0]!r}): the predictions are a "
                              "DataFrame indexed by them. Call adata.obs_names_make_unique() first.")
         keys = {"library_key": library_key, "image_key": image_key, "spatial_key": spatial_key}
+        setup, lib_key = self._prediction_keys(target, keys)
         if target is not self.adata:  # the training sections were checked by training on them
-            setup, lib_key = self._prediction_keys(target, keys)
             check_placement(self, target, self._reader_for(target, keys), spot_coordinates(target, setup["spatial_key"]),
                             spot_libraries(target, lib_key), setup["spatial_key"], allow_off_tissue)
         df = self.get_predicted_expression(
@@ -574,7 +574,7 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             spatial_key=spatial_key, tta=tta, feature_cache=feature_cache,
         )
         entry = {
-            "library_key": self._prediction_keys(target, keys)[1] or "",  # where evaluate finds the sections
+            "library_key": lib_key or "",  # where evaluate finds the sections
             "training_sections": list(self.train_sections_ or []),
             "validation_sections": [str(s) for s in ((self.validation_ or {}).get("sections") or [])],
         }

@@ -147,12 +147,9 @@ def check_placement(model, adata, reader, coords: np.ndarray, libraries: np.ndar
                  "predictions are the model's response to a blank patch.", InputWarning)
             continue
         glass = float(glass_fraction(patches).mean())
-        if glass > BACKGROUND_LIMIT and not allow_off_tissue:
-            hint = ""
-            if not _swapped_axes(adata.obs.iloc[sel], xy):
-                hint = (" Check that x is the column and y the row, and that the coordinates are full-resolution "
-                        "pixels of this image (not of a downscaled copy, nor micrometres).")
+        if glass > BACKGROUND_LIMIT and not allow_off_tissue:  # (a swap the array grid shows was raised above)
             raise InputError(f"Section {lib!r}: {glass:.0%} of its patches fall on glass (bright, unstained "
                              f"pixels), more than {BACKGROUND_LIMIT:.0%}: the spots in {where} are not on the tissue "
-                             f"of its image.{hint} Keep only spots under tissue (e.g. obs['in_tissue'] == 1)"
-                             f"{fix}")
+                             "of its image. Check that x is the column and y the row, and that the coordinates are "
+                             "full-resolution pixels of this image (not of a downscaled copy, nor micrometres). Keep "
+                             f"only spots under tissue (e.g. obs['in_tissue'] == 1){fix}")

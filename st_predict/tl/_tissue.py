@@ -39,10 +39,9 @@ def detection_image(wsi, slide_mpp: float, target_mpp: float) -> tuple[np.ndarra
     fine = [i for i, m in enumerate(level_mpp) if m <= target_mpp / AVERAGING * 1.001]
     level = max(fine, key=lambda i: level_mpp[i]) if fine else finest
     data = to_datatree(wsi.reader)[f"scale{level}"]["image"].data  # dask (3, H, W), read by blocks
-    h0, w0 = data.shape[1:]
     factor = max(1, int(target_mpp / level_mpp[level] + 1e-6))
+    h, w = data.shape[1] // factor * factor, data.shape[2] // factor * factor  # whole blocks of factor x factor
     if factor > 1:
-        h, w = h0 // factor * factor, w0 // factor * factor
         block = max(factor, 1024 // factor * factor)
         data = da.coarsen(np.mean, data[:, :h, :w].rechunk((3, block, block)), {1: factor, 2: factor})
     img = np.ascontiguousarray(np.asarray(data.compute()).transpose(1, 2, 0).round().clip(0, 255).astype(np.uint8))
@@ -52,8 +51,7 @@ def detection_image(wsi, slide_mpp: float, target_mpp: float) -> tuple[np.ndarra
         size = (max(1, round(img.shape[1] / rest)), max(1, round(img.shape[0] / rest)))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     down = float(props.level_downsample[level])
-    used_h, used_w = (h0 // factor * factor, w0 // factor * factor)
-    return img, level, (used_w * down / img.shape[1], used_h * down / img.shape[0])
+    return img, level, (w * down / img.shape[1], h * down / img.shape[0])
 
 
 def find_tissue(wsi, slide_mpp: float, target_mpp: float, method: str, key_added: str) -> tuple[int, np.ndarray]:
