@@ -247,6 +247,7 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         self.validation_: dict | None = None
         # train(reliability=True): fold models' weights, per-gene reliability, conformal calibration
         self.fold_states_ = self.gene_reliability_ = self.conformal_ = self.reliability_sections_ = None
+        self.shift_reference_ = self.reliability_scope_ = None
         self.train_sections_: list[str] | None = None
         self.best_epoch_: int | None = None
         self.train_settings_: dict | None = None
@@ -333,7 +334,7 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             f"{'ResNet18' if p.encoder == 'resnet18' else p.encoder} trunk {p.trunk} at {p.image_size} px "
             f"({p.pooling} pooling), weights: "
             f"{self.weights_source_}; {p.attention}-attention ({p.attention_mode}), {branch}; {nce}{patch}; {sees}."
-            f"{val}"
+            f"{val}{self.reliability_description()}"
         )
 
     # -- setup -----------------------------------------------------------------------------------
@@ -532,6 +533,7 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         ensemble: bool | None = None,
         overwrite: bool = False,
         allow_off_tissue: bool = False,
+        interval_depth: float | None = None,
     ) -> pd.DataFrame:
         """Predict every spot of ``adata`` and write the DataFrame to ``adata.obsm[key_added]``.
 
@@ -545,11 +547,16 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         of the user's is refused unless ``overwrite=True``, and the spot coordinates (``obsm["spatial"]``, or
         ``spatial_key``) are never replaced.
 
-        A model trained with ``reliability=True`` also writes, at ``interval_level`` (default 90 %;
-        ``None``: none), the bounds ``obsm[f"{key_added}_lower"]`` and ``obsm[f"{key_added}_upper"]``
-        (split-conformal, see :meth:`train`) and each gene's reliability
-        (``uns["st_predict"][key_added]["gene_reliability"]``). ``ensemble``: the point prediction is the mean
-        of the full model and the fold models (default: as measured best, :data:`ENSEMBLE_DEFAULT`).
+        A model trained with ``reliability=True`` also writes, at ``interval_level`` (default 90 %; ``None``:
+        none), bounds for a **measurement** at ``interval_depth`` UMI per spot (default: the training sections'
+        median, :attr:`calibration_depth`; counts noise included) in ``obsm[f"{key_added}_lower"]`` and
+        ``..._upper``, bounds for the **expected** expression in ``..._expected_lower`` and
+        ``..._expected_upper``, their model part in ``..._model_sd`` (``st-predict evaluate`` rebuilds the
+        first at each section's own depth), each gene's reliability
+        (``uns["st_predict"][key_added]["gene_reliability"]``), and per new section the shift detector's
+        distance (``["shift"]``) and ``["intervals_trusted"]`` (``False``, with an
+        :class:`~st_predict.InputWarning`, for a section unlike the calibration sections). ``ensemble``: the
+        point is the mean of the full and fold models (default :data:`ENSEMBLE_DEFAULT`).
 
         Also records, in ``adata.uns["st_predict"][key_added]``, the sections the model trained on
         (``training_sections``) and validated on (``validation_sections``), so that scoring can keep
@@ -559,6 +566,8 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
         may be given as in :meth:`get_predicted_expression`. Returns the DataFrame.
         """
         target = self._target(adata)
+        if interval_depth is not None and not self.has_reliability:
+            raise InputError("interval_depth is for the intervals of a model trained with reliability=True.")
         check_key_added(target, key_added, spatial_key or "spatial", overwrite)
         if not target.obs_names.is_unique:
             dup = target.obs_names[target.obs_names.duplicated()]
@@ -573,21 +582,15 @@ class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, Unsu
             target, batch_size=batch_size, progress=progress, library_key=library_key, image_key=image_key,
             spatial_key=spatial_key, tta=tta, feature_cache=feature_cache,
         )
-        entry = {
-            "library_key": lib_key or "",  # where evaluate finds the sections
-            "training_sections": list(self.train_sections_ or []),
-            "validation_sections": [str(s) for s in ((self.validation_ or {}).get("sections") or [])],
-        }
+        entry = {"library_key": lib_key or "",  # where evaluate finds the sections
+                 "training_sections": list(self.train_sections_ or []),
+                 "validation_sections": [str(s) for s in ((self.validation_ or {}).get("sections") or [])]}
         if self.has_reliability:
-            out = self.with_reliability(df.to_numpy(), lambda: self.get_predicted_expression(
+            df, more = self._reliability_into(target, df, key_added, lambda: self.get_predicted_expression(
                 target, batch_size=batch_size, library_key=library_key, image_key=image_key, spatial_key=spatial_key,
-                tta=tta, feature_cache=feature_cache, return_numpy=True), interval_level, ensemble)
-            df = pd.DataFrame(out["point"], index=df.index, columns=df.columns)
-            for bound in ("lower", "upper"):
-                if bound in out:
-                    target.obsm[f"{key_added}_{bound}"] = pd.DataFrame(out[bound], index=df.index, columns=df.columns)
-            entry.update(self.reliability_summary(), ensemble=out["ensemble"],
-                         interval_level=-1.0 if interval_level is None else float(interval_level))
+                tta=tta, feature_cache=feature_cache, return_numpy=True), interval_level, ensemble, interval_depth,
+                None if target is self.adata else self._reader_for(target, keys).read, spot_libraries(target, lib_key))
+            entry.update(more)
         target.obsm[key_added] = df
         meta = dict(target.uns.get("st_predict", {})) if isinstance(target.uns.get("st_predict"), Mapping) else {}
         meta[key_added] = entry

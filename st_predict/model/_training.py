@@ -314,6 +314,7 @@ class TrainingMixin:
         resume: bool = False,
         plan_kwargs: dict | None = None,
         reliability: bool = False,
+        group_key: str | None = None,
         **trainer_kwargs,
     ):
         """Train NH2ST with PyTorch Lightning, with the recipe's training settings and those given here.
@@ -397,13 +398,23 @@ class TrainingMixin:
               ``reliable`` when ``ci_low > 0``;
             - the fold models, which predict with the model: their spread makes the intervals adaptive and
               their mean with the model is the ensemble prediction (``predict(ensemble=True)``);
-            - split-conformal calibration: the out-of-fold residuals scaled by the fold models' spread
-              (``|y - y_oof| / (spread + delta_gene)``), each section weighted equally.
+            - split-conformal calibration: the out-of-fold residuals, less the counts noise of the spot's depth
+              (Poisson sampling of its UMIs), scaled by the fold models' spread, each section weighted equally;
+              at the training depth and with the training counts thinned binomially to 1/2 ... 1/64 of it, so
+              that intervals and reliability can be asked for at a lower depth (``predict(interval_depth=)``,
+              :meth:`gene_reliability`);
+            - a shift detector: an image-feature distance of each section to the others, whose threshold
+              (1.5x the largest leave-one-section-out distance) ``predict`` compares new sections with.
 
-            ``predict`` then writes 90 % bounds by default. They cover the measured value on the model's
-            scale (``log1p`` counts per 10k) for spots of sections like the training sections, exchangeable
-            with them, at similar sequencing depth; another platform, another tissue preparation or a much
-            lower depth breaks that. Needs at least two training sections and no ``validation``.
+            ``predict`` then writes 90 % bounds by default, for a measurement at the training depth and for
+            the expected expression (see :meth:`predict`). They cover spots of sections exchangeable with the
+            training sections; a section past the shift threshold is flagged and its intervals marked untrusted.
+            Needs at least two training sections (or groups) and no ``validation``.
+        group_key
+            With ``reliability=True``: an ``obs`` column of patients (or any group of sections). Each fold
+            model then holds out one group, never part of one, and each group weighs the same in the
+            calibration. ``None`` or a single group: folds by section, and the estimates are within-patient
+            (said in :attr:`gene_reliability_`'s ``attrs`` and the model summary).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``); a keyword that is neither a
             training setting nor a ``Trainer`` argument is a ``TypeError``.
@@ -429,12 +440,15 @@ class TrainingMixin:
                              f"(got validation={cfg.validation!r}).")
         batch_given = settings is not None or batch_size is not RECIPE
         self.fold_states_ = self.gene_reliability_ = self.conformal_ = self.reliability_sections_ = None
+        self.shift_reference_ = self.reliability_scope_ = None
         with thread_limits():
             out = self._fit(cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers,
                             embed_batch_size, progress, checkpoint_dir, resume, plan_kwargs, trainer_kwargs,
                             feature_cache)
+        if group_key is not None and not reliability:
+            raise InputError("group_key= sets the folds of reliability=True; pass reliability=True too.")
         if reliability:
-            self._fit_reliability(cfg, accelerator, devices, progress, feature_cache)
+            self._fit_reliability(cfg, accelerator, devices, progress, feature_cache, group_key)
         return out
 
     def _fit(self, cfg, batch_given, accelerator, devices, train_size, trunk_features, num_workers, embed_batch_size,

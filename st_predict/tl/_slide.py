@@ -252,6 +252,7 @@ def predict_slide(
     image_mpp: float | None = 2.0,
     interval_level: float | None = 0.9,
     ensemble: bool | None = None,
+    interval_depth: float | None = None,
 ):
     """Predict expression over the tissue of a whole H&E slide that has no expression.
 
@@ -323,11 +324,14 @@ def predict_slide(
         multiscale image element ``f"{key_added}_image"`` over the tiles' frame, so spatialdata-plot draws
         the tiles over the H&E); ``None``: no image. It is read from the slide only when the output is
         written or drawn.
-    interval_level, ensemble
-        For a model trained with ``reliability=True``: the tiles' lower and upper bounds at this level go
-        into the table's layers ``"lower"`` and ``"upper"`` (``None``: none), each gene's reliability into
-        its ``var``, and ``ensemble`` is as in :meth:`predict`. The fold models then predict every tile too
-        (K more passes over the tiles).
+    interval_level, ensemble, interval_depth
+        For a model trained with ``reliability=True``: the tiles' bounds at this level for a measurement at
+        ``interval_depth`` UMI per spot go into the table's layers ``"lower"`` and ``"upper"``, those for the
+        expected expression into ``"expected_lower"`` and ``"expected_upper"`` (``None``: none), each gene's
+        reliability into its ``var``, and ``ensemble`` is as in :meth:`predict`. The fold models then predict
+        every tile too (K more passes over the tiles). The shift detector scores 128 sampled tiles against
+        the calibration sections: past its threshold the slide is warned of and ``uns["st_predict"]
+        ["intervals_trusted"]`` is ``False`` (not scored from ``features_key``, which has no pixels).
     features_key
         Predict from tile features already in ``slide`` instead of tiling and encoding it: the
         table ``slide.tables[features_key]`` that LazySlide's ``zs.tl.feature_extraction`` wrote
@@ -428,8 +432,10 @@ def predict_slide(
             if model.has_reliability:
                 bounds = model.with_reliability(pred, lambda: _predict_tiles(model,
                     wsi, tile_key, len(tiles), batch_size, num_workers, tta, False, neighbors), interval_level,
-                    ensemble)
+                    ensemble, interval_depth)
                 pred = bounds["point"]
+                bounds["flags"] = model.flag_sections(model.shift_flags(
+                    {str(name): _sampled_tiles(model, wsi, tile_key, len(tiles))}))
     centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
     from anndata import AnnData
     from spatialdata.models import TableModel
@@ -440,7 +446,7 @@ def predict_slide(
                        index=[f"tile_{i}" for i in tiles["tile_id"]])
     table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(model.genes_)))
     if bounds is not None:
-        for layer in ("lower", "upper"):  # not `name`: that is the slide's
+        for layer in ("lower", "upper", "expected_lower", "expected_upper"):  # not `name`: that is the slide's
             if layer in bounds:
                 table.layers[layer] = bounds[layer].astype(np.float32)
         rel = model.gene_reliability_
@@ -459,7 +465,11 @@ def predict_slide(
     }
     if bounds is not None:
         table.uns["st_predict"].update(ensemble=bool(bounds["ensemble"]),
-                                       interval_level=-1.0 if interval_level is None else float(interval_level))
+                                       interval_level=-1.0 if interval_level is None else float(interval_level),
+                                       **bounds.get("flags", {}))
+        if "depth" in bounds:
+            table.uns["st_predict"].update(interval_depth=float(bounds["depth"]),
+                                           calibration_depth=model.calibration_depth)
     if opened.spatial_uns:
         lib, entry = next(iter(opened.spatial_uns.items()))
         scalef = dict(entry.get("scalefactors", {}))
@@ -538,6 +548,16 @@ def as_tile_model(model, tta: bool | None = None):
     from ._tile_model import NH2STTileModel
 
     return NH2STTileModel(model, tta=tta)
+
+
+def _sampled_tiles(model, wsi, tile_key: str, n_tiles: int) -> torch.Tensor:
+    """uint8 ``(m, 3, S, S)`` patches of up to the shift detector's number of tiles, drawn with a fixed seed."""
+    size = model.module.image_size
+    spec = wsi.tile_spec(tile_key)
+    resize = None if spec is None or (spec.width, spec.height) == (size, size) else partial(resize_tile, size=size)
+    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size, transform=resize)
+    rows = model.shift_sample(np.zeros(n_tiles, dtype=int))["0"]
+    return torch.stack([torch.as_tensor(np.asarray(dataset[int(i)]["image"])) for i in rows]).permute(0, 3, 1, 2).contiguous()
 
 
 def _predict_tiles(model, wsi, tile_key: str, n_tiles: int, batch_size: int, num_workers: int, tta: bool,
