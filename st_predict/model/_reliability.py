@@ -154,6 +154,11 @@ class ReliabilityMixin:
         """Whether :meth:`train` ran with ``reliability=True`` (fold models, reliability, calibration)."""
         return getattr(self, "fold_states_", None) is not None
 
+    def reliability_folds(self, group_key: str | None = None) -> tuple[list[list[str]], list[str], str]:
+        """The training sections each fold model of ``train(reliability=True, group_key=)`` holds out, the folds'
+        names and the estimates' scope (across patients or within one)."""
+        return _fold_units(self.adata.obs, np.asarray(self._training_data().libraries).astype(str), group_key)
+
     def _fit_reliability(self, settings, accelerator, devices, progress, feature_cache=None, group_key=None) -> None:
         """Train one model per fold (a training section, or with ``group_key`` a group of them, held out; same
         genes, network, weights and settings), predict every training spot with each, and keep: each gene's
@@ -165,7 +170,7 @@ class ReliabilityMixin:
 
         data = self._training_data()
         libraries = np.asarray(data.libraries).astype(str)
-        units, unit_names, scope = _fold_units(self.adata.obs, libraries, group_key)
+        units, unit_names, scope = self.reliability_folds(group_key)
         sections = [s for unit in units for s in unit]
         if len(units) < 2:
             raise InputError(

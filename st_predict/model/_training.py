@@ -447,6 +447,8 @@ class TrainingMixin:
                             feature_cache)
         if group_key is not None and not reliability:
             raise InputError("group_key= sets the folds of reliability=True; pass reliability=True too.")
+        if reliability:  # a bad group_key is refused before training, not after
+            self.reliability_folds(group_key)
         if reliability:
             self._fit_reliability(cfg, accelerator, devices, progress, feature_cache, group_key)
         return out

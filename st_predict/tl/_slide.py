@@ -550,12 +550,18 @@ def as_tile_model(model, tta: bool | None = None):
     return NH2STTileModel(model, tta=tta)
 
 
-def _sampled_tiles(model, wsi, tile_key: str, n_tiles: int) -> torch.Tensor:
-    """uint8 ``(m, 3, S, S)`` patches of up to the shift detector's number of tiles, drawn with a fixed seed."""
+def _tile_dataset(model, wsi, tile_key: str):
+    """wsidata's dataset of the tiles ``tile_key`` at the network's input size (tiles of a slide coarser than it
+    are read at the slide's pixels and upsampled here)."""
     size = model.module.image_size
     spec = wsi.tile_spec(tile_key)
     resize = None if spec is None or (spec.width, spec.height) == (size, size) else partial(resize_tile, size=size)
-    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size, transform=resize)
+    return wsi.ds.tile_images(tile_key=tile_key, image_size=size, transform=resize)
+
+
+def _sampled_tiles(model, wsi, tile_key: str, n_tiles: int) -> torch.Tensor:
+    """uint8 ``(m, 3, S, S)`` patches of up to the shift detector's number of tiles, drawn with a fixed seed."""
+    dataset = _tile_dataset(model, wsi, tile_key)
     rows = model.shift_sample(np.zeros(n_tiles, dtype=int))["0"]
     return torch.stack([torch.as_tensor(np.asarray(dataset[int(i)]["image"])) for i in rows]).permute(0, 3, 1, 2).contiguous()
 
@@ -565,11 +571,7 @@ def _predict_tiles(model, wsi, tile_key: str, n_tiles: int, batch_size: int, num
     """Predictions ``(n_tiles, n_genes)`` of the tiles ``tile_key``, read in batches by wsidata. A
     ``context="neighbors"`` network first embeds every tile, then predicts each from the latents of its
     ``neighbors`` (``(n_tiles, K)``) too."""
-    size = model.module.image_size
-    # tiles of a slide coarser than the network's input are read at the slide's pixels and upsampled here
-    spec = wsi.tile_spec(tile_key)
-    resize = None if spec is None or (spec.width, spec.height) == (size, size) else partial(resize_tile, size=size)
-    dataset = wsi.ds.tile_images(tile_key=tile_key, image_size=size, transform=resize)
+    dataset = _tile_dataset(model, wsi, tile_key)
     # workers read and resize the next batches while the network runs on this one
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          worker_init_fn=single_thread_worker)
