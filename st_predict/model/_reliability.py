@@ -96,10 +96,18 @@ def measurement_bounds(point, model_sd, q, calibration_depth: float, depth) -> t
     """Bounds for a measurement at ``depth`` (UMI per spot: a number, or one per spot): the counts model's mean
     of a measurement at that depth of the expected expression behind ``point`` (the network predicts the mean of
     a measurement at ``calibration_depth``), -+ ``q`` times the root of the model part (``model_sd``, propagated
-    through that mean) squared plus the counts noise's variance at that depth. The lower bound is at least 0."""
-    from ._depth import expected_from_measured, measured_moments
+    through that mean) squared plus the counts noise's variance at that depth. The lower bound is at least 0.
 
-    mu = expected_from_measured(point, calibration_depth)
+    ``q``: the calibrated quantile per gene, or the table of them per calibration depth that ``predict`` stores
+    (``uns["st_predict"][key]["interval_quantiles"]``, a depth x gene DataFrame), interpolated in log depth at
+    ``depth``. With ``point`` and ``model_sd`` from ``obsm`` this rebuilds ``predict``'s interval at any depth,
+    e.g. each spot's own UMI count."""
+    from ._depth import expected_from_measured, measured_moments, quantile_at_depth
+
+    if isinstance(q, pd.DataFrame):
+        q = quantile_at_depth(q.index.to_numpy(np.float64), q.to_numpy(np.float64), depth)
+    mu = expected_from_measured(np.asarray(point, np.float64), calibration_depth)
+    model_sd = np.asarray(model_sd, np.float64)
     d = np.asarray(depth, np.float64)
     mean, var, slope = measured_moments(mu, d[:, None] if d.ndim == 1 else d)
     half = q * np.sqrt((slope * model_sd) ** 2 + var)
