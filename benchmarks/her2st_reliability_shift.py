@@ -91,6 +91,16 @@ def _marginal_width(truth: np.ndarray, coverage: np.ndarray) -> np.ndarray:
     return out
 
 
+def _weighted_conformal_quantile(scores: np.ndarray, weights: np.ndarray, level: float) -> np.ndarray:
+    """Per gene, the weighted quantile of ``scores`` at ``level * (n + 1) / n`` (the calibration before the
+    counts model; ``weights`` sum to 1)."""
+    n = len(scores)
+    order = np.argsort(scores, axis=0)
+    cum = np.cumsum(weights[order], axis=0)
+    idx = (cum < min(level * (n + 1) / n, 1.0) - 1e-12).sum(0)
+    return np.take_along_axis(scores, order, axis=0)[np.minimum(idx, n - 1), np.arange(scores.shape[1])]
+
+
 def _interval_scores(prefix, lo, hi, truth, level, point) -> dict:
     from scipy.stats import norm
 
@@ -118,8 +128,7 @@ def _fold(adata, held, sections, seed) -> dict:
     from st_predict import NH2ST, InputWarning
     from st_predict.data import select_sections
     from st_predict.metrics import measured_expression, pcc_per_gene
-    from st_predict.model import measurement_bounds, thin_counts
-    from st_predict.model._reliability import conformal_quantile, expected_bounds, interval_scale
+    from st_predict.model import expected_bounds, measurement_bounds, thin_counts
 
     train = select_sections(adata, [s for s in sections if s != held])
     test = select_sections(adata, [held])
@@ -136,8 +145,8 @@ def _fold(adata, held, sections, seed) -> dict:
     t = time.perf_counter()
     train_folds = model.fold_predictions(lambda: model.get_predicted_expression(train, return_numpy=True))
     y_train = model._training_data().targets.numpy()
-    old_scores = np.abs(y_train - model.oof_predictions_.to_numpy()) / interval_scale(train_folds.std(0), cal["delta"])
-    q_old = {lv: conformal_quantile(old_scores, cal["weights"], lv) for lv in LEVELS}
+    old_scores = np.abs(y_train - model.oof_predictions_.to_numpy()) / (train_folds.std(0) + cal["delta"][None, :])
+    q_old = {lv: _weighted_conformal_quantile(old_scores, cal["weights"], lv) for lv in LEVELS}
     seconds_today = time.perf_counter() - t
     # the held-out section's counts at each depth
     counts = test.X

@@ -260,7 +260,7 @@ def test_reliability_from_the_command_line(run, tmp_path, capsys):
     args = ["train", str(data), "--out", str(tmp_path / "m"), "--sections", "S0", "S1", *SMALL_TRAIN, "--reliability"]
     assert main(args) == 0  # two sections: two fold models
     assert main(["predict", str(tmp_path / "m"), str(data), "--sections", "S2", "--out", str(tmp_path / "p.h5ad"),
-                 "--quiet", "--interval-level", "0.8"]) == 0
+                 "--quiet", "--interval-level", "0.8", "--interval-depth", "40"]) == 0
     printed = capsys.readouterr().out
     assert "80% intervals in obsm['nh2st_lower'] and obsm['nh2st_upper']" in printed and "most reliable:" in printed
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
@@ -271,7 +271,12 @@ def test_reliability_from_the_command_line(run, tmp_path, capsys):
     metrics = _strict_json((tmp_path / "e" / "metrics.json").read_text())
     cov = metrics["intervals"]
     assert cov["level"] == 0.8 and 0 < cov["coverage_held_out"] <= 1 and set(cov["coverage_by_section"]) == {"S2"}
-    assert f"80% intervals (obsm['nh2st_lower'], obsm['nh2st_upper']) hold {cov['coverage_held_out']:.1%}" in printed
+    assert pred.uns["st_predict"]["nh2st"]["interval_depth"] == 40
+    # predicted for a measurement at 40 UMI; evaluate scores them at each spot's own (deeper) count: narrower
+    written = (pred.obsm["nh2st_upper"] - pred.obsm["nh2st_lower"]).to_numpy().mean()
+    assert cov["depth"] == "each spot's own UMI count" and cov["mean_width"] < 0.8 * written, (cov, written)
+    assert cov["width_ratio_marginal"] > 0 and cov["crps"] > 0
+    assert f"80% intervals for a measurement at each spot's own UMI count hold {cov['coverage_held_out']:.1%}" in printed
 
 
 def test_predict_never_writes_over_the_coordinates_or_a_key_of_the_users(cli_model):

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from st_predict.metrics import crps_gaussian, interval_scores
+
 #: fractions of the held-out spots kept (the most certain first) for the risk-coverage curve
 KEEP = (1.0, 0.9, 0.8, 0.7, 0.5)
 
 
-def crps_gaussian(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """The continuous ranked probability score of a Gaussian ``N(mu, sigma^2)`` at ``y`` (lower is better)."""
-    from scipy.stats import norm
-
-    z = (y - mu) / sigma
-    return sigma * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / np.sqrt(np.pi))
-
-
-def reliability_metrics(model, single: np.ndarray, folds: np.ndarray, truth: np.ndarray) -> dict:
+def reliability_metrics(model, single: np.ndarray, folds: np.ndarray, truth: np.ndarray, depth=None) -> dict:
     """For a model trained with ``reliability=True``: its point prediction ``single`` ``(n, G)`` of a held-out
     section, the fold models' ``folds`` ``(K, n, G)`` and the measured ``truth`` on the model's scale.
 
@@ -24,7 +18,13 @@ def reliability_metrics(model, single: np.ndarray, folds: np.ndarray, truth: np.
     the mean 90 % width, the Spearman correlation across genes of the reliability with the PCC achieved here,
     the ensemble's PCC beside the single model's, a risk-coverage curve (per-gene PCC and MSE on the spots kept
     after dropping the most uncertain, by their mean 90 % width), and the mean CRPS of a Gaussian with the 90 %
-    interval's width against the point model with a constant width per gene (the out-of-fold residual SD)."""
+    interval's width against the point model with a constant width per gene (the out-of-fold residual SD).
+
+    ``depth``: the held-out section's UMI per spot (one per spot, or a number). The intervals are then those for
+    a measurement at that depth and the reliability that at its median (:meth:`~st_predict.NH2ST.gene_reliability`);
+    ``None``: at the calibration depth. Sharpness sits beside coverage: ``width_ratio_marginal_90`` (the mean
+    90 % width over that of each gene's marginal interval of the same coverage) and ``crps_one_width_per_gene``
+    (see :func:`~st_predict.metrics.interval_scores`)."""
     from scipy.stats import norm, spearmanr
 
     from st_predict.metrics import pcc_per_gene
@@ -34,7 +34,10 @@ def reliability_metrics(model, single: np.ndarray, folds: np.ndarray, truth: np.
     ensemble = (folds.sum(0) + single) / (len(folds) + 1)
     out["pcc_single"] = float(np.nanmean(r_single))
     out["pcc_ensemble"] = float(np.nanmean(pcc_per_gene(ensemble, truth)))
-    table = model.gene_reliability_
+    depth_known = depth is not None and np.isfinite(model.calibration_depth)
+    if depth_known:
+        depth = np.maximum(np.asarray(depth, np.float64), 1.0)
+    table = model.gene_reliability(depth=float(np.median(depth))) if depth_known else model.gene_reliability_
     rel = table["reliability"].to_numpy(float)
     ok = np.isfinite(rel) & np.isfinite(r_single)
     out["spearman_reliability"] = float(spearmanr(rel[ok], r_single[ok]).statistic)
@@ -43,13 +46,16 @@ def reliability_metrics(model, single: np.ndarray, folds: np.ndarray, truth: np.
     out["pcc_reliable_genes"] = float(np.nanmean(r_single[reliable])) if reliable.any() else float("nan")
     out["pcc_unreliable_genes"] = float(np.nanmean(r_single[~reliable])) if (~reliable).any() else float("nan")
     for level in (0.8, 0.9):
-        lo, hi = model.intervals_from_folds(single, folds, level)
+        lo, hi = model.intervals_from_folds(single, folds, level, depth if depth_known else None)
         cov = ((truth >= lo) & (truth <= hi)).mean(0)
         tag = int(round(level * 100))
         out[f"coverage_{tag}"] = float(cov.mean())
         out[f"coverage_mae_{tag}"] = float(np.abs(cov - level).mean())
         out[f"width_{tag}"] = float((hi - lo).mean())
-    lo, hi = model.intervals_from_folds(single, folds, 0.9)
+    lo, hi = model.intervals_from_folds(single, folds, 0.9, depth if depth_known else None)
+    sharp = interval_scores(lo, hi, truth, single, 0.9)
+    out["width_ratio_marginal_90"] = sharp["width_ratio_marginal"]
+    out["crps_one_width_per_gene"] = sharp["crps_one_width_per_gene"]
     sigma = np.maximum((hi - lo) / (2 * norm.ppf(0.95)), 1e-6)
     order = np.argsort((hi - lo).mean(1))
     curve = []

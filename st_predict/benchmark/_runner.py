@@ -25,7 +25,7 @@ from st_predict._utils import (
     user_stacklevel,
 )
 from st_predict.data import select_sections
-from st_predict.metrics import evaluate, pooled_pcc
+from st_predict.metrics import evaluate, pooled_pcc, spot_depth
 from st_predict.model import DEFAULT
 from st_predict.module import NetworkSettings
 from st_predict.nn import build_encoder, canonical_name, prepare_patches, source_of
@@ -307,7 +307,9 @@ def run_benchmark(
                 rows[-1]["inner"] = method.inner_
             unc = method.uncertainty(fold) if hasattr(method, "uncertainty") else None
             if unc is not None:  # reliability and intervals, calibrated on the training sections only
-                rows[-1].update(reliability_metrics(unc["model"], pred, unc["folds"], np.asarray(y_test)))
+                # at the held-out section's own depth: each spot's UMI count
+                rows[-1].update(reliability_metrics(unc["model"], pred, unc["folds"], np.asarray(y_test),
+                                                    depth=spot_depth(test)))
             if getattr(method, "selected_", None) is not None:  # a setting chosen inside the training sections
                 rows[-1]["selected"] = method.selected_
             held_out[name][0].append(pd.DataFrame(pred, columns=genes))

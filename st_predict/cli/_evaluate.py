@@ -46,7 +46,7 @@ def _cmd_evaluate(args) -> int:
     training = meta.get(args.key, {}).get("training_sections") if isinstance(meta, dict) else None
     result = evaluate_sections(pred, truth, sections, None if training is None else [str(t) for t in training])
     result = {"predictions": str(path), "key": args.key, **result}
-    coverage = _interval_coverage(adata, args.key, truth, sections, training)
+    coverage = _interval_coverage(adata, args.key, truth, sections, training, not args.normalized, args.layer)
     if coverage is not None:
         result["intervals"] = coverage
     table = sections_markdown(result)
@@ -63,9 +63,11 @@ def _cmd_evaluate(args) -> int:
     print(table, end="")
     if coverage is not None:
         level = coverage["level"]
-        print(f"{level:.0%} intervals (obsm[{args.key + '_lower'!r}], obsm[{args.key + '_upper'!r}]) hold "
+        print(f"{level:.0%} intervals for a measurement at {coverage['depth']} hold "
               f"{coverage['coverage_held_out']:.1%} of the measured values of held-out sections (per gene, mean over "
-              f"genes; nominal {level:.0%}); mean width {coverage['mean_width']:.3f}")
+              f"genes; nominal {level:.0%}); mean width {coverage['mean_width']:.3f}, "
+              f"{coverage.get('width_ratio_marginal', float('nan')):.2f}x each gene's marginal interval of the same "
+              "coverage (below 1: sharper than knowing nothing of the spot)")
     print(f"Wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(result['sections'])} PCC distribution figure(s)")
     return 0
 
@@ -85,10 +87,15 @@ def _pcc_figures(pred, truth, sections, folder: Path) -> None:
         plt.close(ax.figure)
 
 
-def _interval_coverage(adata, key: str, truth, sections, training) -> dict | None:
-    """Per section and over the held-out sections: the fraction of measured values inside the intervals
-    ``obsm[key_lower]``..``obsm[key_upper]`` (per gene, mean over genes), and the mean width."""
+def _interval_coverage(adata, key: str, truth, sections, training, counts: bool, layer=None) -> dict | None:
+    """Per section and over the held-out sections: the fraction of measured values inside the intervals (per
+    gene, mean over genes), the mean width and the sharpness (:func:`~st_predict.metrics.interval_scores`). With
+    counts and a model that wrote its counts model, the interval for a measurement is rebuilt at each spot's own
+    depth (:func:`~st_predict.metrics.intervals_at_depth`); otherwise ``obsm[key_lower]``..``obsm[key_upper]``
+    as written, at the depth ``predict`` was asked for."""
     import numpy as np
+
+    from st_predict.metrics import interval_scores, intervals_at_depth
 
     lo, hi = adata.obsm.get(f"{key}_lower"), adata.obsm.get(f"{key}_upper")
     if lo is None or hi is None:
@@ -96,14 +103,27 @@ def _interval_coverage(adata, key: str, truth, sections, training) -> dict | Non
     meta = adata.uns.get("st_predict", {}).get(key, {}) if isinstance(adata.uns.get("st_predict"), dict) else {}
     level = float(meta.get("interval_level", float("nan")))
     cols = list(truth.columns)
-    inside = (truth.to_numpy() >= lo[cols].to_numpy()) & (truth.to_numpy() <= hi[cols].to_numpy())
-    width = (hi[cols].to_numpy() - lo[cols].to_numpy())
+    own = counts and f"{key}_model_sd" in adata.obsm and str(meta.get("counts_model", "none")) != "none" \
+        and "interval_quantiles" in meta
+    if own:
+        lo, hi = intervals_at_depth(adata, key, layer=layer)
+    y, lo, hi = truth.to_numpy(), lo[cols].to_numpy(), hi[cols].to_numpy()
+    inside = (y >= lo) & (y <= hi)
     sections = np.asarray(sections).astype(str)
     trained = set() if training is None else {str(t) for t in training}
     per = {str(s): float(inside[sections == s].mean(0).mean()) for s in dict.fromkeys(sections)}
     held = ~np.isin(sections, list(trained)) if trained else np.ones(len(sections), bool)
-    return {"level": level, "coverage_held_out": float(inside[held].mean(0).mean()) if held.any() else float("nan"),
-            "coverage_by_section": per, "mean_width": float(width[held].mean()) if held.any() else float("nan")}
+    depth = meta.get("interval_depth", float("nan"))
+    out = {"level": level, "depth": "each spot's own UMI count" if own else
+           (f"{depth:.0f} UMI per spot" if isinstance(depth, float) and depth > 0 else "as predicted"),
+           "coverage_held_out": float("nan"), "coverage_by_section": per, "mean_width": float("nan")}
+    if held.any():
+        point = adata.obsm[key][cols].to_numpy()[held]
+        scores = interval_scores(lo[held], hi[held], y[held], point, level if 0 < level < 1 else None)
+        out.update(coverage_held_out=scores["coverage"], mean_width=scores["width"],
+                   width_ratio_marginal=scores["width_ratio_marginal"],
+                   **{k: scores[k] for k in ("crps", "crps_one_width_per_gene") if k in scores})
+    return out
 
 
 def reliability_lines(model, key: str, level: float, n_show: int = 5) -> str:

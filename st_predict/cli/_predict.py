@@ -45,7 +45,8 @@ def _cmd_predict(args) -> int:
         image_key = choose_image_key(adata)
     df = model.predict(adata, key_added=args.key_added, batch_size=args.batch_size, progress=progress(args),
                        library_key=library_key, image_key=image_key, feature_cache=feature_cache(args),
-                       interval_level=args.interval_level, allow_off_tissue=args.allow_off_tissue)
+                       interval_level=args.interval_level, allow_off_tissue=args.allow_off_tissue,
+                       interval_depth=args.interval_depth)
     downsample_images(adata)
     with staged_file(out) as staged:
         adata.write_h5ad(staged)
@@ -90,6 +91,9 @@ def add_parsers(sub, fmt, debug) -> None:
     p.add_argument("--feature-cache", nargs="?", const="", default=None, metavar="DIR", help=CACHE_HELP)
     p.add_argument("--interval-level", type=number(float, 0, strict=True, high=1), default=0.9,
                    help="coverage of the per-spot intervals (models trained with --reliability)")
+    p.add_argument("--interval-depth", type=number(float, 0, strict=True), default=None, metavar="UMI",
+                   help="the intervals are for a measurement at this many UMI per spot (default: the training "
+                   "sections' median); st-predict evaluate rebuilds them at each spot's own depth")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--allow-off-tissue", action="store_true",
                    help="predict spots that look misplaced (on glass, swapped x/y, another pixel scale) anyway")

@@ -8,6 +8,7 @@ from ._sections import concat_sections, select_sections
 from ._spatialdata import from_spatialdata
 from ._synthetic import synthetic_spatialdata, synthetic_tissue
 from ._visium import read_visium
+from ._visium_hd import read_visium_hd
 
 __all__ = [
     "InputData",
@@ -22,6 +23,7 @@ __all__ = [
     "read_image",
     "read_input",
     "read_visium",
+    "read_visium_hd",
     "select_sections",
     "synthetic_spatialdata",
     "synthetic_tissue",

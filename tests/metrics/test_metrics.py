@@ -70,3 +70,23 @@ def test_pooled_pcc_concatenates_sections_on_shared_genes_and_can_exceed_per_sec
         pooled_pcc([p1[["x"]]], [t1])
     with pytest.raises(ValueError, match="Section 1"):
         pooled_pcc([p1, p2.iloc[:10]], [t1, t2])
+
+
+def test_interval_scores_sets_sharpness_beside_coverage():
+    """Intervals as wide as each gene's spread cover like sharp ones: the width ratio against the marginal
+    interval and the CRPS tell them apart."""
+    from st_predict.metrics import interval_scores, marginal_width
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(2000, 4)) * 2.0
+    truth = signal + rng.normal(scale=0.5, size=signal.shape)
+    sharp = interval_scores(signal - 0.82, signal + 0.82, truth, signal, 0.9)  # 1.645 x 0.5: the noise's 90 %
+    lo, hi = np.quantile(truth, [0.05, 0.95], axis=0)
+    blind = interval_scores(np.broadcast_to(lo, truth.shape), np.broadcast_to(hi, truth.shape), truth,
+                            np.broadcast_to(truth.mean(0), truth.shape), 0.9)
+    assert abs(sharp["coverage"] - 0.9) < 0.02 and abs(blind["coverage"] - 0.9) < 0.02
+    assert sharp["width_ratio_marginal"] < 0.3 and blind["width_ratio_marginal"] == pytest.approx(1.0, abs=0.02)
+    assert sharp["crps"] < 0.5 * blind["crps"]
+    np.testing.assert_allclose(marginal_width(truth, np.full(4, 0.9)), hi - lo, rtol=1e-9)
+    with pytest.raises(ValueError, match="differ in shape"):
+        interval_scores(lo, hi, truth)

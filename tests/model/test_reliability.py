@@ -196,6 +196,32 @@ def test_depth_intervals_widen_as_depth_falls_and_keep_coverage_on_a_thinned_sec
         model.predict(shallow, key_added="bad", interval_depth=-5)
 
 
+def test_intervals_rebuilt_at_a_depth_from_what_predict_wrote(fitted, tissue, tmp_path):
+    """metrics.intervals_at_depth (what st-predict evaluate scores) reproduces predict's bounds at the depth
+    predict was asked for, after an h5ad round trip, and at each spot's own depth gives other bounds."""
+    import anndata as ad
+
+    from st_predict.metrics import interval_scores, intervals_at_depth, measured_expression
+
+    model, _ = fitted
+    shallow = _thinned(select_sections(tissue, ["S0"]), 1 / 16)
+    model.predict(shallow, key_added="deep")  # for a measurement at the calibration depth
+    shallow.write_h5ad(tmp_path / "p.h5ad")
+    back = ad.read_h5ad(tmp_path / "p.h5ad")
+    lo, hi = intervals_at_depth(back, "deep", depth=model.calibration_depth)
+    np.testing.assert_allclose(lo, shallow.obsm["deep_lower"], atol=1e-5)
+    np.testing.assert_allclose(hi, shallow.obsm["deep_upper"], atol=1e-5)
+    own_lo, own_hi = intervals_at_depth(back, "deep")  # each spot's own UMI count: ~1/16 of the calibration's
+    truth = measured_expression(back, model.genes_).to_numpy()
+    own = interval_scores(own_lo, own_hi, truth, back.obsm["deep"], 0.9)
+    written = interval_scores(lo, hi, truth, back.obsm["deep"], 0.9)
+    assert own["width"] > 1.3 * written["width"] and 0.85 <= own["coverage"] <= 0.96, (own, written)
+    assert own["crps"] < written["crps"]  # the right depth is the better forecast of a shallow measurement
+    del back.uns["st_predict"]["deep"]["interval_quantiles"]
+    with pytest.raises(KeyError, match="interval_quantiles"):
+        intervals_at_depth(back, "deep")
+
+
 def test_the_reliability_of_a_low_expressed_gene_drops_at_low_depth(fitted):
     model, driven = fitted
     deep = model.gene_reliability()
