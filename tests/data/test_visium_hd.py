@@ -15,8 +15,6 @@ from PIL import Image
 from st_predict.data import read_visium_hd
 from st_predict.pp import make_patch_reader
 
-pytest.importorskip("spatialdata_io")
-
 
 @pytest.fixture(scope="module")
 def hd(tmp_path_factory):
