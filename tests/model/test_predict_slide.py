@@ -539,6 +539,7 @@ def test_tissue_on_a_black_background_gets_tiles_on_tissue_only(model, tmp_path)
     assert (d[0] < 0.8).sum() > 20 and (d[1] < 0.8).sum() > 5  # both blobs keep their inner tiles
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
 def test_output_zarr_holds_the_slide_image_and_tiles_draw_over_it(tissue, tmp_path):
     import matplotlib
