@@ -27,7 +27,9 @@ threshold. Per fold and shift:
   ``|y - oof| / (spread + delta)`` at the training depth, and ``gene_reliability_``), rebuilt from the same
   trained models, so that only the calibration differs.
 
-Usage:  python benchmarks/her2st_reliability_shift.py [--data ../shared/data/her2st] [--folds C2 ...]
+Usage:  python benchmarks/her2st_reliability_shift.py [--data ../shared/data/her2st] [--folds C2 ...] [--models DIR]
+        (--models: save each fold's trained model there, and load it on a later run, so that a change to the
+        calibration or the scoring is measured in minutes, on the same networks; ~225 MB per fold)
 Writes benchmarks/results/her2st_reliability_shift.json (after every fold).
 """
 
@@ -121,7 +123,7 @@ def _interval_scores(prefix, lo, hi, truth, level, point) -> dict:
     return out
 
 
-def _fold(adata, held, sections, seed) -> dict:
+def _fold(adata, held, sections, seed, models: Path | None = None) -> dict:
     import torch
     from scipy.stats import spearmanr
 
@@ -134,9 +136,15 @@ def _fold(adata, held, sections, seed) -> dict:
     test = select_sections(adata, [held])
     torch.manual_seed(seed)
     NH2ST.setup_anndata(train, library_key="section", patch_size=224)
-    model = NH2ST(train, encoder_weights="random")
+    saved = None if models is None else models / f"held_out_{held}"
     t = time.perf_counter()
-    model.train(progress=False, reliability=True)
+    if saved is not None and (saved / "model.pt").is_file():  # trained by an earlier run: only the scoring reruns
+        model = NH2ST.load(str(saved), adata=train)
+    else:
+        model = NH2ST(train, encoder_weights="random")
+        model.train(progress=False, reliability=True)
+        if saved is not None:
+            model.save(str(saved), overwrite=True)
     seconds_train = time.perf_counter() - t
     genes = list(model.genes_)
     cal = model.conformal_
@@ -215,6 +223,8 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", default=None, help="held-out sections (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/her2st_reliability_shift.json")
+    parser.add_argument("--models", default=None, help="folder to save each fold's trained model in, and to load it "
+                        "from on a later run (then only the calibration and scoring run again)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     import scvi
@@ -226,7 +236,7 @@ def main() -> None:
     sections = [str(s) for s in adata.obs["section"].cat.categories]
     rows = []
     for held in args.folds or sections:
-        rows.append(_fold(adata, held, sections, args.seed))
+        rows.append(_fold(adata, held, sections, args.seed, None if args.models is None else Path(args.models)))
         Path(args.out).write_text(json.dumps({"folds": rows}, indent=2))
     summary = {}
     for shift in SHIFTS:
