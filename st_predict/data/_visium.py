@@ -124,6 +124,27 @@ def _read_one(
     return adata
 
 
+def _read_sections(path, library_id, fullres_image_file, read_one) -> ad.AnnData:
+    """One section (``path`` a folder) or several (``path`` a ``{library_id: folder}`` mapping, with
+    ``fullres_image_file`` a mapping with the same keys), each read by ``read_one(folder, library_id, image)``
+    and joined by :func:`concat_sections`: the Space Ranger readers' shared front."""
+    if isinstance(path, Mapping):
+        if library_id is not None:
+            raise InputError("library_id= cannot be combined with a {library_id: path} mapping.")
+        if fullres_image_file is not None and not isinstance(fullres_image_file, Mapping):
+            raise InputTypeError(
+                "With a {library_id: path} mapping, fullres_image_file must be a mapping with the same keys."
+            )
+        images = dict(fullres_image_file or {})
+        unknown = sorted(set(map(str, images)) - set(map(str, path)))
+        if unknown:
+            raise MissingKeyError(f"fullres_image_file names libraries that path does not: {unknown}.")
+        return concat_sections([read_one(p, str(lib), images.get(lib)) for lib, p in path.items()])
+    if isinstance(fullres_image_file, Mapping):
+        raise InputTypeError("fullres_image_file must be one file when path is one folder.")
+    return read_one(path, library_id, fullres_image_file)
+
+
 def read_visium(
     path: PathLike | Mapping[str, PathLike],
     library_id: str | None = None,
@@ -171,19 +192,5 @@ def read_visium(
     >>> adata = st_predict.data.read_visium("sample/outs", fullres_image_file="sample/he.tif")  # doctest: +SKIP
     >>> st_predict.NH2ST.setup_anndata(adata, image_key="fullres", library_key="section")  # doctest: +SKIP
     """
-    if isinstance(path, Mapping):
-        if library_id is not None:
-            raise InputError("library_id= cannot be combined with a {library_id: path} mapping.")
-        if fullres_image_file is not None and not isinstance(fullres_image_file, Mapping):
-            raise InputTypeError(
-                "With a {library_id: path} mapping, fullres_image_file must be a mapping with the same keys."
-            )
-        images = dict(fullres_image_file or {})
-        unknown = sorted(set(map(str, images)) - set(map(str, path)))
-        if unknown:
-            raise MissingKeyError(f"fullres_image_file names libraries that path does not: {unknown}.")
-        adatas = [_read_one(p, str(lib), images.get(lib), counts_file, kwargs) for lib, p in path.items()]
-        return concat_sections(adatas)
-    if isinstance(fullres_image_file, Mapping):
-        raise InputTypeError("fullres_image_file must be one file when path is one folder.")
-    return _read_one(path, library_id, fullres_image_file, counts_file, kwargs)
+    return _read_sections(path, library_id, fullres_image_file,
+                         lambda p, lib, image: _read_one(p, lib, image, counts_file, kwargs))

@@ -17,8 +17,7 @@ from scipy import sparse
 from st_predict._utils import SECTION_KEY, InputError, InputTypeError, MissingFileError, MissingKeyError
 
 from ._images import read_fullres_image
-from ._sections import concat_sections
-from ._visium import _check_fullres_size
+from ._visium import _check_fullres_size, _read_sections
 
 PathLike = str | os.PathLike
 
@@ -298,20 +297,5 @@ def read_visium_hd(
     >>> st_predict.NH2ST.setup_anndata(adata, image_key="fullres", library_key="section")  # doctest: +SKIP
     """
     args = (in_tissue_only, filtered_counts_file, gex_only)
-    if isinstance(path, Mapping):
-        if library_id is not None:
-            raise InputError("library_id= cannot be combined with a {library_id: path} mapping.")
-        if fullres_image_file is not None and not isinstance(fullres_image_file, Mapping):
-            raise InputTypeError(
-                "With a {library_id: path} mapping, fullres_image_file must be a mapping with the same keys."
-            )
-        images = dict(fullres_image_file or {})
-        unknown = sorted(set(map(str, images)) - set(map(str, path)))
-        if unknown:
-            raise MissingKeyError(f"fullres_image_file names libraries that path does not: {unknown}.")
-        return concat_sections(
-            [_read_one(p, bin_size_um, str(lib), images.get(lib), *args) for lib, p in path.items()]
-        )
-    if isinstance(fullres_image_file, Mapping):
-        raise InputTypeError("fullres_image_file must be one file when path is one folder.")
-    return _read_one(path, bin_size_um, library_id, fullres_image_file, *args)
+    return _read_sections(path, library_id, fullres_image_file,
+                         lambda p, lib, image: _read_one(p, bin_size_um, lib, image, *args))
