@@ -83,16 +83,6 @@ def _library(counts) -> np.ndarray:
     return np.asarray(counts.sum(1)).ravel().astype(np.float64)
 
 
-def _marginal_width(truth: np.ndarray, coverage: np.ndarray) -> np.ndarray:
-    """Per gene: the width of the central interval of the measured values holding ``coverage`` of them."""
-    out = np.empty(truth.shape[1])
-    for g in range(truth.shape[1]):
-        c = float(np.clip(coverage[g], 0, 1))
-        lo, hi = np.quantile(truth[:, g], [(1 - c) / 2, (1 + c) / 2])
-        out[g] = hi - lo
-    return out
-
-
 def _weighted_conformal_quantile(scores: np.ndarray, weights: np.ndarray, level: float) -> np.ndarray:
     """Per gene, the weighted quantile of ``scores`` at ``level * (n + 1) / n`` (the calibration before the
     counts model; ``weights`` sum to 1)."""
@@ -104,22 +94,16 @@ def _weighted_conformal_quantile(scores: np.ndarray, weights: np.ndarray, level:
 
 
 def _interval_scores(prefix, lo, hi, truth, level, point) -> dict:
-    from scipy.stats import norm
+    """:func:`st_predict.metrics.interval_scores` under this benchmark's keys (sharpness and CRPS at 90 % only)."""
+    from st_predict.metrics import interval_scores
 
-    from st_predict.benchmark import crps_gaussian
-
-    inside = (truth >= lo) & (truth <= hi)
-    cov = inside.mean(0)
     tag = f"{prefix}_{int(round(level * 100))}"
-    width = hi - lo
-    out = {f"coverage_{tag}": float(cov.mean()), f"coverage_min_gene_{tag}": float(cov.min()),
-           f"width_{tag}": float(width.mean())}
+    sc = interval_scores(lo, hi, truth, point, level)
+    out = {f"coverage_{tag}": sc["coverage"], f"coverage_min_gene_{tag}": sc["coverage_min_gene"],
+           f"width_{tag}": sc["width"]}
     if level == 0.9:
-        marginal = _marginal_width(truth, cov)
-        out[f"width_ratio_marginal_{tag}"] = float(width.mean() / max(marginal.mean(), 1e-12))
-        sigma = np.maximum(width / (2 * norm.ppf(0.95)), 1e-6)
-        out[f"crps_{prefix}"] = float(crps_gaussian(truth, point, sigma).mean())
-        out[f"crps_{prefix}_one_width_per_gene"] = float(crps_gaussian(truth, point, sigma.mean(0)[None, :]).mean())
+        out.update({f"width_ratio_marginal_{tag}": sc["width_ratio_marginal"], f"crps_{prefix}": sc["crps"],
+                    f"crps_{prefix}_one_width_per_gene": sc["crps_one_width_per_gene"]})
     return out
 
 
