@@ -56,6 +56,7 @@ from ._predict_checks import check_key_added, check_placement
 from ._recipes import RECIPES, Recipe, get_recipe
 from ._reliability import INTERVAL_LEVEL, ReliabilityMixin
 from ._save_load import LOADING, SaveLoadMixin
+from ._subspot import SubspotMixin
 from ._training import TrainingData, TrainingMixin
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _method_of(func):
 
 
 @nh2st_dsp.dedent
-class NH2ST(ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, UnsupervisedTrainingMixin,
+class NH2ST(SubspotMixin, ReliabilityMixin, SaveLoadMixin, InferenceMixin, TrainingMixin, UnsupervisedTrainingMixin,
             BaseModelClass):
     """NH2ST :cite:p:`Qu2025`: spatial gene expression from H&E patches, trained with a query branch
     and a hypergraph neighbour branch aligned by cross-attention and contrastive learning.

@@ -7,6 +7,6 @@ from st_predict._utils import lazy_exports
 
 from ._config import CONTEXTS, NetworkSettings
 
-__getattr__, __dir__ = lazy_exports(__name__, {"NH2STModule": "._nh2st_module"}, eager=globals())
+__getattr__, __dir__ = lazy_exports(__name__, {"NH2STModule": "._nh2st_module", "BinModule": "._bins"}, eager=globals())
 
-__all__ = ["CONTEXTS", "NH2STModule", "NetworkSettings"]
+__all__ = ["CONTEXTS", "BinModule", "NH2STModule", "NetworkSettings"]

@@ -2,6 +2,7 @@
 
 from ._attention import CrossAttentionBlock
 from ._augment import dihedral_views, random_dihedral, stain_jitter
+from ._bins import BIN_LOSSES, BinHead, count_nll, disc_weights, fine_and_final
 from ._encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,6 +34,11 @@ from ._losses import info_nce
 ENCODER_SOURCES = _ENCODER_SOURCES
 
 __all__ = [
+    "BIN_LOSSES",
+    "BinHead",
+    "count_nll",
+    "disc_weights",
+    "fine_and_final",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CrossAttentionBlock",

@@ -10,7 +10,7 @@ from ._config import AUGMENTATIONS, BATCHES, OPTIMIZERS, RECIPE, SCHEDULES, Trai
 
 _LAZY = {
     "BestEpoch": "._trainingplan", "EpochCheckpoint": "._trainingplan", "NH2STTrainingPlan": "._trainingplan", "RNGStates": "._trainingplan",
-    "mean_gene_pcc": "._trainingplan", "compute_fmaps": "._embed", "EpochLog": "._epoch_log",
+    "mean_gene_pcc": "._trainingplan", "BinTrainingPlan": "._bins", "compute_fmaps": "._embed", "EpochLog": "._epoch_log",
     # where these were before they moved (st_predict.dataloaders, st_predict.nn, st_predict.model)
     "NH2STCollate": "st_predict.dataloaders", "NH2STDataModule": "st_predict.dataloaders",
     "SectionBatchSampler": "st_predict.dataloaders", "even_batches": "st_predict.dataloaders",
@@ -26,6 +26,7 @@ __all__ = [
     "RECIPE",
     "SCHEDULES",
     "BestEpoch",
+    "BinTrainingPlan",
     "EpochCheckpoint",
     "EpochLog",
     "NH2STTrainingPlan",

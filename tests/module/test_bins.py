@@ -1,0 +1,69 @@
+"""The sub-spot branch's parts, in torch alone: the disc, the start, the count likelihoods, the trunk's maps."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+
+def test_disc_weights_cover_the_disc_area():
+    from st_predict.nn import disc_weights
+
+    w = disc_weights(16, 16, 5.3)
+    assert w.shape == (16, 16)
+    assert float(w.sum()) == pytest.approx(math.pi * 5.3**2, rel=0.01)
+    assert torch.equal(w, w.flip(0)) and torch.equal(w, w.T)  # centred: flips and rotations keep it
+    assert float(w[0, 0]) == 0 and float(w[8, 8]) == 1
+
+
+def test_bin_module_starts_at_the_mean_share_and_only_the_disc_counts():
+    from st_predict.module import BinModule
+    from st_predict.nn import disc_weights
+
+    share0 = torch.tensor([0.2, 0.01, 0.5])
+    fp = disc_weights(4, 4, 1.5)[None]
+    bins = BinModule(3, 6, 5, share0, fp, hidden=8)
+    fine, final = torch.randn(2, 6, 4, 4), torch.randn(2, 5, 1, 1)
+    rho = bins.rates(fine, final)
+    torch.testing.assert_close(rho, share0[None, :, None, None].expand(2, 3, 4, 4))
+    rho = rho.detach().requires_grad_(True)
+    loss = bins.loss(rho, torch.tensor([[30.0, 2.0, 40.0], [10.0, 0.0, 90.0]]), torch.tensor([100.0, 150.0]),
+                     torch.tensor([0, 0]))
+    loss.backward()
+    outside = fp[0] == 0
+    assert outside.any() and torch.all(rho.grad[:, :, outside] == 0)
+    assert torch.all(rho.grad[:, :, ~outside].abs().sum((0, 1)) > 0)
+
+
+def test_count_nll_is_lowest_at_the_observed_count():
+    from st_predict.nn import count_nll
+
+    x = torch.tensor([0.0, 3.0, 40.0])
+    for loss in ("nb", "poisson"):
+        mean = torch.tensor([0.5, 3.0, 40.0], requires_grad=True)
+        count_nll(x, mean, loss, torch.full((3,), 5.0)).sum().backward()
+        assert abs(float(mean.grad[1])) < 1e-5 and abs(float(mean.grad[2])) < 1e-5
+        assert float(mean.grad[0]) > 0  # a zero count pulls the mean down
+    # the NB is the Poisson as theta grows
+    nb = count_nll(x, torch.tensor([1.0, 2.0, 30.0]), "nb", torch.full((3,), 1e5))
+    torch.testing.assert_close(nb, count_nll(x, torch.tensor([1.0, 2.0, 30.0]), "poisson"), atol=1e-2, rtol=1e-3)
+    with pytest.raises(Exception, match="bin_loss"):
+        count_nll(x, x, "gaussian")
+
+
+def test_fine_map_of_the_resnet_and_refusals():
+    from st_predict._utils import InputError
+    from st_predict.nn import build_resnet18_trunk, fine_and_final
+
+    trunk = build_resnet18_trunk().eval()
+    fine, final = fine_and_final(trunk, torch.randn(2, 3, 64, 64))
+    assert fine.shape == (2, 6 + 64 + 128, 8, 8) and final.shape == (2, 512, 2, 2)
+    # the first channels are the cell's own mean colour
+    x = torch.randn(1, 3, 64, 64)
+    np.testing.assert_allclose(fine_and_final(trunk, x)[0][0, :3, 2, 5].detach().numpy(),
+                               x[0, :, 16:24, 40:48].mean((1, 2)).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="nn.Sequential"):
+        fine_and_final(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 64, 64))
+    with pytest.raises(InputError, match="cells of 8 px"):
+        fine_and_final(trunk, torch.randn(1, 3, 60, 60))
