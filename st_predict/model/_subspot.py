@@ -31,6 +31,35 @@ def _spot_diameters(adata: AnnData, sections) -> dict[str, float]:
     return out
 
 
+def _footprints(adata: AnnData, rows: np.ndarray, libraries: np.ndarray, patch_px: dict, diam: dict,
+                map_size, footprint_key: str | None) -> tuple[torch.Tensor, np.ndarray]:
+    """The footprints (fraction of each map cell inside the spot) of ``adata``'s spots ``rows`` and each row's
+    index into them: one disc per section, or with ``footprint_key`` each spot's union of discs at
+    ``obsm[footprint_key]`` ``(n, k, 2)`` offsets in pixels (:func:`st_predict.pp.pool_spots`)."""
+    from st_predict.nn import disc_weights
+
+    h, w = map_size
+    cells = {s: w / float(patch_px[s]) for s in dict.fromkeys(libraries[rows])}  # map cells per pixel
+    if footprint_key is None:
+        secs = list(cells)
+        fps = [disc_weights(h, w, diam[s] / 2 * cells[s]) for s in secs]
+        return torch.stack(fps), np.array([secs.index(libraries[r]) for r in rows], dtype=np.int64)
+    if footprint_key not in adata.obsm:
+        raise MissingKeyError(f"adata.obsm has no {footprint_key!r} (footprint_key): each spot's member offsets.")
+    off = np.asarray(adata.obsm[footprint_key], np.float64)
+    if off.ndim != 3 or off.shape[0] != adata.n_obs or off.shape[2] != 2:
+        raise InputError(f"adata.obsm[{footprint_key!r}] must be (n_obs, k, 2) offsets in pixels, got {off.shape}.")
+    fps = []
+    for r in rows:
+        s, o = libraries[r], off[r][np.isfinite(off[r]).all(1)]
+        reach = float(np.abs(o).max(initial=0.0)) + diam[s] / 2
+        if reach > 1.05 * float(patch_px[s]) / 2:
+            raise InputError(f"The footprint of spot {adata.obs_names[r]!r} reaches {reach:.0f} px from its centre, "
+                             f"beyond the {float(patch_px[s]):.0f}-px patch: set the model up with a larger patch.")
+        fps.append(disc_weights(h, w, diam[s] / 2 * cells[s], centres=o * cells[s]))
+    return torch.stack(fps), np.arange(len(rows), dtype=np.int64)
+
+
 def _overlap(start: np.ndarray, side: float, origin: float, cell: float, n: int) -> np.ndarray:
     """``(len(start), n)``: the fraction of each bin ``[start, start + side)`` covered by each of ``n`` cells
     ``[origin + k cell, origin + (k + 1) cell)``."""
@@ -61,8 +90,8 @@ class SubspotMixin:
         return bins.to(self.module.device).eval()
 
     def train_bins(self, max_epochs: int = 30, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 0.1,
-                   bin_loss: str = "nb", hidden: int = 64, augment: bool = True, accelerator: str = "auto", devices="auto",
-                   progress: bool = False) -> None:
+                   bin_loss: str = "nb", hidden: int = 64, augment: bool = True, footprint_key: str | None = None,
+                   accelerator: str = "auto", devices="auto", progress: bool = False) -> None:
         """Fit the sub-spot head of this trained model: per-gene densities on the cells of the trunk's stride-8
         map of each training patch, whose sum over the spot's disc must explain the spot's measured counts.
 
@@ -80,7 +109,10 @@ class SubspotMixin:
         hidden
             Width of the head.
         augment
-            Flip and rotate the patches at random (the disc is symmetric, the counts stay the spot's).
+            Flip and rotate each patch and its footprint alike at random.
+        footprint_key
+            ``obsm`` key of each spot's footprint as member offsets ``(n, k, 2)`` in pixels (the union of their
+            discs; :func:`st_predict.pp.pool_spots` writes ``"footprint"``); ``None``: the spot's own disc.
         accelerator, devices, progress
             As Lightning's ``Trainer``.
         """
@@ -88,7 +120,6 @@ class SubspotMixin:
         import scipy.sparse as sp
 
         from st_predict.module import BinModule
-        from st_predict.nn import disc_weights
         from st_predict.train import BinTrainingPlan
 
         self._check_if_trained(warn=False)
@@ -119,8 +150,8 @@ class SubspotMixin:
         diam = _spot_diameters(self.adata, sections)
         patch_px = self._facts.patch_px
         radius = {s: diam[s] / 2 / float(patch_px[s]) * map_size[1] for s in sections}
-        footprints = torch.stack([disc_weights(*map_size, radius[s]) for s in sections])
-        fp_index = np.array([sections.index(s) for s in libraries])
+        footprints, fp_index = _footprints(self.adata, np.arange(len(library)), libraries, patch_px, diam, map_size,
+                                           footprint_key)
         share0 = torch.from_numpy(x.sum(0) / library.sum()).float()
         bins = BinModule(len(self.genes_), fine.shape[1], final.shape[1], share0, footprints, hidden, bin_loss, BIN_STRIDE)
         plan = BinTrainingPlan(bins, module, lr=lr, weight_decay=weight_decay, augment=augment)
@@ -139,13 +170,13 @@ class SubspotMixin:
         module.eval()
         self.bins_ = {"state": {k: v.detach().cpu().clone() for k, v in bins.state_dict().items()},
                       "config": {"fine_channels": int(fine.shape[1]), "final_channels": int(final.shape[1]),
-                                 "map_size": list(map_size), "n_footprints": len(sections), "hidden": int(hidden),
+                                 "map_size": list(map_size), "n_footprints": len(footprints), "footprint_key": footprint_key, "hidden": int(hidden),
                                  "loss": bin_loss, "sections": sections, "radius_cells": radius,
                                  "max_epochs": int(max_epochs), "lr": float(lr), "weight_decay": float(weight_decay)},
                       "history": [float(v) for v in plan.history]}
 
     def predict_bins(self, adata: AnnData | None = None, bin_um: float | None = None, reconcile: bool = True,
-                     batch_size: int = 64, progress: bool = False) -> AnnData:
+                     footprint_key: str | None = None, batch_size: int = 64) -> AnnData:
         """Expression on square bins near every spot of ``adata`` (default: the training AnnData).
 
         Each section is cut into a lattice of squares of ``bin_um`` micrometres (default: the head's native cell,
@@ -227,7 +258,8 @@ class SubspotMixin:
                 fine, final = bins.features(module, reader.read(idx).to(module.device))
                 rho = bins.rates(fine, final)
                 if reconcile:
-                    fp = torch.stack([self._footprint(bins, libraries[i], patch_px, diam, (h, w)) for i in idx]).to(rho)
+                    fps, where = _footprints(adata, idx, libraries, patch_px, diam, (h, w), footprint_key)
+                    fp = fps[torch.from_numpy(where)].to(rho)
                     target = torch.from_numpy(np.expm1(spot_pred[idx]) / 1e4).to(rho)
                     rho = rho * (target / bins.spot_share(rho, fp).clamp_min(1e-12))[:, :, None, None]
                 rho = rho.cpu().numpy().astype(np.float64)
@@ -263,12 +295,6 @@ class SubspotMixin:
                                           "native_cell_px": {s: float(patch_px[s]) / w for s in sections},
                                           "scale": "log1p(1e4 * share of the spot's library per unit of area)"}}
         return out
-
-    @staticmethod
-    def _footprint(bins, section, patch_px, diam, map_size) -> torch.Tensor:
-        from st_predict.nn import disc_weights
-
-        return disc_weights(*map_size, diam[section] / 2 / float(patch_px[section]) * map_size[1])
 
     @staticmethod
     def _disc_fraction(centres, sides, spots, radii, n: int = 8) -> np.ndarray:

@@ -76,10 +76,11 @@ class BinModule(nn.Module):
         return (rho * footprint[:, None]).sum((-2, -1)) / footprint.sum((-2, -1))[:, None].clamp_min(1e-12)
 
     def loss(self, rho: torch.Tensor, counts: torch.Tensor, library: torch.Tensor,
-             footprint_index: torch.Tensor) -> torch.Tensor:
+             footprint_index: torch.Tensor | None = None, footprint: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over spots and genes of the count likelihood's negative log-likelihood, each gene's term divided
-        by its mean share times the mean library (so that a rare gene weighs as much as a common one)."""
-        share = self.spot_share(rho, self.footprints[footprint_index])
+        by its mean share times the mean library (so that a rare gene weighs as much as a common one). The
+        spots' footprints: ``footprint`` ``(B, h, w)``, or rows ``footprint_index`` of :attr:`footprints`."""
+        share = self.spot_share(rho, self.footprints[footprint_index] if footprint is None else footprint)
         mean = library[:, None] * share
         nll = count_nll(counts, mean, self.loss_name, self.log_theta.exp()[None, :])
         return (nll / (self.share0 * library.mean()).clamp_min(1.0)[None, :]).mean()

@@ -1,7 +1,7 @@
 """Building blocks of NH2ST (pure torch)."""
 
 from ._attention import CrossAttentionBlock
-from ._augment import dihedral_views, random_dihedral, stain_jitter
+from ._augment import apply_dihedral, dihedral_views, random_dihedral, stain_jitter
 from ._bins import BIN_LOSSES, BinHead, count_nll, disc_weights, fine_and_final
 from ._encoders import (
     IMAGENET_MEAN,
@@ -34,6 +34,7 @@ from ._losses import info_nce
 ENCODER_SOURCES = _ENCODER_SOURCES
 
 __all__ = [
+    "apply_dihedral",
     "BIN_LOSSES",
     "BinHead",
     "count_nll",

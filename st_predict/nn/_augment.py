@@ -10,7 +10,12 @@ from st_predict._utils import InputTypeError
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply one random flip/90-degree rotation (of the 8 dihedral ones) to each item of ``x``
     (``(U, C, H, W)``, acting on the last two axes)."""
-    codes = torch.randint(0, 8, (x.shape[0],), generator=generator)
+    return apply_dihedral(x, torch.randint(0, 8, (x.shape[0],), generator=generator))
+
+
+def apply_dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Item ``i`` of ``x`` (acting on its last two axes) flipped when ``codes[i] & 4`` and then rotated by
+    ``codes[i] & 3`` quarter turns: the same codes move a patch and a map or footprint of it alike."""
     out = x.clone()
     for code in range(1, 8):
         sel = codes == code

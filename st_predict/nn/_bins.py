@@ -59,15 +59,21 @@ class BinHead(nn.Module):
         return self.out(self.hidden(self.fine(self.norm_fine(fine.float())) + coarse))
 
 
-def disc_weights(h: int, w: int, radius: float, supersample: int = 8) -> torch.Tensor:
+def disc_weights(h: int, w: int, radius: float, supersample: int = 8, centres=None) -> torch.Tensor:
     """``(h, w)``: the fraction of each cell of an ``h x w`` grid inside a disc of ``radius`` (in cells) at the
-    grid's centre, by ``supersample x supersample`` points per cell."""
+    grid's centre, or with ``centres`` (``(k, 2)`` offsets ``(x, y)`` from the grid's centre, in cells) inside the
+    union of ``k`` such discs; by ``supersample x supersample`` points per cell."""
     if not radius > 0:
         raise InputError(f"The spot's radius must be positive, got {radius!r} cells.")
     t = (torch.arange(supersample, dtype=torch.float64) + 0.5) / supersample
     ys = (torch.arange(h, dtype=torch.float64)[:, None] + t[None, :]).reshape(-1) - h / 2
     xs = (torch.arange(w, dtype=torch.float64)[:, None] + t[None, :]).reshape(-1) - w / 2
-    inside = (ys[:, None] ** 2 + xs[None, :] ** 2) <= radius**2
+    centres = torch.zeros(1, 2, dtype=torch.float64) if centres is None else torch.as_tensor(centres, dtype=torch.float64)
+    if centres.ndim != 2 or centres.shape[1] != 2 or not torch.isfinite(centres).all():
+        raise InputError(f"centres must be finite (k, 2) offsets, got shape {tuple(centres.shape)}.")
+    inside = torch.zeros(len(ys), len(xs), dtype=torch.bool)
+    for cx, cy in centres:
+        inside |= ((ys[:, None] - cy) ** 2 + (xs[None, :] - cx) ** 2) <= radius**2
     return inside.reshape(h, supersample, w, supersample).double().mean((1, 3)).float()
 
 

@@ -26,6 +26,7 @@ from ._patches import (
     spot_coordinates,
     spot_libraries,
 )
+from ._pool import FOOTPRINT_KEY, pool_spots
 
 #: ``obsm`` keys of :func:`spatial_neighbors`' arrays: ``f"{key_added}_indices"`` and ``f"{key_added}_distances"``.
 NEIGHBORS_KEY = _NEIGHBORS_KEY
@@ -33,6 +34,8 @@ NEIGHBORS_KEY = _NEIGHBORS_KEY
 N_NEIGHBORS_STORED = _N_NEIGHBORS_STORED
 
 __all__ = [
+    "FOOTPRINT_KEY",
+    "pool_spots",
     "absent_genes_hint",
     "NEIGHBORS_KEY",
     "N_NEIGHBORS_STORED",

@@ -8,12 +8,20 @@ import pandas as pd
 from st_predict._utils import InputError, MissingKeyError
 
 
-def aggregate_bins(bins, by: str = "spot", weight: str | None = "spot_weight", layer: str = "share") -> pd.DataFrame:
-    """Bins of :meth:`~st_predict.NH2ST.predict_bins` summed back into their spots, as counts are: per group of
+def aggregate_bins(bins, by: str = "spot", weight: str | None = "spot_weight", layer: str = "share",
+                   at=None, library_key: str = "section", spatial_key: str = "spatial") -> pd.DataFrame:
+    """Bins of :meth:`~st_predict.NH2ST.predict_bins` summed back into spots, as counts are: per group of
     ``bins.obs[by]``, ``log1p(1e4 * sum(w * share) / sum(w))`` with ``w = bins.obs[weight]`` (the bin's
     fraction inside its spot's disc; ``None``: every bin of the group counts fully). The result is on the
     spots' scale (``log1p`` counts per 10k), groups x genes, groups in order of first appearance; a group whose
-    weights sum to 0 is NaN."""
+    weights sum to 0 is NaN.
+
+    ``at``: an AnnData of other spots (``obs[library_key]`` naming the bins' sections, centres in
+    ``obsm[spatial_key]``, discs of ``uns["spatial"][section]["scalefactors"]["spot_diameter_fullres"]``): each
+    of its spots gets the bins its disc covers, weighted by the fraction of each bin inside it (rows:
+    ``at.obs_names``). E.g. spots measured at a finer scale than the spots the bins were predicted around."""
+    if at is not None:
+        return _aggregate_at(bins, at, layer, library_key, spatial_key)
     for key, where in ((by, "obs"), (weight, "obs")):
         if key is not None and key not in bins.obs:
             raise MissingKeyError(f"bins.{where} has no column {key!r}.")
@@ -32,3 +40,39 @@ def aggregate_bins(bins, by: str = "spot", weight: str | None = "spot_weight", l
         out = np.log1p(1e4 * num / den[:, None])
     out[den <= 0] = np.nan
     return pd.DataFrame(out, index=groups, columns=bins.var_names.copy())
+
+
+def _aggregate_at(bins, at, layer: str, library_key: str, spatial_key: str) -> pd.DataFrame:
+    from scipy.spatial import cKDTree
+
+    if library_key not in at.obs or spatial_key not in at.obsm:
+        raise MissingKeyError(f"at needs obs[{library_key!r}] and obsm[{spatial_key!r}].")
+    sides = bins.uns.get("st_predict", {}).get("bins", {}).get("bin_px")
+    if not sides:
+        raise MissingKeyError("bins.uns['st_predict']['bins']['bin_px'] is missing: pass predict_bins' output.")
+    share = np.asarray(bins.layers[layer], np.float64)
+    out = np.full((at.n_obs, bins.n_vars), np.nan)
+    sections = at.obs[library_key].astype(str).to_numpy()
+    centres = np.asarray(at.obsm[spatial_key], np.float64)
+    t = (np.arange(8) + 0.5) / 8 - 0.5
+    for sec in pd.unique(sections):
+        if sec not in sides:
+            raise InputError(f"Section {sec!r} of at has no bins (bins have {sorted(sides)}).")
+        try:
+            radius = float(at.uns["spatial"][sec]["scalefactors"]["spot_diameter_fullres"]) / 2
+        except KeyError as err:
+            raise MissingKeyError(f"at.uns['spatial'][{sec!r}]['scalefactors']['spot_diameter_fullres'] is missing.") from err
+        mine = np.flatnonzero(bins.obs["section"].astype(str).to_numpy() == sec)
+        side = float(sides[sec])
+        xy = np.asarray(bins.obsm["spatial"], np.float64)[mine]
+        tree = cKDTree(xy)
+        for i in np.flatnonzero(sections == sec):
+            near = np.asarray(tree.query_ball_point(centres[i], radius + side * np.sqrt(0.5)), dtype=np.int64)
+            if not len(near):
+                continue
+            dx = xy[near, 0, None, None] + side * t[None, None, :] - centres[i, 0]
+            dy = xy[near, 1, None, None] + side * t[None, :, None] - centres[i, 1]
+            w = ((dx**2 + dy**2) <= radius**2).mean((1, 2))
+            if w.sum() > 0:
+                out[i] = np.log1p(1e4 * (w[:, None] * share[mine[near]]).sum(0) / w.sum())
+    return pd.DataFrame(out, index=at.obs_names.copy(), columns=bins.var_names.copy())

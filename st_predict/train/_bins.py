@@ -6,14 +6,13 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from st_predict.nn import random_dihedral
+from st_predict.nn import apply_dihedral
 
 
 class BinTrainingPlan(pl.LightningModule):
     """Optimises a :class:`~st_predict.module.BinModule` on batches ``{"patches", "counts", "library",
     "footprint"}`` (uint8 patches centred on the spots, their counts of the model's genes, their libraries and
-    footprint index). The patches are flipped and rotated at random (the disc is symmetric, so the counts stay
-    the spot's). Logs ``train_bin_nll`` per epoch; ``network`` (the trained
+    footprint index). Each patch and its footprint are flipped and rotated alike at random. Logs ``train_bin_nll`` per epoch; ``network`` (the trained
     :class:`~st_predict.module.NH2STModule`) only lends its trunk, in eval mode and without gradient."""
 
     def __init__(self, bins, network, lr: float = 1e-3, weight_decay: float = 0.0, augment: bool = True):
@@ -28,12 +27,13 @@ class BinTrainingPlan(pl.LightningModule):
         self.network[0].to(self.device).eval()
 
     def training_step(self, batch, batch_idx):
-        patches = batch["patches"]
-        if self.augment:
-            patches = random_dihedral(patches)
+        patches, footprint = batch["patches"], self.bins.footprints[batch["footprint"]]
+        if self.augment:  # the patch and its footprint turned alike
+            codes = torch.randint(0, 8, (len(patches),))
+            patches, footprint = apply_dihedral(patches, codes), apply_dihedral(footprint, codes)
         fine, final = self.bins.features(self.network[0], patches)
         rho = self.bins.rates(fine, final)
-        loss = self.bins.loss(rho, batch["counts"], batch["library"], batch["footprint"])
+        loss = self.bins.loss(rho, batch["counts"], batch["library"], footprint=footprint)
         self.log("train_bin_nll", loss.detach(), on_step=False, on_epoch=True, batch_size=len(patches))
         self._epoch.append(float(loss.detach()))
         return loss

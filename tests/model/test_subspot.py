@@ -146,3 +146,46 @@ def test_bins_bad_input(subspot):
         fresh.predict_bins(test)
     with pytest.raises(InputError, match="max_epochs"):
         model.train_bins(max_epochs=0)
+
+
+def test_pool_spots_sums_complete_blocks(subspot):
+    import scipy.sparse as sp
+
+    from st_predict._utils import InputError, MissingKeyError
+    from st_predict.pp import pool_spots
+
+    _, _, test = subspot
+    pooled = pool_spots(test)
+    assert pooled.n_obs == 25  # 10 x 10 spots: 5 x 5 complete blocks
+    members = pooled.obs["members"].iloc[7].split(";")
+    np.testing.assert_allclose(np.asarray(pooled.X[7]).ravel(), np.asarray(sp.csr_matrix(test[members].X).sum(0)).ravel())
+    np.testing.assert_allclose(pooled.obsm["spatial"][7], test[members].obsm["spatial"].mean(0))
+    np.testing.assert_allclose(np.abs(pooled.obsm["footprint"][7]), 16.0)  # the members at +-16 px in x and y
+    assert set(pooled.obs["members"].str.split(";").explode()) <= set(test.obs_names)
+    assert test.n_obs == 100 and "footprint" not in test.obsm  # the input is not changed
+    odd = test[test.obs["array_row"] < 9].copy()  # 9 rows: the last row has no complete block
+    assert pool_spots(odd).n_obs == 20
+    with pytest.raises(MissingKeyError, match="array"):
+        pool_spots(test, grid_keys=("nope", "array_col"))
+    bad = test.copy()
+    bad.X = bad.X * 0.5
+    with pytest.raises(InputError, match="integer counts"):
+        pool_spots(bad)
+
+
+def test_footprint_key_and_bins_at_other_spots(subspot):
+    """A pooled footprint must fit the patch (named in the error); bins summed over other spots' discs give the
+    bins' own spots back when those are the spots."""
+    from st_predict._utils import InputError
+    from st_predict.pp import pool_spots
+    from st_predict.tl import aggregate_bins
+
+    model, _, test = subspot
+    with pytest.raises(InputError, match="beyond the 32-px patch"):
+        model.predict_bins(pool_spots(test), footprint_key="footprint")
+    bins = model.predict_bins(test)
+    at = aggregate_bins(bins, at=test)
+    np.testing.assert_allclose(at.to_numpy(), aggregate_bins(bins).loc[test.obs_names].to_numpy(), rtol=1e-6, atol=1e-6)
+    shifted = test.copy()
+    shifted.obsm["spatial"] = shifted.obsm["spatial"] + 8.0  # discs over four spots' bins: not the same values
+    assert np.abs(aggregate_bins(bins, at=shifted).to_numpy() - at.to_numpy()).mean() > 1e-3

@@ -67,3 +67,16 @@ def test_fine_map_of_the_resnet_and_refusals():
         fine_and_final(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 64, 64))
     with pytest.raises(InputError, match="cells of 8 px"):
         fine_and_final(trunk, torch.randn(1, 3, 60, 60))
+
+
+def test_union_footprint_is_the_sum_of_separate_discs():
+    from st_predict.nn import apply_dihedral, disc_weights
+
+    centres = [(-4.0, -4.0), (4.0, -4.0), (-4.0, 4.0), (4.0, 4.0)]
+    union = disc_weights(16, 16, 3.0, centres=centres)
+    one = disc_weights(16, 16, 3.0)
+    assert float(union.sum()) == pytest.approx(4 * float(one.sum()), rel=1e-6)
+    assert float(union[4, 4]) == 1 and float(union[8, 8]) == 0  # the members' centres in, the middle out
+    lopsided = disc_weights(16, 16, 2.0, centres=[(5.0, 0.0)])
+    turned = apply_dihedral(lopsided[None], torch.tensor([1]))[0]  # a quarter turn moves the disc off the x axis
+    assert not torch.equal(turned, lopsided) and float(turned.sum()) == pytest.approx(float(lopsided.sum()))
