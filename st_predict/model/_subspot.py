@@ -163,10 +163,17 @@ class SubspotMixin:
 
         loader = torch.utils.data.DataLoader(np.arange(len(library)), batch_size=batch_size, shuffle=True,
                                              collate_fn=collate, drop_last=len(library) > batch_size)
-        trainer = pl.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=bool(progress), enable_model_summary=False)
-        with thread_limits():
-            trainer.fit(plan, loader)
+        chatter = logging.getLogger("lightning.pytorch")  # "GPU available", tips: only with progress
+        level = chatter.level
+        if not progress:
+            chatter.setLevel(logging.WARNING)
+        try:
+            trainer = pl.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=bool(progress), enable_model_summary=False)
+            with thread_limits():
+                trainer.fit(plan, loader)
+        finally:
+            chatter.setLevel(level)
         module.eval()
         self.bins_ = {"state": {k: v.detach().cpu().clone() for k, v in bins.state_dict().items()},
                       "config": {"fine_channels": int(fine.shape[1]), "final_channels": int(final.shape[1]),
