@@ -38,3 +38,15 @@ def resize_tile(tile, size: int):
 
     t = torch.from_numpy(np.ascontiguousarray(np.asarray(tile)[..., :3])).permute(2, 0, 1)
     return resize_patch(t, size).permute(1, 2, 0).numpy()
+
+
+def interval_overlap(start, side: float, origin: float, cell: float, n: int):
+    """``(len(start), n)``: the fraction of each interval ``[start, start + side)`` covered by each of ``n`` cells
+    ``[origin + k cell, origin + (k + 1) cell)`` (a square's overlap with a grid, one axis at a time)."""
+    import numpy as np
+
+    start = np.asarray(start, np.float64)
+    edges = origin + cell * np.arange(n + 1)
+    lo = np.maximum(start[:, None], edges[None, :-1])
+    hi = np.minimum(start[:, None] + side, edges[None, 1:])
+    return np.clip(hi - lo, 0, None) / side

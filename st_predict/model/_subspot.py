@@ -10,7 +10,14 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from st_predict._utils import REGISTRY_KEYS, InputError, MissingKeyError, thread_limits
+from st_predict._utils import (
+    REGISTRY_KEYS,
+    InputError,
+    MissingKeyError,
+    interval_overlap,
+    quiet_logger,
+    thread_limits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +65,6 @@ def _footprints(adata: AnnData, rows: np.ndarray, libraries: np.ndarray, patch_p
                              f"beyond the {float(patch_px[s]):.0f}-px patch: set the model up with a larger patch.")
         fps.append(disc_weights(h, w, diam[s] / 2 * cells[s], centres=o * cells[s]))
     return torch.stack(fps), np.arange(len(rows), dtype=np.int64)
-
-
-def _overlap(start: np.ndarray, side: float, origin: float, cell: float, n: int) -> np.ndarray:
-    """``(len(start), n)``: the fraction of each bin ``[start, start + side)`` covered by each of ``n`` cells
-    ``[origin + k cell, origin + (k + 1) cell)``."""
-    edges = origin + cell * np.arange(n + 1)
-    lo = np.maximum(start[:, None], edges[None, :-1])
-    hi = np.minimum(start[:, None] + side, edges[None, 1:])
-    return np.clip(hi - lo, 0, None) / side
 
 
 class SubspotMixin:
@@ -163,17 +161,11 @@ class SubspotMixin:
 
         loader = torch.utils.data.DataLoader(np.arange(len(library)), batch_size=batch_size, shuffle=True,
                                              collate_fn=collate, drop_last=len(library) > batch_size)
-        chatter = logging.getLogger("lightning.pytorch")  # "GPU available", tips: only with progress
-        level = chatter.level
-        if not progress:
-            chatter.setLevel(logging.WARNING)
-        try:
+        # Lightning's "GPU available" and tips: only with progress
+        with quiet_logger("lightning.pytorch", logging.INFO if progress else logging.WARNING), thread_limits():
             trainer = pl.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, logger=False,
                                  enable_checkpointing=False, enable_progress_bar=bool(progress), enable_model_summary=False)
-            with thread_limits():
-                trainer.fit(plan, loader)
-        finally:
-            chatter.setLevel(level)
+            trainer.fit(plan, loader)
         module.eval()
         self.bins_ = {"state": {k: v.detach().cpu().clone() for k, v in bins.state_dict().items()},
                       "config": {"fine_channels": int(fine.shape[1]), "final_channels": int(final.shape[1]),
@@ -274,8 +266,8 @@ class SubspotMixin:
                     s = libraries[r]
                     b, cell = side[s], float(patch_px[s]) / w
                     x0, y0 = coords[r][0] - float(patch_px[s]) / 2, coords[r][1] - float(patch_px[s]) / 2
-                    oy = _overlap(by * b, b, y0, cell, h)
-                    ox = _overlap(bx * b, b, x0, cell, w)
+                    oy = interval_overlap(by * b, b, y0, cell, h)
+                    ox = interval_overlap(bx * b, b, x0, cell, w)
                     vals = np.einsum("bi,gij,bj->bg", oy, dens, ox)
                     share[pos: pos + len(by)] = vals
                     bin_rc[pos: pos + len(by)] = np.stack([by, bx], 1)

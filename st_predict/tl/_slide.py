@@ -37,6 +37,7 @@ from st_predict._utils import (
     user_stacklevel,
 )
 
+from ._slide_bins import add_bins, check_bins
 from ._slide_checks import TIFF_SUFFIXES, check_stained, check_tiff_complete, tile_reading
 from ._slide_image import CONVERT_HINT, PLAIN_SUFFIXES, plain_image_element
 from ._tissue import find_tissue, tissue_mpp_for
@@ -253,6 +254,7 @@ def predict_slide(
     interval_level: float | None = 0.9,
     ensemble: bool | None = None,
     interval_depth: float | None = None,
+    bin_um: float | None = None,
 ):
     """Predict expression over the tissue of a whole H&E slide that has no expression.
 
@@ -339,6 +341,9 @@ def predict_slide(
         this model's frozen encoder on tiles of its patch (``as_tile_model().tile_kwargs``); only the
         head and translator run. LazySlide's transforms may resize and centre-crop where st_predict
         only resizes, so the values can differ slightly from ``predict_slide`` on the same tiles.
+    bin_um
+        Also predict squares of ``bin_um`` micrometres on the tissue with the sub-spot head (``train_bins``):
+        table ``f"{key_added}_bins"`` over the squares ``f"{key_added}_bin_shapes"``, as :meth:`predict_bins`.
 
     Returns
     -------
@@ -355,6 +360,7 @@ def predict_slide(
                       stacklevel=user_stacklevel())
         tile_size_um = patch_size_um if tile_size_um is None else tile_size_um
     model._check_if_trained(warn=False)
+    check_bins(model, bin_um, features_key)
     _, zs = _wsi_stack()
     tile_um = tile_size_um if tile_size_um is not None else model.patch_geometry_.size_um
     if tile_um is None:
@@ -476,6 +482,9 @@ def predict_slide(
         scalef["spot_diameter_fullres"] = float(tile_um / slide_mpp * opened.to_fullres)
         table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
     wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
+    if bin_um is not None:
+        add_bins(model, wsi, _tile_dataset(model, wsi, tile_key), tile_key, pred, slide_mpp, bin_um, batch_size,
+                 tissue_key, opened.to_fullres, key_added)
     if image_mpp is not None:
         from ._slide_image import overview_image
 

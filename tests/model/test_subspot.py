@@ -2,6 +2,7 @@
 the spots, and predict_bins lays them out in the section's pixels."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import SMALL, setup
 
@@ -189,3 +190,55 @@ def test_footprint_key_and_bins_at_other_spots(subspot):
     shifted = test.copy()
     shifted.obsm["spatial"] = shifted.obsm["spatial"] + 8.0  # discs over four spots' bins: not the same values
     assert np.abs(aggregate_bins(bins, at=shifted).to_numpy() - at.to_numpy()).mean() > 1e-3
+
+
+@pytest.mark.slow
+def test_predict_slide_bins_over_a_whole_slide(subspot, tmp_path):
+    """A slide of the held-out section on glass: squares of 8 um over the tissue, each owned by one tile,
+    summing back to that tile's prediction, and finding the planted squares."""
+    pytest.importorskip("lazyslide")
+    from helpers import write_slide
+
+    from st_predict._utils import InputError
+    from st_predict.tl import aggregate_bins
+
+    model, tissue, test = subspot
+    img = test.uns["spatial"]["S3"]["images"]["hires"]
+    canvas = np.full((img.shape[0] + 96, img.shape[1] + 96, 3), 242, np.uint8)
+    canvas[48: 48 + img.shape[0], 48: 48 + img.shape[1]] = img
+    path = write_slide(tmp_path / "slide.tif", canvas, mpp=1.0)
+    sd = model.predict_slide(path, bin_um=8, progress=False)
+    tiles, bins = sd.tables["nh2st"], sd.tables["nh2st_bins"]
+    assert len(sd.shapes["nh2st_bin_shapes"]) == bins.n_obs > 4 * tiles.n_obs
+    np.testing.assert_allclose(bins.X, np.log1p(1e4 * bins.layers["share"]), rtol=1e-5, atol=1e-5)
+    sides = sd.shapes["nh2st_bin_shapes"].geometry.bounds
+    np.testing.assert_allclose(sides["maxx"] - sides["minx"], 8.0)
+    assert not bins.obs[["bin_row", "bin_col"]].duplicated().any()  # no square written twice
+    # on the glass margin: no bins
+    xy = bins.obsm["spatial"]
+    assert (xy.min(0) > 40).all() and (xy.max(0) < canvas.shape[0] - 40).all()
+    # each tile's bins, summed over its disc, give its prediction back: up to the resampling of the head's cells onto
+    # the lattice, which here is half a cell off the tiles (lazyslide lays them from the tissue's corner)
+    agg = aggregate_bins(bins, by="tile_id", weight="tile_weight")
+    tile_pred = pd.DataFrame(tiles.X, index=tiles.obs["tile_id"].astype(str).to_numpy(), columns=tiles.var_names)
+    mine = tile_pred.loc[agg.index]
+    assert np.abs(agg.to_numpy() - mine.to_numpy()).mean() < 0.02
+    assert min(np.corrcoef(agg[g], mine[g])[0, 1] for g in ("G_HOT", "G000", "G005")) > 0.98
+    # the planted squares, found over the slide
+    hot = tissue.uns["subspot"]["hot"]["S3"]
+    r, c = bins.obs["bin_row"].to_numpy() - 6, bins.obs["bin_col"].to_numpy() - 6  # 48 px of glass = 6 squares
+    ok = (r >= 0) & (c >= 0) & (r < hot.shape[0] // 8) & (c < hot.shape[1] // 8)
+    truth = np.array([hot[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8].mean() for i, j in zip(r[ok], c[ok], strict=True)])
+    gene = bins.var_names.get_loc("G_HOT")
+    r_bins = np.corrcoef(bins.layers["share"][ok, gene], truth)[0, 1]
+    up = tile_pred.loc[bins.obs["tile_id"].astype(str).to_numpy()[ok], "G_HOT"].to_numpy()
+    r_up = np.corrcoef(up, truth)[0, 1]
+    assert r_bins >= 0.4 and r_bins > r_up + 0.2, (r_bins, r_up)
+    head, model.bins_ = model.bins_, None  # the same model without its head: refused before any tile is read
+    try:
+        with pytest.raises(InputError, match="train_bins"):
+            model.predict_slide(path, bin_um=8)
+    finally:
+        model.bins_ = head
+    with pytest.raises(InputError, match="bin_um must be a positive"):
+        model.predict_slide(path, bin_um=-8)
