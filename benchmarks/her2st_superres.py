@@ -44,11 +44,24 @@ def _score(pred, truth) -> float:
     return float(np.nanmean(pcc_per_gene(np.asarray(pred, np.float64), np.asarray(truth, np.float64))))
 
 
-def _fold(adata, held, sections, image_size: int, seed: int) -> dict:
+def _trained(data, net: dict, seed: int):
+    """NH2ST set up on ``data`` (the fixed patch) and trained with the same seed, and its training seconds."""
     import scvi
     import torch
 
     from st_predict import NH2ST
+
+    t = time.perf_counter()
+    scvi.settings.seed = seed
+    torch.manual_seed(seed)
+    NH2ST.setup_anndata(data, library_key="section", patch_size_um=PATCH_UM)
+    model = NH2ST(data, **net)
+    model.train(progress=False)
+    return model, round(time.perf_counter() - t, 1)
+
+
+def _fold(adata, held, sections, image_size: int, seed: int) -> dict:
+
     from st_predict.data import select_sections
     from st_predict.metrics import measured_expression
     from st_predict.pp import pool_spots, select_genes
@@ -65,13 +78,7 @@ def _fold(adata, held, sections, image_size: int, seed: int) -> dict:
            "n_train_spots": int(train.n_obs), "n_scored_spots": int(scored.n_obs), "scores": {}, "seconds": {}}
     net = {"encoder_weights": "random", "genes": genes, "image_size": image_size}
 
-    t = time.perf_counter()
-    scvi.settings.seed = seed
-    torch.manual_seed(seed)
-    NH2ST.setup_anndata(pooled, library_key="section", patch_size_um=PATCH_UM)
-    m_pool = NH2ST(pooled, **net)
-    m_pool.train(progress=False)
-    out["seconds"]["train_pooled"] = round(time.perf_counter() - t, 1)
+    m_pool, out["seconds"]["train_pooled"] = _trained(pooled, net, seed)
     t = time.perf_counter()
     m_pool.train_bins(footprint_key="footprint")
     out["seconds"]["train_bins"] = round(time.perf_counter() - t, 1)
@@ -89,13 +96,7 @@ def _fold(adata, held, sections, image_size: int, seed: int) -> dict:
     sup = m_pool.get_predicted_expression(test_pooled)
     out["scores"]["b_upsampled"] = _score(sup.loc[[members[s] for s in scored.obs_names]].to_numpy(), truth)
 
-    t = time.perf_counter()
-    scvi.settings.seed = seed
-    torch.manual_seed(seed)
-    NH2ST.setup_anndata(train, library_key="section", patch_size_um=PATCH_UM)
-    m_real = NH2ST(train, **net)
-    m_real.train(progress=False)
-    out["seconds"]["train_real"] = round(time.perf_counter() - t, 1)
+    m_real, out["seconds"]["train_real"] = _trained(train, net, seed)
     out["scores"]["c_real_spots"] = _score(m_real.get_predicted_expression(scored, return_numpy=True), truth)
     s = out["scores"]
     out["bins_over_b"] = s["bins"] / s["b_upsampled"] if s["b_upsampled"] > 0 else float("nan")
