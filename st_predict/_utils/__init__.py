@@ -18,7 +18,7 @@ from ._lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(__name__, {
     "commit_file": "._atomic", "staged_file": "._atomic", "staged_folder": "._atomic", "staging_path": "._atomic",
     "import_squidpy": "._deps",
-    "downsample": "._images", "interval_overlap": "._images", "resize_patch": "._images", "resize_tile": "._images",
+    "downsample": "._images", "footprint_fraction": "._images", "interval_overlap": "._images", "spot_shape": "._images", "resize_patch": "._images", "resize_tile": "._images",
     "digest": "._hashing", "file_digest": "._hashing",
     "eval_mode": "._batches", "index_batches": "._batches", "run_batches": "._batches",
     "quiet_logger": "._logging", "progress_logger": "._logging",
@@ -30,7 +30,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __all__ = [
     "DEFAULT_WEIGHTS", "N_GENES", "PATCH_SIZE_PX", "PREDICTED_KEY", "PREDICT_BATCH_SIZE", "REGISTRY_KEYS", "SECTION_KEY",
     "InputError", "InputTypeError", "InputWarning", "MissingFileError", "MissingKeyError", "available_cores", "commit_file",
-    "digest", "downsample", "interval_overlap", "eval_mode", "file_digest", "index_batches", "import_squidpy", "interactive", "lazy_exports", "progress_logger", "quiet_logger", "resize_patch", "resize_tile",
-    "run_batches", "single_thread_worker",
+    "digest", "downsample", "footprint_fraction", "interval_overlap", "eval_mode", "file_digest", "index_batches", "import_squidpy", "interactive", "lazy_exports", "progress_logger", "quiet_logger", "resize_patch", "resize_tile",
+    "run_batches", "single_thread_worker", "spot_shape",
     "staged_file", "staged_folder", "staging_path", "thread_limits", "user_stacklevel", "warn",
 ]

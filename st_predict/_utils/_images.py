@@ -50,3 +50,38 @@ def interval_overlap(start, side: float, origin: float, cell: float, n: int):
     lo = np.maximum(start[:, None], edges[None, :-1])
     hi = np.minimum(start[:, None] + side, edges[None, 1:])
     return np.clip(hi - lo, 0, None) / side
+
+
+def spot_shape(entry) -> str:
+    """``"square"`` or ``"disc"``: the shape of a section's spots from its ``uns["spatial"][section]`` entry.
+    ``metadata["spot_shape"]`` when set; otherwise square where the section is binned (``bin_size_um`` in its
+    metadata or scalefactors, as Space Ranger writes for Visium HD), a disc of ``spot_diameter_fullres``
+    elsewhere."""
+    entry = entry if isinstance(entry, dict) else {}
+    metadata, scalefactors = entry.get("metadata") or {}, entry.get("scalefactors") or {}
+    shape = metadata.get("spot_shape")
+    if shape is None:
+        return "square" if "bin_size_um" in metadata or "bin_size_um" in scalefactors else "disc"
+    if shape not in ("disc", "square"):
+        from ._errors import InputError
+
+        raise InputError(f"metadata['spot_shape'] must be 'disc' or 'square', got {shape!r}.")
+    return str(shape)
+
+
+def footprint_fraction(centres, sides, spots, radii, square=False, n: int = 8):
+    """``(m,)``: the fraction of each square (centre ``centres[i]``, side ``sides[i]``) inside the footprint at
+    ``spots[i]``: a disc of radius ``radii[i]``, or where ``square`` (a bool or ``(m,)`` bools) the axis-aligned
+    square of half-side ``radii[i]``; by ``n x n`` points per square. The one rule by which bins are weighed
+    against spots, discs and tiles."""
+    centres, spots = np.asarray(centres, np.float64), np.asarray(spots, np.float64)
+    sides, radii = np.broadcast_to(np.asarray(sides, np.float64), len(centres)), \
+        np.broadcast_to(np.asarray(radii, np.float64), len(centres))
+    t = (np.arange(n) + 0.5) / n - 0.5
+    dx = centres[:, 0, None, None] + sides[:, None, None] * t[None, None, :] - spots[:, 0, None, None]
+    dy = centres[:, 1, None, None] + sides[:, None, None] * t[None, :, None] - spots[:, 1, None, None]
+    r = radii[:, None, None]
+    disc = dx**2 + dy**2 <= r**2
+    box = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    sq = np.broadcast_to(np.asarray(square, bool), len(centres))[:, None, None]
+    return np.where(sq, box, disc).mean((1, 2))

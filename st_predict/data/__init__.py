@@ -7,6 +7,7 @@ from ._read import InputData, choose_image_key, downsample_images, read_h5ad, re
 from ._sections import concat_sections, select_sections
 from ._spatialdata import from_spatialdata
 from ._synthetic import synthetic_spatialdata, synthetic_tissue
+from ._synthetic_hd import write_synthetic_visium_hd
 from ._synthetic_subspot import synthetic_subspot_tissue
 from ._visium import read_visium
 from ._visium_hd import read_visium_hd
@@ -29,4 +30,5 @@ __all__ = [
     "synthetic_spatialdata",
     "synthetic_subspot_tissue",
     "synthetic_tissue",
+    "write_synthetic_visium_hd",
 ]
