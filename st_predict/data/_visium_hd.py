@@ -223,6 +223,7 @@ def _read_one(
     side = float(scalefactors["spot_diameter_fullres"])
     metadata = {k: v for k, v in attrs.items() if k != "library_ids"}
     metadata["bin_size_um"] = size
+    metadata["spot_shape"] = "square"  # a bin's footprint (st_predict._utils.spot_shape): the square of spot_diameter_fullres
     metadata["pixel_size_um"] = float(scalefactors.get("microns_per_pixel") or size / side)
     if image_file is not None:
         image = read_fullres_image(image_file, lazy=True)

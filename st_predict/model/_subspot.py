@@ -14,8 +14,10 @@ from st_predict._utils import (
     REGISTRY_KEYS,
     InputError,
     MissingKeyError,
+    footprint_fraction,
     interval_overlap,
     quiet_logger,
+    spot_shape,
     thread_limits,
 )
 
@@ -38,18 +40,26 @@ def _spot_diameters(adata: AnnData, sections) -> dict[str, float]:
     return out
 
 
+def _spot_squares(adata: AnnData, sections) -> dict[str, bool]:
+    """Whether each section's spots are squares (Visium HD bins, side ``spot_diameter_fullres``) rather than
+    discs (:func:`st_predict._utils.spot_shape`)."""
+    return {str(s): spot_shape(adata.uns.get("spatial", {}).get(str(s), {})) == "square" for s in sections}
+
+
 def _footprints(adata: AnnData, rows: np.ndarray, libraries: np.ndarray, patch_px: dict, diam: dict,
-                map_size, footprint_key: str | None) -> tuple[torch.Tensor, np.ndarray]:
+                map_size, footprint_key: str | None, square: dict | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """The footprints (fraction of each map cell inside the spot) of ``adata``'s spots ``rows`` and each row's
-    index into them: one disc per section, or with ``footprint_key`` each spot's union of discs at
-    ``obsm[footprint_key]`` ``(n, k, 2)`` offsets in pixels (:func:`st_predict.pp.pool_spots`)."""
+    index into them: one disc (or where ``square[section]``, one square) per section, or with ``footprint_key``
+    each spot's union of them at ``obsm[footprint_key]`` ``(n, k, 2)`` offsets in pixels
+    (:func:`st_predict.pp.pool_spots`)."""
     from st_predict.nn import disc_weights
 
     h, w = map_size
+    square = square or {}
     cells = {s: w / float(patch_px[s]) for s in dict.fromkeys(libraries[rows])}  # map cells per pixel
     if footprint_key is None:
         secs = list(cells)
-        fps = [disc_weights(h, w, diam[s] / 2 * cells[s]) for s in secs]
+        fps = [disc_weights(h, w, diam[s] / 2 * cells[s], square=square.get(s, False)) for s in secs]
         return torch.stack(fps), np.array([secs.index(libraries[r]) for r in rows], dtype=np.int64)
     if footprint_key not in adata.obsm:
         raise MissingKeyError(f"adata.obsm has no {footprint_key!r} (footprint_key): each spot's member offsets.")
@@ -59,11 +69,11 @@ def _footprints(adata: AnnData, rows: np.ndarray, libraries: np.ndarray, patch_p
     fps = []
     for r in rows:
         s, o = libraries[r], off[r][np.isfinite(off[r]).all(1)]
-        reach = float(np.abs(o).max(initial=0.0)) + diam[s] / 2
+        reach = float(np.abs(o).max(initial=0.0)) + diam[s] / 2 * (np.sqrt(2) if square.get(s) else 1.0)
         if reach > 1.05 * float(patch_px[s]) / 2:
             raise InputError(f"The footprint of spot {adata.obs_names[r]!r} reaches {reach:.0f} px from its centre, "
                              f"beyond the {float(patch_px[s]):.0f}-px patch: set the model up with a larger patch.")
-        fps.append(disc_weights(h, w, diam[s] / 2 * cells[s], centres=o * cells[s]))
+        fps.append(disc_weights(h, w, diam[s] / 2 * cells[s], centres=o * cells[s], square=square.get(s, False)))
     return torch.stack(fps), np.arange(len(rows), dtype=np.int64)
 
 
@@ -145,11 +155,11 @@ class SubspotMixin:
         map_size = tuple(fine.shape[-2:])
         libraries = np.asarray(data.libraries).astype(str)
         sections = list(dict.fromkeys(libraries))
-        diam = _spot_diameters(self.adata, sections)
+        diam, square = _spot_diameters(self.adata, sections), _spot_squares(self.adata, sections)
         patch_px = self._facts.patch_px
         radius = {s: diam[s] / 2 / float(patch_px[s]) * map_size[1] for s in sections}
         footprints, fp_index = _footprints(self.adata, np.arange(len(library)), libraries, patch_px, diam, map_size,
-                                           footprint_key)
+                                           footprint_key, square)
         share0 = torch.from_numpy(x.sum(0) / library.sum()).float()
         bins = BinModule(len(self.genes_), fine.shape[1], final.shape[1], share0, footprints, hidden, bin_loss, BIN_STRIDE)
         plan = BinTrainingPlan(bins, module, lr=lr, weight_decay=weight_decay, augment=augment)
@@ -170,7 +180,7 @@ class SubspotMixin:
         self.bins_ = {"state": {k: v.detach().cpu().clone() for k, v in bins.state_dict().items()},
                       "config": {"fine_channels": int(fine.shape[1]), "final_channels": int(final.shape[1]),
                                  "map_size": list(map_size), "n_footprints": len(footprints), "footprint_key": footprint_key, "hidden": int(hidden),
-                                 "loss": bin_loss, "sections": sections, "radius_cells": radius,
+                                 "loss": bin_loss, "sections": sections, "radius_cells": radius, "square": square,
                                  "max_epochs": int(max_epochs), "lr": float(lr), "weight_decay": float(weight_decay)},
                       "history": [float(v) for v in plan.history]}
 
@@ -206,7 +216,7 @@ class SubspotMixin:
         coords = spot_coordinates(adata, setup["spatial_key"])
         sections = list(dict.fromkeys(libraries))
         patch_px = self.patch_geometry_.pixels_for(adata, libraries)
-        diam = _spot_diameters(adata, sections)
+        diam, square = _spot_diameters(adata, sections), _spot_squares(adata, sections)
         mpp = section_pixel_sizes(adata, libraries)
         h, w = self.bins_["config"]["map_size"]
         side = {}
@@ -257,7 +267,7 @@ class SubspotMixin:
                 fine, final = bins.features(module, reader.read(idx).to(module.device))
                 rho = bins.rates(fine, final)
                 if reconcile:
-                    fps, where = _footprints(adata, idx, libraries, patch_px, diam, (h, w), footprint_key)
+                    fps, where = _footprints(adata, idx, libraries, patch_px, diam, (h, w), footprint_key, square)
                     fp = fps[torch.from_numpy(where)].to(rho)
                     target = torch.from_numpy(np.expm1(spot_pred[idx]) / 1e4).to(rho)
                     rho = rho * (target / bins.spot_share(rho, fp).clamp_min(1e-12))[:, :, None, None]
@@ -277,7 +287,8 @@ class SubspotMixin:
         b_of = np.array([side[s] for s in sec_of])
         centres = np.stack([(bin_rc[:, 1] + 0.5) * b_of, (bin_rc[:, 0] + 0.5) * b_of], 1)
         dist = np.linalg.norm(centres - coords[owner], axis=1)
-        weight = self._disc_fraction(centres, b_of, coords[owner], np.array([diam[s] / 2 for s in sec_of]))
+        weight = footprint_fraction(centres, b_of, coords[owner], np.array([diam[s] / 2 for s in sec_of]),
+                                    np.array([square[s] for s in sec_of]))
         obs = pd.DataFrame({"section": pd.Categorical(sec_of, categories=sections),
                             "spot": np.asarray(adata.obs_names)[owner], "spot_distance": dist, "spot_weight": weight,
                             "bin_row": bin_rc[:, 0], "bin_col": bin_rc[:, 1]},
@@ -294,10 +305,3 @@ class SubspotMixin:
                                           "native_cell_px": {s: float(patch_px[s]) / w for s in sections},
                                           "scale": "log1p(1e4 * share of the spot's library per unit of area)"}}
         return out
-
-    @staticmethod
-    def _disc_fraction(centres, sides, spots, radii, n: int = 8) -> np.ndarray:
-        t = (np.arange(n) + 0.5) / n - 0.5
-        dx = centres[:, 0, None, None] + sides[:, None, None] * t[None, None, :] - spots[:, 0, None, None]
-        dy = centres[:, 1, None, None] + sides[:, None, None] * t[None, :, None] - spots[:, 1, None, None]
-        return ((dx**2 + dy**2) <= radii[:, None, None] ** 2).mean((1, 2))

@@ -59,12 +59,13 @@ class BinHead(nn.Module):
         return self.out(self.hidden(self.fine(self.norm_fine(fine.float())) + coarse))
 
 
-def disc_weights(h: int, w: int, radius: float, supersample: int = 8, centres=None) -> torch.Tensor:
+def disc_weights(h: int, w: int, radius: float, supersample: int = 8, centres=None, square: bool = False) -> torch.Tensor:
     """``(h, w)``: the fraction of each cell of an ``h x w`` grid inside a disc of ``radius`` (in cells) at the
     grid's centre, or with ``centres`` (``(k, 2)`` offsets ``(x, y)`` from the grid's centre, in cells) inside the
-    union of ``k`` such discs; by ``supersample x supersample`` points per cell."""
+    union of ``k`` such discs; by ``supersample x supersample`` points per cell. ``square``: axis-aligned squares
+    of half-side ``radius`` in place of the discs (Visium HD's bins)."""
     if not radius > 0:
-        raise InputError(f"The spot's radius must be positive, got {radius!r} cells.")
+        raise InputError(f"The spot's radius (or half-side) must be positive, got {radius!r} cells.")
     t = (torch.arange(supersample, dtype=torch.float64) + 0.5) / supersample
     ys = (torch.arange(h, dtype=torch.float64)[:, None] + t[None, :]).reshape(-1) - h / 2
     xs = (torch.arange(w, dtype=torch.float64)[:, None] + t[None, :]).reshape(-1) - w / 2
@@ -73,7 +74,10 @@ def disc_weights(h: int, w: int, radius: float, supersample: int = 8, centres=No
         raise InputError(f"centres must be finite (k, 2) offsets, got shape {tuple(centres.shape)}.")
     inside = torch.zeros(len(ys), len(xs), dtype=torch.bool)
     for cx, cy in centres:
-        inside |= ((ys[:, None] - cy) ** 2 + (xs[None, :] - cx) ** 2) <= radius**2
+        if square:
+            inside |= ((ys[:, None] - cy).abs() <= radius) & ((xs[None, :] - cx).abs() <= radius)
+        else:
+            inside |= ((ys[:, None] - cy) ** 2 + (xs[None, :] - cx) ** 2) <= radius**2
     return inside.reshape(h, supersample, w, supersample).double().mean((1, 3)).float()
 
 

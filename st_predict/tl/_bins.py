@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from st_predict._utils import InputError, MissingKeyError
+from st_predict._utils import InputError, MissingKeyError, footprint_fraction, spot_shape
 
 
 def aggregate_bins(bins, by: str = "spot", weight: str | None = "spot_weight", layer: str = "share",
@@ -17,9 +17,10 @@ def aggregate_bins(bins, by: str = "spot", weight: str | None = "spot_weight", l
     weights sum to 0 is NaN.
 
     ``at``: an AnnData of other spots (``obs[library_key]`` naming the bins' sections, centres in
-    ``obsm[spatial_key]``, discs of ``uns["spatial"][section]["scalefactors"]["spot_diameter_fullres"]``): each
-    of its spots gets the bins its disc covers, weighted by the fraction of each bin inside it (rows:
-    ``at.obs_names``). E.g. spots measured at a finer scale than the spots the bins were predicted around."""
+    ``obsm[spatial_key]``, discs of ``uns["spatial"][section]["scalefactors"]["spot_diameter_fullres"]``, or
+    squares of that side where the section is binned, as Visium HD is): each of its spots gets the bins its
+    footprint covers, weighted by the fraction of each bin inside it (rows: ``at.obs_names``). E.g. spots or HD
+    bins measured at a finer scale than the spots the bins were predicted around."""
     if at is not None:
         return _aggregate_at(bins, at, layer, library_key, spatial_key)
     for key, where in ((by, "obs"), (weight, "obs")):
@@ -54,12 +55,12 @@ def _aggregate_at(bins, at, layer: str, library_key: str, spatial_key: str) -> p
     out = np.full((at.n_obs, bins.n_vars), np.nan)
     sections = at.obs[library_key].astype(str).to_numpy()
     centres = np.asarray(at.obsm[spatial_key], np.float64)
-    t = (np.arange(8) + 0.5) / 8 - 0.5
     for sec in pd.unique(sections):
         if sec not in sides:
             raise InputError(f"Section {sec!r} of at has no bins (bins have {sorted(sides)}).")
         try:
             radius = float(at.uns["spatial"][sec]["scalefactors"]["spot_diameter_fullres"]) / 2
+            square = spot_shape(at.uns["spatial"][sec]) == "square"
         except KeyError as err:
             raise MissingKeyError(f"at.uns['spatial'][{sec!r}]['scalefactors']['spot_diameter_fullres'] is missing.") from err
         mine = np.flatnonzero(bins.obs["section"].astype(str).to_numpy() == sec)
@@ -67,12 +68,11 @@ def _aggregate_at(bins, at, layer: str, library_key: str, spatial_key: str) -> p
         xy = np.asarray(bins.obsm["spatial"], np.float64)[mine]
         tree = cKDTree(xy)
         for i in np.flatnonzero(sections == sec):
-            near = np.asarray(tree.query_ball_point(centres[i], radius + side * np.sqrt(0.5)), dtype=np.int64)
+            reach = (radius * np.sqrt(2) if square else radius) + side * np.sqrt(0.5)
+            near = np.asarray(tree.query_ball_point(centres[i], reach), dtype=np.int64)
             if not len(near):
                 continue
-            dx = xy[near, 0, None, None] + side * t[None, None, :] - centres[i, 0]
-            dy = xy[near, 1, None, None] + side * t[None, :, None] - centres[i, 1]
-            w = ((dx**2 + dy**2) <= radius**2).mean((1, 2))
+            w = footprint_fraction(xy[near], side, np.broadcast_to(centres[i], (len(near), 2)), radius, square)
             if w.sum() > 0:
                 out[i] = np.log1p(1e4 * (w[:, None] * share[mine[near]]).sum(0) / w.sum())
     return pd.DataFrame(out, index=at.obs_names.copy(), columns=bins.var_names.copy())

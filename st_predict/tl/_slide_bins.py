@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from st_predict._utils import InputError, interval_overlap
+from st_predict._utils import InputError, footprint_fraction, interval_overlap
 
 
 def _plan(boxes: np.ndarray, side: float, tissue) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -55,7 +55,8 @@ def slide_bins(model, dataset, tiles, pred: np.ndarray, slide_mpp: float, bin_um
     rc, owner = np.zeros((n_bins, 2), np.int64), np.zeros(n_bins, np.int64)
     # the disc a spot's prediction is the mean over, in map cells: the training sections' (they agree closely)
     radius = float(np.mean(list(cfg["radius_cells"].values())))
-    footprint = disc_weights(h, w, radius)
+    square = bool(cfg.get("square")) and all(cfg["square"].values())  # trained on Visium HD's square bins
+    footprint = disc_weights(h, w, radius, square=square)
     bins = model._bin_module()
     module = model.module.eval()
     pos = 0
@@ -84,10 +85,7 @@ def slide_bins(model, dataset, tiles, pred: np.ndarray, slide_mpp: float, bin_um
     centres = np.column_stack([(rc[:, 1] + 0.5) * side, (rc[:, 0] + 0.5) * side])
     tile_centres = np.column_stack([(boxes[owner, 0] + boxes[owner, 2]) / 2, (boxes[owner, 1] + boxes[owner, 3]) / 2])
     r_px = radius * (boxes[owner, 2] - boxes[owner, 0]) / w
-    t = (np.arange(8) + 0.5) / 8 - 0.5
-    dx = centres[:, 0, None, None] + side * t[None, None, :] - tile_centres[:, 0, None, None]
-    dy = centres[:, 1, None, None] + side * t[None, :, None] - tile_centres[:, 1, None, None]
-    weight = ((dx**2 + dy**2) <= r_px[:, None, None] ** 2).mean((1, 2))
+    weight = footprint_fraction(centres, side, tile_centres, r_px, square)
     return rc, owner, share, side, weight
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from st_predict.data import read_visium_hd
 from st_predict.pp import make_patch_reader
+from st_predict.tl import aggregate_bins
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +222,21 @@ def test_nh2st_trains_and_predicts_on_visium_hd_bins(hd, size):
     pred = a.obsm["nh2st"]
     assert pred.shape == (a.n_obs, 20) and list(pred.index) == a.obs_names.tolist()
     assert np.isfinite(np.asarray(pred, float)).all()
+    if size != 16:
+        return
+    # the sub-spot head on HD bins: a bin's footprint is its square, not the disc inscribed in it
+    assert a.uns["spatial"]["HD1"]["metadata"]["spot_shape"] == "square"
+    model.train_bins(max_epochs=1, progress=False)
+    assert model.bins_["config"]["square"] == {"HD1": True}
+    bins = model.predict_bins(a, bin_um=4)  # 8 x 8 px squares in 32-px bins; the lattice is off the HD grid
+    side = bins.uns["st_predict"]["bins"]["bin_px"]["HD1"]
+    spot_xy = a.obsm["spatial"][a.obs_names.get_indexer(bins.obs["spot"])]
+    off = np.abs(bins.obsm["spatial"] - spot_xy).max(1)
+    inside, outside = off <= 16 - side / 2, off >= 16 + side / 2  # wholly inside / outside the bin's square
+    assert inside.sum() > a.n_obs and outside.any()
+    np.testing.assert_allclose(bins.obs["spot_weight"][inside], 1.0)  # the corners too (a disc gives them < 1)
+    np.testing.assert_allclose(bins.obs["spot_weight"][outside], 0.0)
+    # the 4-um squares summed into the measured 8-um bins: every in-tissue 8-um bin near a 16-um bin gets a value
+    fine = read_visium_hd(hd["root"], bin_size_um=8)
+    at = aggregate_bins(bins, at=fine)
+    assert list(at.columns) == list(bins.var_names) and np.isfinite(at.to_numpy()).mean() > 0.95

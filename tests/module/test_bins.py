@@ -17,6 +17,25 @@ def test_disc_weights_cover_the_disc_area():
     assert float(w[0, 0]) == 0 and float(w[8, 8]) == 1
 
 
+def test_square_footprints_cover_the_square_and_weigh_bins_as_the_disc_cannot():
+    from st_predict._utils import footprint_fraction
+    from st_predict.nn import disc_weights
+
+    sq = disc_weights(16, 16, 3.25, square=True)  # a Visium HD bin of 6.5 cells, at the grid's centre
+    assert float(sq.sum()) == pytest.approx(6.5**2, rel=1e-3) and float(sq[8, 8]) == 1 and float(sq[8, 1]) == 0
+    assert float(sq[5, 5]) == 1 > float(disc_weights(16, 16, 3.25)[5, 5])  # a corner of the square, outside the disc
+    union = disc_weights(16, 16, 2.0, centres=[(-2.0, -2.0), (2.0, 2.0)], square=True)
+    assert float(union.sum()) == pytest.approx(2 * 16 - 0.0, rel=1e-3)  # two 4 x 4 squares, touching at a corner
+    # a bin of side 2 against a spot of half-side / radius 4 at the origin: inside, at the corner, across the edge
+    centres = np.array([[0.0, 0.0], [3.0, 3.0], [4.0, 0.0], [9.0, 0.0]])
+    spots = np.zeros((4, 2))
+    np.testing.assert_allclose(footprint_fraction(centres, 2.0, spots, 4.0, square=True), [1, 1, 0.5, 0])
+    disc = footprint_fraction(centres, 2.0, spots, 4.0)
+    assert disc[0] == 1 and disc[1] < 0.5 and disc[3] == 0  # the corner bin lies mostly outside the disc
+    np.testing.assert_allclose(footprint_fraction(centres[:2], 2.0, spots[:2], 4.0, square=[True, False]),
+                               [1, disc[1]])
+
+
 def test_bin_module_starts_at_the_mean_share_and_only_the_disc_counts():
     from st_predict.module import BinModule
     from st_predict.nn import disc_weights
