@@ -231,7 +231,7 @@ class SubspotMixin:
                 side[s] = float(bin_um) / mpp[s]
             if side[s] < native * 0.999:
                 logger.warning("Section %r: bins of %.3g px are finer than the head's native cell (%.3g px); they "
-                               "repeat its cells.", s, side[s], native)
+                               "repeat its cells.", str(s), side[s], native)
         # the bins of each spot: lattice squares inside its patch whose centre is nearest to it
         plan = []
         for s in sections:

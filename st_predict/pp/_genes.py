@@ -35,45 +35,63 @@ def _counts_csr(x) -> sparse.csr_matrix:
     return out
 
 
+def _row_blocks(n: int, width: int, budget: int = 1 << 22):
+    """Slices of rows of an ``n x width`` matrix, about ``budget`` entries each: what the checks and the gene
+    statistics hold at a time, so their memory does not grow with the number of spots (Visium HD's 10^5-10^6
+    bins) beyond the matrix itself."""
+    step = max(1, budget // max(1, int(width)))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def check_expression(matrix, where: str, is_count_data: bool = True) -> None:
     """Raise a ``ValueError`` naming ``where`` if ``matrix`` holds NaN/inf, or, for counts, negative
-    or non-integer values."""
+    or non-integer values. Reads the values a block at a time (no copy of the whole matrix)."""
     data = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
     if data.size == 0:
         return
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{where} has non-numeric dtype {data.dtype}.")
-    n_bad = int((~np.isfinite(data)).sum()) if np.issubdtype(data.dtype, np.floating) else 0
+    flat = data.reshape(-1) if data.flags.c_contiguous or data.ndim == 1 else None
+    blocks = ([flat[b] for b in _row_blocks(flat.size, 1)] if flat is not None
+              else [data[b] for b in _row_blocks(data.shape[0], data.shape[1] if data.ndim > 1 else 1)])
+    floating = np.issubdtype(data.dtype, np.floating)
+    n_bad = n_neg = n_frac = n_noise = 0
+    worst = 0.0
+    for block in blocks:
+        if floating:
+            n_bad += int((~np.isfinite(block)).sum())
+        if is_count_data and not n_bad:
+            n_neg += int((block < -COUNT_TOLERANCE).sum())
+            if floating:
+                off = np.abs(block - np.round(block))
+                n_frac += int((off > COUNT_TOLERANCE).sum())
+                n_noise += int((off > 0).sum())
+                worst = max(worst, float(off.max(initial=0.0)))
     if n_bad:
         raise InputError(f"{where} holds {n_bad} NaN or infinite values; expression must be finite.")
-    if is_count_data:
-        n_neg = int((data < -COUNT_TOLERANCE).sum())
-        if n_neg:
-            raise InputError(
-                f"{where} holds {n_neg} negative values, but counts were expected (is_count_data=True)."
-            )
-        if np.issubdtype(data.dtype, np.floating):
-            off = np.abs(data - np.round(data))
-            n_frac = int((off > COUNT_TOLERANCE).sum())
-            if n_frac:
-                raise InputError(
-                    f"{where} holds {n_frac} non-integer values, but raw counts were expected. If it is "
-                    "already log-normalised, pass is_count_data=False to setup_anndata."
-                )
-            n_noise = int((off > 0).sum())
-            if n_noise:
-                logger.info(
-                    "%s holds %d counts with rounding noise (at most %.2g from a whole number): they are "
-                    "used rounded.", where, n_noise, float(off.max()),
-                )
+    if n_neg:
+        raise InputError(f"{where} holds {n_neg} negative values, but counts were expected (is_count_data=True).")
+    if n_frac:
+        raise InputError(
+            f"{where} holds {n_frac} non-integer values, but raw counts were expected. If it is "
+            "already log-normalised, pass is_count_data=False to setup_anndata."
+        )
+    if n_noise:
+        logger.info(
+            "%s holds %d counts with rounding noise (at most %.2g from a whole number): they are used rounded.",
+            where, n_noise, worst,
+        )
 
 
 def check_sections_have_counts(matrix, libraries, where: str) -> None:
     """Raise a ``ValueError`` naming the sections whose expression is all zero (nothing to learn or
     normalise: an empty or misread section)."""
-    x = _as_csr(matrix)
     libraries = np.asarray(libraries).astype(str)
-    totals = {lib: float(np.abs(x[libraries == lib]).sum()) for lib in np.unique(libraries)}
+    totals = dict.fromkeys(np.unique(libraries), 0.0)
+    for rows in _row_blocks(matrix.shape[0], matrix.shape[1]):
+        x, libs = _as_csr(matrix[rows]), libraries[rows]
+        for lib in np.unique(libs):
+            totals[lib] += float(np.abs(x[libs == lib]).sum())
     empty = [lib for lib, total in totals.items() if total == 0]
     if empty:
         raise InputError(
@@ -93,19 +111,21 @@ def normalize_expression(
     (``"selected_genes"``, the authors' code). Without counts: the selected columns as they are.
     Spots with a library size of 0 get 0.
     """
-    if not is_count_data:
-        return np.asarray(_as_csr(counts)[:, gene_idx].toarray(), dtype=np.float32)
-    x = _counts_csr(counts)
-    sub = x[:, gene_idx]
-    if library_size == "all_genes":
-        lib = np.asarray(x.sum(1)).ravel()
-    elif library_size == "selected_genes":
-        lib = np.asarray(sub.sum(1)).ravel()
-    else:
+    if library_size not in ("all_genes", "selected_genes"):
         raise InputError(f"library_size must be 'all_genes' or 'selected_genes', got {library_size!r}.")
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    dense = sub.toarray() * scale[:, None]
-    return np.log1p(dense).astype(np.float32)
+    gene_idx = np.asarray(gene_idx)
+    n = counts.shape[0]
+    out = np.empty((n, len(gene_idx)), np.float32)
+    for rows in _row_blocks(n, counts.shape[1]):  # a block at a time: the result is the only full-size array
+        if not is_count_data:
+            out[rows] = _as_csr(counts[rows])[:, gene_idx].toarray()
+            continue
+        x = _counts_csr(counts[rows])
+        sub = x[:, gene_idx]
+        lib = np.asarray((x if library_size == "all_genes" else sub).sum(1)).ravel()
+        scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
+        out[rows] = np.log1p(sub.toarray() * scale[:, None])
+    return out
 
 
 _ENSEMBL = r"^ENS[A-Z]*G\d{6,}"
@@ -167,16 +187,24 @@ def select_genes(
         return genes
     if n_top < 1:
         raise InputError(f"n_genes must be >= 1, got {n_top}.")
-    x = _counts_csr(counts) if is_count_data else _as_csr(counts)
     libraries = np.asarray(libraries).astype(str)
-    present = np.ones(x.shape[1], dtype=bool)
-    for lib in np.unique(libraries):
-        present &= np.asarray((x[libraries == lib] > 0).sum(0)).ravel() > 0
+    n, n_vars = counts.shape
+    sections = np.unique(libraries)
+    detected = np.zeros((len(sections), n_vars), dtype=bool)
+    blocks = _row_blocks(n, n_vars)
+    for rows in blocks:  # a block of spots at a time (no copy of the whole matrix)
+        x, libs = (_counts_csr if is_count_data else _as_csr)(counts[rows]), libraries[rows]
+        for k, lib in enumerate(sections):
+            if (libs == lib).any():
+                detected[k] |= np.asarray((x[libs == lib] > 0).sum(0)).ravel() > 0
+    present = detected.all(0)
     if not present.any():
         raise InputError("No gene is detected in every section; cannot choose genes.")
     candidates = np.flatnonzero(present)
-    norm = normalize_expression(x, candidates, is_count_data=is_count_data)
-    means = norm.mean(0)
+    total = np.zeros(len(candidates))
+    for rows in blocks:
+        total += normalize_expression(counts[rows], candidates, is_count_data=is_count_data).sum(0, dtype=np.float64)
+    means = (total / n).astype(np.float32)
     order = candidates[np.argsort(-means, kind="stable")]
     if len(order) < n_top:
         from st_predict._utils import user_stacklevel
