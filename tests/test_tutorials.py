@@ -14,7 +14,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 def test_the_tutorials_are_saved_executed_with_figures():
     assert [p.name for p in NOTEBOOKS] == [
         "01_quickstart.ipynb", "02_predict_he_only_spatialdata.ipynb", "03_benchmark_ablations.ipynb",
-        "04_whole_slide.ipynb",
+        "04_whole_slide.ipynb", "05_below_the_spot.ipynb",
     ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
