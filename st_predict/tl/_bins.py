@@ -67,8 +67,8 @@ def _aggregate_at(bins, at, layer: str, library_key: str, spatial_key: str) -> p
         side = float(sides[sec])
         xy = np.asarray(bins.obsm["spatial"], np.float64)[mine]
         tree = cKDTree(xy)
+        reach = (radius * np.sqrt(2) if square else radius) + side * np.sqrt(0.5)  # the farthest bin centre that counts
         for i in np.flatnonzero(sections == sec):
-            reach = (radius * np.sqrt(2) if square else radius) + side * np.sqrt(0.5)
             near = np.asarray(tree.query_ball_point(centres[i], reach), dtype=np.int64)
             if not len(near):
                 continue
