@@ -89,7 +89,7 @@ def test_three_slides_one_corrupt_on_two_workers(saved, tmp_path, capsys):
 
 def test_rerun_after_a_kill_skips_finished_slides(saved, tmp_path):
     _, model_dir = saved
-    slides = _slides(tmp_path / "in", 4, size=1024)
+    slides = _slides(tmp_path / "in", 3, size=896)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "st_predict", "predict-slides", model_dir, *slides, "--out", str(out), "--workers",
            "1", "--quiet"]
@@ -108,7 +108,7 @@ def test_rerun_after_a_kill_skips_finished_slides(saved, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its dask workers, with no chance to clean up
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
-    assert 1 <= len(done_before) < 4, done_before
+    assert 1 <= len(done_before) < 3, done_before
     killed = read_manifest(out).set_index("slide_id")
     first = done_before[0]
     stamp = killed.loc[first, "finished"]
@@ -117,7 +117,7 @@ def test_rerun_after_a_kill_skips_finished_slides(saved, tmp_path):
     code = main(["predict-slides", model_dir, *slides, "--out", str(out), "--workers", "1", "--quiet"])
     assert code == 0
     manifest = read_manifest(out).set_index("slide_id")
-    assert (manifest["status"] == "done").all() and len(manifest) == 4
+    assert (manifest["status"] == "done").all() and len(manifest) == 3
     for sid in killed.index[killed["status"] == "done"]:  # skipped: neither predicted nor written again
         assert manifest.loc[sid, "finished"] == killed.loc[sid, "finished"]
     assert manifest.loc[first, "finished"] == stamp
