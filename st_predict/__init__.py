@@ -14,10 +14,10 @@ from st_predict._utils import InputError, InputWarning
 
 # Heavy parts (scvi-tools, scanpy, squidpy) load on first use, so that ``st_predict.module`` and
 # ``st_predict.train`` import with torch + Lightning alone (e.g. on a bare GPU image).
-_LAZY = {"NH2ST": ("st_predict.model", "NH2ST")}
+_LAZY = {"NH2ST": ("st_predict.model", "NH2ST"), "Pretrained": ("st_predict.model", "Pretrained")}
 _SUBMODULES = ("benchmark", "cli", "data", "dataloaders", "metrics", "model", "module", "nn", "pl", "pp", "tl", "train")
 
-__all__ = ["NH2ST", "InputError", "InputWarning", "benchmark", "cli", "data", "dataloaders", "metrics", "model", "module",
+__all__ = ["NH2ST", "InputError", "Pretrained", "InputWarning", "benchmark", "cli", "data", "dataloaders", "metrics", "model", "module",
            "nn", "pl", "pp", "tl", "train", "__version__"]
 
 

@@ -186,6 +186,23 @@ class _RegistryEncoder(nn.Module):
         # the registry runs under inference_mode; a clone outside it is an ordinary tensor
         return out.clone() if out.is_inference() else out
 
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``, except for a card whose model is a ``torch.export`` program (CTransPath's,
+        Path2Space's): such a program cannot switch modes (it was exported in inference mode) and stays as it is."""
+        if _is_exported(self.model):
+            self.training = bool(mode)
+            return self
+        return super().train(mode)
+
+
+def _is_exported(module: nn.Module) -> bool:
+    """Whether ``module`` is the ``.module()`` of a ``torch.export`` program (which refuses ``train()``/``eval()``)."""
+    try:
+        module.train(module.training)
+    except NotImplementedError:
+        return True
+    return False
+
 
 class _PassThrough:
     """A card's own image processor that leaves st_predict's patches as they are: they come resized and

@@ -1,0 +1,296 @@
+"""Pretrained predictors of the lazyslide-models registry (issue 31): Path2Space, STPath and DeepSpot-M loaded
+through their own loaders from files the tests write (a local Hugging Face cache, offline; or model_path=), their
+features computed once per section, calibration (coverage, reliability), adaptation, save/load and errors. Random
+weights: nothing here measures accuracy."""
+
+import json
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pretrained_fixtures import Counting, hub_file, write_path2space, write_stpath
+
+from st_predict import InputError, Pretrained
+from st_predict._utils import MissingFileError, MissingKeyError
+from st_predict.data import select_sections, synthetic_tissue
+from st_predict.metrics import measured_expression
+
+pytest.importorskip("lazyslide_models")
+
+GENES = [f"G{i:03d}" for i in range(8)]
+NOISE = "G029"
+
+
+def _with_pixel_size(adata, tile_um):
+    for lib in adata.uns["spatial"]:
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = tile_um / 32  # a tile is 32 px
+    return adata
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """CTransPath and Path2Space with random weights in an offline HF cache (the registry's repos and files)."""
+    root = tmp_path_factory.mktemp("hf")
+    nets = write_path2space(root / "hub", [*GENES, NOISE, "NOT_MEASURED"])
+    with pytest.MonkeyPatch.context() as mp:
+        import huggingface_hub.constants as hc
+
+        mp.setenv("HF_HOME", str(root))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(hc, "HF_HUB_OFFLINE", True)
+        mp.setattr(hc, "HF_HUB_CACHE", str(root / "hub"))
+        yield root / "hub", nets
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    return _with_pixel_size(synthetic_tissue(n_sections=3, n_rows=6, n_cols=6, n_genes=30, seed=1), 100.0)
+
+
+def test_path2space_predicts_spots_from_features_computed_once(hub, tissue, tmp_path):
+    _, (ctrans, head) = hub
+    adata = tissue.copy()
+    model = Pretrained("path2space", genes=GENES, feature_cache=tmp_path / "features")
+    assert model.encoder_spec.name == "lazyslide:ctranspath" and model.encoder_spec.out_channels == 768
+    assert (model.geometry.tile_um, model.geometry.tile_px) == (100.0, 224)
+    assert model.info["license"] == "Apache-2.0" and "Apache-2.0" in repr(model)
+    calls = []
+    model.encoder.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
+    df = model.predict(adata, library_key="section")
+    assert adata.obsm["pretrained"] is df and list(df.columns) == GENES and df.index.equals(adata.obs_names)
+    assert sum(calls) == adata.n_obs  # each spot's tile through the encoder once
+    assert "pretrained_lower" not in adata.obsm  # not calibrated: no intervals
+    meta = adata.uns["st_predict"]["pretrained"]
+    assert meta["predictor"] == "path2space" and meta["tile_um"] == 100.0 and not meta["calibrated"]
+    # the registry's own programs ran: CTransPath on the normalised 224 px tiles, Path2Space on its features
+    rows = np.flatnonzero(adata.obs["section"].to_numpy() == "S0")[:4]
+    from st_predict.pp import make_patch_reader
+
+    reader = make_patch_reader(adata, library_key="section", patch_size=dict.fromkeys(("S0", "S1", "S2"), 32.0),
+                               out_size=224)
+    x = reader.read(rows).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.encoder_spec.mean, model.encoder_spec.std))
+    with torch.no_grad():
+        want = head(ctrans((x - mean) / std))[:, :len(GENES)]
+    np.testing.assert_allclose(df.to_numpy()[rows], want.numpy(), rtol=1e-4, atol=1e-5)
+    # again, and calibrating on the same spots: no encoder call (kept in memory)
+    model.predict(adata, library_key="section", key_added="again")
+    model.calibrate(adata, library_key="section")
+    assert sum(calls) == adata.n_obs
+    # another predictor object on the same on-disk cache: no encoder call either
+    other = Pretrained("path2space", genes=GENES[:3], feature_cache=tmp_path / "features")
+    other_calls = []
+    other.encoder.register_forward_hook(lambda mod, args, out: other_calls.append(len(args[0])))
+    np.testing.assert_allclose(other.predict(adata, library_key="section").to_numpy(), df.to_numpy()[:, :3], rtol=1e-6)
+    assert other_calls == []
+
+
+def test_genes_outside_the_vocabulary_and_missing_inputs_are_named(hub, tissue):
+    with pytest.raises(MissingKeyError, match="NOPE"):
+        Pretrained("path2space", genes=["G000", "NOPE"])
+    with pytest.raises(InputError, match="not a model of the lazyslide-models registry"):
+        Pretrained("no-such-predictor")
+    with pytest.raises(InputError, match="not a feature- or tile-prediction"):
+        Pretrained("ctranspath")
+    model = Pretrained("path2space", genes=GENES)
+    bare = tissue.copy()
+    del bare.uns["spatial"]["S1"]["metadata"]["pixel_size_um"]
+    with pytest.raises(MissingKeyError, match="pixel_size_um"):
+        model.predict(bare, library_key="section")
+    with pytest.raises(MissingKeyError, match="NOT_MEASURED"):
+        Pretrained("path2space", genes=[*GENES, "NOT_MEASURED"]).calibrate(tissue.copy(), library_key="section")
+
+
+def test_missing_weights_name_their_fix(hub, tmp_path, monkeypatch):
+    with pytest.raises(MissingFileError, match="model_path"):
+        Pretrained("path2space", genes=GENES, model_path=tmp_path / "gone.pt2")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty"))  # an offline cache without the files
+    with pytest.raises(MissingFileError, match="HF_HUB_OFFLINE=1"):
+        Pretrained("path2space", genes=GENES)
+
+
+def test_stpath_sees_each_section_whole_with_its_coordinates(tissue, tmp_path):
+    pytest.importorskip("einops")
+    weights, voc = write_stpath(tmp_path, GENES)
+    enc = Counting(1536)
+    with pytest.raises(InputError, match="genes="):
+        Pretrained("stpath", encoder=enc, model_path=weights, gene_voc_path=voc, tile_px=32)
+    model = Pretrained("stpath", genes=GENES[:4], encoder=enc, model_path=weights, gene_voc_path=voc, tile_px=32,
+                       organ_type=None)
+    assert model.geometry.whole_section and model.geometry.tile_um == 112.0
+    enc.seen = 0  # (building the encoder ran it once on a blank tile, to read its output size)
+    seen = []
+    real = model.card.predict
+
+    def spy(features, coords=None):
+        seen.append((len(features), None if coords is None else np.asarray(coords).copy()))
+        return real(features, coords)
+
+    model.card.predict = spy
+    adata = _with_pixel_size(tissue.copy(), 112.0)
+    df = model.predict(adata, library_key="section")
+    assert df.shape == (adata.n_obs, 4) and np.isfinite(df.to_numpy()).all()
+    assert [n for n, _ in seen] == [36, 36, 36] and enc.seen == adata.n_obs  # one call per section, each spot once
+    s0 = adata.obs["section"].to_numpy() == "S0"
+    np.testing.assert_allclose(seen[0][1], adata.obsm["spatial"][s0])
+    # STPath's output depends on where the spots are: moving them changes the prediction (a per-tile model would not)
+    moved = adata.copy()
+    moved.obsm["spatial"] = moved.obsm["spatial"].astype(float)
+    moved.obsm["spatial"][s0, 0] = moved.obsm["spatial"][s0, 0][::-1]
+    fresh = Pretrained("stpath", genes=GENES[:4], encoder=Counting(1536), model_path=weights, gene_voc_path=voc,
+                       tile_px=32)
+    assert not np.allclose(fresh.predict(adata, library_key="section").to_numpy()[s0],
+                           fresh.predict(moved, library_key="section", key_added="m").to_numpy()[s0])
+
+
+@pytest.mark.slow
+def test_deepspotm_predicts_tiles_from_its_hub_files(tmp_path, monkeypatch):
+    pytest.importorskip("deepspotm")
+    import huggingface_hub.constants as hc
+    import timm
+    from deepspotm import DeepSpotM
+    from deepspotm.image_encoder import H0miniEncoder
+    from safetensors.torch import save_file
+
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    # the smallest backbone deepspotm builds (H0-mini, a ViT-B/14), random, where deepspotm reads it; then the model
+    torch.manual_seed(0)
+    vit = timm.create_model(H0miniEncoder.TIMM_NAME, pretrained=False, num_classes=0, **H0miniEncoder._build_kwargs())
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()},
+              str(hub_file(hub, "bioptimus/H0-mini", "model.safetensors")))
+    tokens = hub_file(hub, "ratschlab/DeepSpotM", "tokens.csv")
+    pd.DataFrame({"token": GENES, "token_type": "gene"}).to_csv(tokens, index=False)
+    hp = {"encoder_model": "H0miniEncoder", "gene_embed_dim": 32, "cross_attn_heads": 2, "cross_attn_layers": 1,
+          "use_router": False, "r": 2}
+    net = DeepSpotM(**hp, token_path=str(tokens), backbone_pretrained=False)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              str(hub_file(hub, "ratschlab/DeepSpotM", "model.safetensors")))
+    hub_file(hub, "ratschlab/DeepSpotM", "config.json").write_text(json.dumps(hp))
+
+    model = Pretrained("deepspotm", genes=["G001", "G003"], batch_size=4)
+    assert model.info["gated"] and model.info["commercial"] is False and "non-commercial" in repr(model)
+    calls = []
+    real = model.card.predict
+    model.card.predict = lambda image: (calls.append(len(image)), real(image))[1]  # the tile model, per batch
+    adata = _with_pixel_size(synthetic_tissue(n_sections=1, n_rows=3, n_cols=3, n_genes=30, seed=1), 112.0)
+    df = model.predict(adata, library_key="section")
+    assert df.shape == (9, 2) and np.isfinite(df.to_numpy()).all() and df.to_numpy().std(0).min() > 0
+    assert calls == [4, 4, 1]
+    model.predict(adata, library_key="section", key_added="again")
+    assert calls == [4, 4, 1]  # the tile outputs are kept: not run again
+    with pytest.raises(MissingKeyError, match="NOPE"):
+        Pretrained("deepspotm", genes=["G001", "NOPE"])
+
+
+def test_deepspotm_without_its_package_names_the_install_command(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_deepspotm(name, *args, **kwargs):
+        if name == "deepspotm" or name.startswith("deepspotm."):
+            raise ImportError("No module named 'deepspotm'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_deepspotm)
+    with pytest.raises(InputError, match="pip install"):
+        Pretrained("deepspotm", genes=["G001"])
+
+
+# -- calibration: a predictor with a known error (the truth plus noise) on synthetic tissue --------------------------
+@pytest.fixture(scope="module")
+def five():
+    return _with_pixel_size(synthetic_tissue(n_sections=5, n_rows=10, n_cols=10, n_genes=30, seed=2), 100.0)
+
+
+def _known_error(model, monkeypatch, bias=None, noise_sd=0.3):
+    """Replace the predictor's outputs by the measured values plus Gaussian noise (``NOISE``: noise alone), optionally
+    through a planted per-gene affine bias ``(a, b)``; the noise is fixed by the spots asked for."""
+    genes = list(model.genes_)
+
+    def raw(adata, library_key=None, *args, **kwargs):
+        truth = measured_expression(adata, genes).to_numpy()
+        rng = np.random.default_rng(zlib.crc32("/".join(adata.obs_names).encode()))  # fixed by the spots asked for
+        eps = rng.normal(0, noise_sd, (adata.n_obs, len(genes)))
+        out = truth + eps
+        j = genes.index(NOISE)
+        out[:, j] = truth[:, j].mean() + 3 * eps[:, j]  # knows nothing of the spot
+        if bias is not None:
+            out = bias[0][None, :] + bias[1][None, :] * out
+        return out.astype(np.float32)
+
+    monkeypatch.setattr(model, "raw_outputs", raw)
+    return model
+
+
+def test_calibrated_intervals_cover_a_held_out_section_and_rank_the_noise_gene_last(hub, five, monkeypatch):
+    model = _known_error(Pretrained("path2space", genes=[*GENES, NOISE]), monkeypatch)
+    cal = select_sections(five, ["S0", "S1", "S2", "S3"])
+    rel = model.calibrate(cal, library_key="section")
+    assert list(rel.index) == [*GENES, NOISE] and set(rel["n_sections"]) == {4}, rel
+    assert rel["reliability"].idxmin() == NOISE and not rel.loc[NOISE, "reliable"], rel.loc[NOISE].to_dict()
+    assert rel.loc[GENES, "reliable"].all()
+    test = select_sections(five, ["S4"])
+    pred = model.predict(test, library_key="section")
+    lo, hi = test.obsm["pretrained_lower"], test.obsm["pretrained_upper"]
+    truth = measured_expression(test, model.genes_)
+    covered = ((truth >= lo) & (truth <= hi)).to_numpy().mean(0)
+    assert 0.85 <= covered.mean() <= 0.95, covered
+    assert (lo.to_numpy() <= pred.to_numpy()).all() and (pred.to_numpy() <= hi.to_numpy()).all()
+    meta = test.uns["st_predict"]["pretrained"]
+    assert meta["calibrated"] and meta["interval_level"] == 0.9 and meta["scale"].startswith("log1p")
+    # a lower level gives narrower bounds
+    model.predict(test, library_key="section", key_added="p50", interval_level=0.5)
+    assert (test.obsm["p50_upper"] - test.obsm["p50_lower"]).to_numpy().mean() < (hi - lo).to_numpy().mean()
+
+
+def test_adapt_removes_a_planted_per_gene_bias_on_a_held_out_section(hub, five, monkeypatch):
+    rng = np.random.default_rng(0)
+    g = len(GENES) + 1
+    bias = (rng.normal(0, 1.5, g), rng.uniform(0.3, 3.0, g))  # each gene on its own scale and offset
+    cal = select_sections(five, ["S0", "S1", "S2", "S3"])
+    test = select_sections(five, ["S4"])
+    truth = measured_expression(test, [*GENES, NOISE]).to_numpy()
+    errors = {}
+    for how in ("calibrate", "adapt"):
+        model = _known_error(Pretrained("path2space", genes=[*GENES, NOISE]), monkeypatch, bias=bias)
+        model.calibrate(cal, library_key="section") if how == "calibrate" else model.adapt(cal, library_key="section")
+        errors[how] = float(((model.get_predicted_expression(test, library_key="section", return_numpy=True)
+                              - truth) ** 2).mean())
+        if how == "adapt":
+            assert model.calibration_["adapt"] == "affine" and "adapted: affine" in repr(model)
+    assert errors["adapt"] < 0.5 * errors["calibrate"], errors
+    with pytest.raises(InputError, match="at least two"):
+        Pretrained("path2space", genes=GENES).adapt(select_sections(five, ["S0"]), library_key="section")
+
+
+def test_save_and_load_keep_a_reference_and_the_calibration(hub, five, tmp_path, monkeypatch):
+    model = _known_error(Pretrained("path2space", genes=[*GENES, NOISE]), monkeypatch)
+    model.calibrate(select_sections(five, ["S0", "S1", "S2"]), library_key="section")
+    model.save(tmp_path / "p")
+    files = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert files == ["calibration.npz", "pretrained.json", "reliability.csv"]
+    assert sum(p.stat().st_size for p in (tmp_path / "p").iterdir()) < 200_000  # a reference, not the weights
+    loaded = Pretrained.load(tmp_path / "p")
+    assert loaded.key == "path2space" and loaded.genes_ == model.genes_ and loaded.is_calibrated
+    pd.testing.assert_frame_equal(loaded.gene_reliability_, model.gene_reliability_, check_dtype=False)
+    test = select_sections(five, ["S4"])
+    want = model._calibrated(model.raw_outputs(test, "section"), 0.9)
+    got = loaded._calibrated(model.raw_outputs(test, "section"), 0.9)
+    for a, b in zip((want[0], *want[1]), (got[0], *got[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # real outputs of the reloaded predictor: the same weights, read again from the cache
+    fresh = Pretrained("path2space", genes=[*GENES, NOISE])
+    np.testing.assert_allclose(Pretrained.load(tmp_path / "p").raw_outputs(test, "section"),
+                               fresh.raw_outputs(test, "section"), rtol=1e-6)
+    with pytest.raises(MissingFileError, match="model_path"):
+        Pretrained.load(tmp_path / "p", model_path=tmp_path / "moved.pt2")
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "p")
