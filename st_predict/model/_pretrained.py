@@ -116,16 +116,19 @@ class Pretrained:
         return card
 
     def _vocabulary(self) -> list[str] | None:
+        """Every gene the predictor can output: STPath's symbols, a tile model's own panel (DeepSpot-M's, whatever
+        ``genes`` the card was given), else the card's gene list or columns."""
         card = self.card
         if self.key == "stpath":
             return list(card.vocab.symbol2ensembl)
-        for attr in ("genes", "columns", "gene_names"):
+        names = getattr(getattr(card, "model", None), "gene_names", None)
+        if names is not None:
+            return [str(g) for g in names]
+        for attr in ("genes", "columns"):
             value = getattr(card, attr, None)
             if value is not None and not callable(value):
                 return [str(g) for g in value]
-        model = getattr(card, "model", None)
-        names = getattr(model, "gene_names", None)
-        return None if names is None else [str(g) for g in names]
+        return None
 
     def _check_genes(self, genes) -> list[str]:
         vocab = self._vocabulary()
@@ -133,8 +136,6 @@ class Pretrained:
             if vocab is None:
                 raise InputError(f"{self.key!r} does not say which columns it predicts: pass genes=.")
             return vocab
-        if self.key == "deepspotm":
-            vocab = [str(g) for g in self.card.model.gene_names]
         if vocab is not None:
             known = set(vocab)
             missing = [g for g in genes if g not in known]
@@ -399,7 +400,6 @@ class Pretrained:
         truth = measured_expression(adata, self.genes_, layer).to_numpy(np.float32)
         raw = self.raw_outputs(adata, library_key, spatial_key, image_key)
         self.calibration_ = calibration(raw, truth, libraries, self.genes_, adapt)
-        self.calibration_["oof_score"] = float(np.nanmean(self.calibration_["reliability"]["reliability"]))
         return self.gene_reliability_
 
     def adapt(self, adata: AnnData, method: str = "affine", library_key: str | None = None, layer: str | None = None,
@@ -438,8 +438,7 @@ class Pretrained:
                 np.savez(tmp / "calibration.npz", scale=np.array([a, b]), scores=cal["scores"], weights=cal["weights"],
                          oof=cal["oof"], adapt=np.stack(adapt) if adapt is not None else np.zeros((0,)))
                 cal["reliability"].to_csv(tmp / "reliability.csv")
-                record["calibration"] = {"sections": cal["sections"], "n_spots": cal["n_spots"], "adapt": cal["adapt"],
-                                         "oof_score": cal.get("oof_score")}
+                record["calibration"] = {"sections": cal["sections"], "n_spots": cal["n_spots"], "adapt": cal["adapt"]}
             (tmp / PRETRAINED_FILE).write_text(json.dumps(record, indent=1, default=str))
 
     @classmethod
@@ -469,6 +468,5 @@ class Pretrained:
                 "scores": z["scores"], "weights": z["weights"], "oof": z["oof"],
                 "reliability": pd.read_csv(Path(dir_path) / "reliability.csv", index_col=0),
                 "sections": info["sections"], "n_spots": info["n_spots"], "adapt": info["adapt"],
-                "oof_score": info.get("oof_score"),
             }
         return model
