@@ -2,6 +2,7 @@
 Hugging Face cache laid out as the Hub's (read with HF_HUB_OFFLINE=1), or files for ``model_path=`` /
 ``gene_voc_path=``. Random weights give no meaningful PCC: the tests measure loading, shapes, caching and calibration."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -84,3 +85,19 @@ class Counting(nn.Module):
     def forward(self, x):
         self.seen += len(x)
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@contextlib.contextmanager
+def offline_hub(root: Path, genes):
+    """Path2Space and its CTransPath (random, :func:`write_path2space`) in an HF cache under ``root``, read offline
+    while the context lasts; yields ``(hub folder, (ctranspath, head))``."""
+    import huggingface_hub.constants as hc
+    import pytest
+
+    nets = write_path2space(root / "hub", genes)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(root))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(hc, "HF_HUB_OFFLINE", True)
+        mp.setattr(hc, "HF_HUB_CACHE", str(root / "hub"))
+        yield root / "hub", nets

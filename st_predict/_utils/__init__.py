@@ -8,6 +8,7 @@ from ._constants import (
     PATCH_SIZE_PX,
     PREDICT_BATCH_SIZE,
     PREDICTED_KEY,
+    PRETRAINED_KEY,
     REGISTRY_KEYS,
     SECTION_KEY,
 )
@@ -28,7 +29,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 }, eager=globals())
 
 __all__ = [
-    "DEFAULT_WEIGHTS", "N_GENES", "PATCH_SIZE_PX", "PREDICTED_KEY", "PREDICT_BATCH_SIZE", "REGISTRY_KEYS", "SECTION_KEY",
+    "DEFAULT_WEIGHTS", "N_GENES", "PATCH_SIZE_PX", "PREDICTED_KEY", "PRETRAINED_KEY", "PREDICT_BATCH_SIZE", "REGISTRY_KEYS", "SECTION_KEY",
     "InputError", "InputTypeError", "InputWarning", "MissingFileError", "MissingKeyError", "available_cores", "commit_file",
     "digest", "downsample", "footprint_fraction", "interval_overlap", "eval_mode", "file_digest", "index_batches", "import_squidpy", "interactive", "lazy_exports", "progress_logger", "quiet_logger", "resize_patch", "resize_tile",
     "run_batches", "single_thread_worker", "spot_shape",

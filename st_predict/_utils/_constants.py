@@ -16,6 +16,8 @@ REGISTRY_KEYS = _RegistryKeys()
 
 #: Default ``adata.obsm`` key (and whole-slide table name) for predicted expression.
 PREDICTED_KEY = "nh2st"
+#: The same for a pretrained predictor (:class:`~st_predict.Pretrained`).
+PRETRAINED_KEY = "pretrained"
 #: Default obs column of sections written by st_predict's readers and the synthetic generator.
 SECTION_KEY = "section"
 #: Default patch side in full-resolution pixels (``setup_anndata(patch_size=)``).

@@ -12,6 +12,7 @@ from ._methods import (
     STNetRegressor,
 )
 from ._nested import nested_selection
+from ._pretrained import PretrainedMethod, pretrained_methods
 from ._reliability_metrics import crps_gaussian, reliability_metrics
 from ._runner import default_methods, frozen_methods, run_benchmark, to_markdown
 from ._triplex import TRIPLEXStyle
@@ -26,6 +27,7 @@ __all__ = [
     "HisToGeneStyle",
     "MeanBaseline",
     "NH2STMethod",
+    "PretrainedMethod",
     "RidgeProbe",
     "STNetRegressor",
     "SmallCNN",
@@ -34,6 +36,7 @@ __all__ = [
     "default_methods",
     "frozen_methods",
     "nested_selection",
+    "pretrained_methods",
     "reliability_metrics",
     "run_benchmark",
     "to_markdown",

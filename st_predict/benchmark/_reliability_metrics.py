@@ -25,37 +25,24 @@ def reliability_metrics(model, single: np.ndarray, folds: np.ndarray, truth: np.
     ``None``: at the calibration depth. Sharpness sits beside coverage: ``width_ratio_marginal_90`` (the mean
     90 % width over that of each gene's marginal interval of the same coverage) and ``crps_one_width_per_gene``
     (see :func:`~st_predict.metrics.interval_scores`)."""
-    from scipy.stats import norm, spearmanr
+    from scipy.stats import norm
 
     from st_predict.metrics import pcc_per_gene
 
     out: dict = {}
-    r_single = pcc_per_gene(single, truth)
     ensemble = (folds.sum(0) + single) / (len(folds) + 1)
-    out["pcc_single"] = float(np.nanmean(r_single))
+    out["pcc_single"] = float(np.nanmean(pcc_per_gene(single, truth)))
     out["pcc_ensemble"] = float(np.nanmean(pcc_per_gene(ensemble, truth)))
     depth_known = depth is not None and np.isfinite(model.calibration_depth)
     if depth_known:
         depth = np.maximum(np.asarray(depth, np.float64), 1.0)
     table = model.gene_reliability(depth=float(np.median(depth))) if depth_known else model.gene_reliability_
-    rel = table["reliability"].to_numpy(float)
-    ok = np.isfinite(rel) & np.isfinite(r_single)
-    out["spearman_reliability"] = float(spearmanr(rel[ok], r_single[ok]).statistic)
-    reliable = table["reliable"].to_numpy(bool)
-    out["n_reliable_genes"] = int(reliable.sum())
-    out["pcc_reliable_genes"] = float(np.nanmean(r_single[reliable])) if reliable.any() else float("nan")
-    out["pcc_unreliable_genes"] = float(np.nanmean(r_single[~reliable])) if (~reliable).any() else float("nan")
-    for level in (0.8, 0.9):
-        lo, hi = model.intervals_from_folds(single, folds, level, depth if depth_known else None)
-        cov = ((truth >= lo) & (truth <= hi)).mean(0)
-        tag = int(round(level * 100))
-        out[f"coverage_{tag}"] = float(cov.mean())
-        out[f"coverage_mae_{tag}"] = float(np.abs(cov - level).mean())
-        out[f"width_{tag}"] = float((hi - lo).mean())
-    lo, hi = model.intervals_from_folds(single, folds, 0.9, depth if depth_known else None)
-    sharp = interval_scores(lo, hi, truth, single, 0.9)
-    out["width_ratio_marginal_90"] = sharp["width_ratio_marginal"]
-    out["crps_one_width_per_gene"] = sharp["crps_one_width_per_gene"]
+    out.update(reliability_columns(table["reliability"].to_numpy(float), table["reliable"].to_numpy(bool), single,
+                                   truth))
+    bounds = {level: model.intervals_from_folds(single, folds, level, depth if depth_known else None)
+              for level in (0.8, 0.9)}
+    out.update(interval_columns(bounds, single, truth))
+    lo, hi = bounds[0.9]
     sigma = np.maximum((hi - lo) / (2 * norm.ppf(0.95)), 1e-6)
     order = np.argsort((hi - lo).mean(1))
     curve = []
@@ -67,4 +54,41 @@ def reliability_metrics(model, single: np.ndarray, folds: np.ndarray, truth: np.
     const = np.maximum(model.conformal_["oof_residual_sd"], 1e-6)[None, :]
     out["crps_adaptive"] = float(crps_gaussian(truth, single, sigma).mean())
     out["crps_constant_width"] = float(crps_gaussian(truth, single, const).mean())
+    return out
+
+
+def reliability_columns(reliability: np.ndarray, reliable: np.ndarray, single: np.ndarray, truth: np.ndarray) -> dict:
+    """How well each gene's ``reliability`` (and ``reliable`` flag), from the training sections, foretells the PCC that
+    the point prediction ``single`` ``(n, G)`` achieves against ``truth`` on the held-out section: the Spearman
+    correlation across genes, and the count and mean PCC of the reliable genes and of the others."""
+    from scipy.stats import spearmanr
+
+    from st_predict.metrics import pcc_per_gene
+
+    r = pcc_per_gene(single, truth)
+    ok = np.isfinite(reliability) & np.isfinite(r)
+    reliable = np.asarray(reliable, bool)
+    return {
+        "spearman_reliability": float(spearmanr(reliability[ok], r[ok]).statistic) if ok.sum() > 2 else float("nan"),
+        "n_reliable_genes": int(reliable.sum()),
+        "pcc_reliable_genes": float(np.nanmean(r[reliable])) if reliable.any() else float("nan"),
+        "pcc_unreliable_genes": float(np.nanmean(r[~reliable])) if (~reliable).any() else float("nan"),
+    }
+
+
+def interval_columns(bounds: dict, single: np.ndarray, truth: np.ndarray) -> dict:
+    """Per-gene coverage of the intervals ``bounds[level] = (lower, upper)`` (mean, and mean absolute error against
+    ``level``) and their mean width, for each level; at 0.9 also their sharpness against each gene's marginal interval
+    and the CRPS with one width per gene (:func:`~st_predict.metrics.interval_scores`)."""
+    out: dict = {}
+    for level, (lo, hi) in sorted(bounds.items()):
+        cov = ((truth >= lo) & (truth <= hi)).mean(0)
+        tag = int(round(level * 100))
+        out[f"coverage_{tag}"] = float(cov.mean())
+        out[f"coverage_mae_{tag}"] = float(np.abs(cov - level).mean())
+        out[f"width_{tag}"] = float((hi - lo).mean())
+    if 0.9 in bounds:
+        sharp = interval_scores(*bounds[0.9], truth, single, 0.9)
+        out["width_ratio_marginal_90"] = sharp["width_ratio_marginal"]
+        out["crps_one_width_per_gene"] = sharp["crps_one_width_per_gene"]
     return out

@@ -67,12 +67,14 @@ def _feature_baselines(seed: int) -> dict[str, Callable[[], object]]:
     }
 
 
-def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Callable[[], object]]:
+def default_methods(epochs: int | None = None, seed: int = 0, reliability: bool = False) -> dict[str, Callable[[], object]]:
     """The baselines, NH2ST (default recipe) and its ablations, as ``name -> factory``.
 
     ``epochs``: training epochs of the NH2ST rows (``None``: the recipe's); the baselines keep their own
-    recipes (20 epochs)."""
-    nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, **kw))  # noqa: E731
+    recipes (20 epochs). ``reliability``: the NH2ST rows train with ``reliability=True`` and get the reliability
+    columns (coverage, width, the reliability's Spearman with the held-out PCC)."""
+    extra = {"train_kwargs": {"reliability": True}} if reliability else {}
+    nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, **extra, **kw))  # noqa: E731
     return {
         **_feature_baselines(seed),
         "small CNN (from scratch)": lambda: SmallCNN(seed=seed),
@@ -99,11 +101,13 @@ def default_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Calla
     }
 
 
-def frozen_methods(epochs: int | None = None, seed: int = 0) -> dict[str, Callable[[], object]]:
+def frozen_methods(epochs: int | None = None, seed: int = 0, reliability: bool = False) -> dict[str, Callable[[], object]]:
     """The methods that read only the shared frozen encoder's features: the table for a pathology
     foundation model (``run_benchmark(encoder=...)``), where training an encoder end to end is out of
-    reach on a CPU. NH2ST's heads train on the same features as the probes, on the same folds."""
-    nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, trunk="frozen", **kw))  # noqa: E731
+    reach on a CPU. NH2ST's heads train on the same features as the probes, on the same folds. ``reliability`` as
+    in :func:`default_methods`."""
+    extra = {"train_kwargs": {"reliability": True}} if reliability else {}
+    nh = lambda **kw: (lambda: NH2STMethod(epochs=epochs, seed=seed, trunk="frozen", **extra, **kw))  # noqa: E731
     return {
         **_feature_baselines(seed),
         "NH2ST frozen trunk": nh(),
@@ -310,6 +314,10 @@ def run_benchmark(
                 # at the held-out section's own depth: each spot's UMI count
                 rows[-1].update(reliability_metrics(unc["model"], pred, unc["folds"], np.asarray(y_test),
                                                     depth=spot_depth(test)))
+            if hasattr(method, "reliability_metrics"):  # a method with its own calibration (a pretrained predictor's)
+                rows[-1].update(method.reliability_metrics(fold, pred, np.asarray(y_test)) or {})
+            if getattr(method, "missing_genes_", None) is not None:  # genes it cannot output: counted, not dropped
+                rows[-1]["n_genes_not_output"] = len(method.missing_genes_)
             if getattr(method, "selected_", None) is not None:  # a setting chosen inside the training sections
                 rows[-1]["selected"] = method.selected_
             held_out[name][0].append(pd.DataFrame(pred, columns=genes))
@@ -326,7 +334,7 @@ def run_benchmark(
     )
     summary["pcc_pooled"] = [pooled_pcc(*held_out[name]) for name in summary["method"]]
     extra = [c for c in df.columns if c.startswith(("coverage_", "width_", "spearman_", "crps_", "pcc_ensemble",
-                                                    "pcc_single"))]
+                                                    "pcc_single", "n_reliable_genes", "n_genes_not_output"))]
     if extra:  # methods with intervals: their reliability columns, mean over folds
         summary = summary.merge(df.groupby("method", sort=False)[extra].mean().reset_index(), on="method", how="left")
     result = {
@@ -385,6 +393,7 @@ def to_markdown(result: dict) -> str:
         "genes chosen after seeing the results, and PCC over all held-out spots pooled across sections. CPU "
         "seconds: the process's CPU time for the method over all folds (fit and predict); seconds: wall time.",
     ]
+    lines += _reliability_markdown(result["summary"])
     for name, nested in (result.get("nested") or {}).items():
         cands = nested["candidates"]
         lines += ["", f"Nested selection **{name}** ({nested['rule']}):", "",
@@ -398,3 +407,32 @@ def to_markdown(result: dict) -> str:
                          + f" | {nested['choices'][fold]} | {nested['pcc'][fold]:.3f} |")
         lines += ["", f"Chosen on most folds (the default it gives): {nested['default']}."]
     return "\n".join(lines) + "\n"
+
+
+#: the reliability columns of the Markdown table: (summary key, header, format)
+_RELIABILITY_COLUMNS = (("coverage_80", "80 % coverage", ".3f"), ("coverage_90", "90 % coverage", ".3f"),
+                        ("width_90", "90 % width", ".3f"), ("spearman_reliability", "Spearman(reliability, PCC)", ".3f"),
+                        ("n_reliable_genes", "reliable genes", ".1f"), ("n_genes_not_output", "genes not output", ".1f"))
+
+
+def _reliability_markdown(summary) -> list[str]:
+    """A second table for the methods with intervals (NH2ST with ``reliability=True``, calibrated pretrained
+    predictors) and the genes a method cannot output."""
+    keys = [k for k, _, _ in _RELIABILITY_COLUMNS]
+    rows = [r for r in summary if any(_finite(r.get(k)) for k in keys)]
+    if not rows:
+        return []
+    lines = ["", "| method | " + " | ".join(h for _, h, _ in _RELIABILITY_COLUMNS) + " |",
+             "|---|" + "---|" * len(_RELIABILITY_COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(_cell(r.get(k), f) for k, _, f in _RELIABILITY_COLUMNS) + " |")
+    lines += ["", "Reliability, from the training sections only, scored on the held-out one: per-gene coverage of the "
+              "80 % and 90 % intervals (mean over genes, then folds), the mean 90 % width on the log1p scale, the "
+              "Spearman correlation across genes of each gene's reliability with the PCC it then achieves, the genes "
+              "called reliable, and the fold's genes the method cannot output (predicted by their training mean: "
+              "NaN PCC, counted)."]
+    return lines
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and bool(np.isfinite(value))

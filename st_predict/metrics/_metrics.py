@@ -38,7 +38,10 @@ def pcc_per_gene(pred, truth) -> np.ndarray:
     denom = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (pc * tc).sum(0) / denom
-    r[~(denom > 0)] = np.nan
+    # constant where all values are equal: then the centred values are rounding noise, not a signal (the mean of n
+    # equal floats need not equal them), and that noise must not give a correlation
+    constant = (p.max(0) == p.min(0)) | (t.max(0) == t.min(0)) if len(p) else np.ones(p.shape[1], bool)
+    r[~(denom > 0) | constant] = np.nan
     return r
 
 

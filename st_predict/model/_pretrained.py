@@ -17,6 +17,7 @@ from anndata import AnnData
 
 from st_predict._utils import (
     PREDICT_BATCH_SIZE,
+    PRETRAINED_KEY,
     InputError,
     MissingFileError,
     MissingKeyError,
@@ -31,8 +32,6 @@ logger = logging.getLogger(__name__)
 
 #: the file :meth:`Pretrained.save` writes (with ``calibration.npz`` when calibrated)
 PRETRAINED_FILE = "pretrained.json"
-#: obsm key :meth:`Pretrained.predict` writes by default
-PRETRAINED_KEY = "pretrained"
 
 
 class Pretrained:
@@ -53,6 +52,9 @@ class Pretrained:
     genes
         The genes to predict (symbols); a gene outside the predictor's vocabulary is an error that names it.
         Default: the predictor's whole panel (STPath needs ``genes``: its panel is 38,982 Ensembl IDs).
+    unknown_genes
+        ``"drop"``: leave the genes outside the vocabulary out instead (listed in :attr:`dropped_genes_`; an error
+        still when none is known).
     encoder, encoder_weights
         The feature encoder of a feature predictor, as NH2ST's ``encoder`` (default: the one the predictor was
         trained on, ``"lazyslide:<its vision_encoder>"``, with its published weights or ``encoder_weights``, a
@@ -62,7 +64,8 @@ class Pretrained:
         Override the recorded tile geometry (micrometres of tissue per tile, pixels per tile side).
     feature_cache
         A folder (or :class:`~st_predict.dataloaders.FeatureCache`, or ``True`` for the default one) to keep the
-        features on disk; they are also kept in memory for this object's later calls.
+        features on disk; they are also kept in memory for this object's later calls. A ``dict``: kept in it
+        instead, in memory, shared by the predictors given the same dict (one section embedded once for all).
     batch_size
         Tiles per encoder call.
     **predictor_kwargs
@@ -72,7 +75,7 @@ class Pretrained:
 
     def __init__(self, key: str, *, genes: Sequence[str] | None = None, encoder=None, encoder_weights=None,
                  tile_um: float | None = None, tile_px: int | None = None, feature_cache=None,
-                 batch_size: int = PREDICT_BATCH_SIZE, **predictor_kwargs):
+                 batch_size: int = PREDICT_BATCH_SIZE, unknown_genes: str = "raise", **predictor_kwargs):
         self.key = str(key)
         cls, self.task = predictor_class(self.key)
         self.info = card_info(cls)
@@ -83,6 +86,10 @@ class Pretrained:
         self.batch_size = int(batch_size)
         self.predictor_kwargs = dict(predictor_kwargs)
         genes = None if genes is None else [str(g) for g in genes]
+        if unknown_genes not in ("raise", "drop"):
+            raise InputError(f"unknown_genes must be 'raise' or 'drop', got {unknown_genes!r}.")
+        self.unknown_genes = unknown_genes
+        self.dropped_genes_: list[str] = []
         if genes is not None and (len(genes) == 0 or len(set(genes)) != len(genes)):
             raise InputError("genes must be a non-empty list of distinct gene symbols.")
         self.card = self._load(cls, genes)
@@ -90,7 +97,7 @@ class Pretrained:
         self.encoder_arg, self.encoder_weights = encoder, encoder_weights
         self.encoder, self.encoder_spec = self._build_encoder(cls) if self.task == "feature" else (None, None)
         self.feature_cache = feature_cache
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, torch.Tensor] = feature_cache if isinstance(feature_cache, dict) else {}
         self.calibration_: dict | None = None
 
     # -- building -----------------------------------------------------------------------------------------------
@@ -139,9 +146,15 @@ class Pretrained:
         if vocab is not None:
             known = set(vocab)
             missing = [g for g in genes if g not in known]
-            if missing:
+            if missing and (self.unknown_genes == "raise" or len(missing) == len(genes)):
                 raise MissingKeyError(f"{len(missing)} of the {len(genes)} genes are not in {self.key!r}'s vocabulary "
-                                      f"({len(vocab)} genes): {missing[:10]}. Drop them from genes=.")
+                                      f"({len(vocab)} genes): {missing[:10]}. Drop them from genes= (or pass "
+                                      "unknown_genes='drop').")
+            if missing:
+                self.dropped_genes_ = missing
+                genes = [g for g in genes if g in known]
+                if isinstance(getattr(self.card, "genes", None), list):  # a tile model that selects its outputs
+                    self.card.genes = list(genes)
         return list(genes)
 
     def _build_encoder(self, cls):
@@ -206,7 +219,7 @@ class Pretrained:
         from st_predict.dataloaders import FeatureCache
 
         fc = self.feature_cache
-        if fc is None or fc is False:
+        if fc is None or fc is False or isinstance(fc, dict):
             return None
         return fc if isinstance(fc, FeatureCache) else FeatureCache(None if fc is True else fc)
 
@@ -320,12 +333,15 @@ class Pretrained:
         return out
 
     # -- calibrated predictions -----------------------------------------------------------------------------------
-    def _calibrated(self, raw: np.ndarray, level: float | None):
-        """Point predictions on the targets' scale and, at ``level``, the conformal bounds."""
+    def calibrated(self, raw: np.ndarray, interval_level: float | None = None):
+        """The predictor's outputs ``raw`` (:meth:`raw_outputs`) as point predictions on the targets' scale and, at
+        ``interval_level``, their conformal bounds ``(lower, upper)`` (``None`` without a level or a calibration);
+        not calibrated: ``raw`` itself."""
+        level = interval_level
         cal = self.calibration_
         if cal is None:
             return raw, None
-        point = apply_map(cal["params"], raw)
+        point = np.maximum(apply_map(cal["params"], raw), 0.0)  # the targets are log1p of counts: never below 0
         if level is None:
             return point, None
         q = interval_half_width(cal, float(level))[None, :]
@@ -345,7 +361,7 @@ class Pretrained:
         if progress:
             progress_logger().info("%s: %d spots", self.key, adata.n_obs)
         raw = self.raw_outputs(adata, library_key, spatial_key, image_key)
-        point, bounds = self._calibrated(raw, interval_level)
+        point, bounds = self.calibrated(raw, interval_level)
         df = pd.DataFrame(point, index=adata.obs_names.copy(), columns=list(self.genes_))
         adata.obsm[key_added] = df
         meta = self.metadata(interval_level if bounds is not None else None)
@@ -372,8 +388,31 @@ class Pretrained:
     def get_predicted_expression(self, adata: AnnData, library_key: str | None = None, return_numpy: bool = False,
                                  **kwargs):
         """The (calibrated, where calibrated) predictions of ``adata``'s spots, without writing into it."""
-        point, _ = self._calibrated(self.raw_outputs(adata, library_key, **kwargs), None)
+        point, _ = self.calibrated(self.raw_outputs(adata, library_key, **kwargs))
         return point if return_numpy else pd.DataFrame(point, index=adata.obs_names.copy(), columns=list(self.genes_))
+
+    # -- whole slides ---------------------------------------------------------------------------------------------
+    def predict_slide(self, slide, **kwargs):
+        """Predict the tissue of a whole H&E slide (a slide file, a plain image with ``mpp=``, a SpatialData, a
+        WSIData or an AnnData with an image), as NH2ST's :func:`~st_predict.tl.predict_slide` does, with tiles of
+        this predictor's :attr:`geometry` every ``pitch_um`` micrometres (default: side by side). Each tile goes
+        through the encoder once; a second call on the same slide runs none. STPath refuses more tiles than its
+        ``max_spots`` before encoding any. Calibrated, the table has the bounds (layers ``"lower"`` / ``"upper"``)
+        and each gene's reliability (``var``). Takes ``mpp``, ``pitch_um``, ``key_added`` (default
+        ``"pretrained"``), ``progress``, ``num_workers``, ``image_key``, ``library_id``, ``image_element``,
+        ``tissue_method``, ``min_tissue_fraction``, ``image_mpp`` and ``interval_level``, as there. Returns the
+        slide as a :class:`wsidata.WSIData` with the table ``tables[key_added]``."""
+        from st_predict import tl
+
+        return tl.predict_slide(self, slide, **kwargs)
+
+    def predict_slides(self, slides, out_dir, **kwargs):
+        """Predict many slides on dask into ``out_dir/<slide id>.zarr`` with a manifest to resume from, as
+        :func:`~st_predict.tl.predict_slides`; each worker loads this predictor again from a saved reference (the
+        weights must be where they were: the same ``model_path`` or Hugging Face cache on every worker)."""
+        from st_predict import tl
+
+        return tl.predict_slides(self, slides, out_dir, **kwargs)
 
     # -- calibration and adaptation -------------------------------------------------------------------------------
     def calibrate(self, adata: AnnData, library_key: str | None = None, layer: str | None = None,

@@ -5,7 +5,8 @@ model as a LazySlide tile-prediction model (:func:`as_tile_model`). ``model.pred
 from ._bins import aggregate_bins
 from ._cohort import DONE, predict_slides, read_manifest, write_prediction
 from ._cohort import run as run_cohort
-from ._slide import as_tile_model, default_num_workers, open_slide, predict_slide
+from ._slide import as_tile_model, predict_slide
+from ._slide_open import default_num_workers, open_slide
 
 __all__ = ["DONE", "aggregate_bins", "as_tile_model", "default_num_workers", "open_slide", "predict_slide", "predict_slides",
            "read_manifest", "run_cohort", "write_prediction"]

@@ -30,6 +30,7 @@ import pandas as pd
 
 from st_predict._utils import (
     PREDICTED_KEY,
+    PRETRAINED_KEY,
     InputError,
     InputWarning,
     MissingFileError,
@@ -140,15 +141,37 @@ def write_prediction(sdata, key_added: str, out: str | os.PathLike) -> None:
 _MODELS: dict[tuple, object] = {}  # in each worker process: the models it loaded, by folder and file time
 
 
+#: what a saved model's folder holds: NH2ST's weights, or a pretrained predictor's reference to its weights
+SAVED_FILES = ("model.pt", "pretrained.json")
+
+
+def saved_model_file(model_dir: str | os.PathLike) -> Path:
+    """The file that makes ``model_dir`` a saved model (NH2ST's ``model.pt`` or a pretrained predictor's
+    ``pretrained.json``); an error names both when there is neither."""
+    for name in SAVED_FILES:
+        if (Path(model_dir) / name).is_file():
+            return Path(model_dir) / name
+    raise MissingFileError(f"No saved model at {model_dir} (expected {Path(model_dir) / SAVED_FILES[0]} of NH2ST or "
+                           f"{Path(model_dir) / SAVED_FILES[1]} of a pretrained predictor).")
+
+
 def _model(model_dir: str, load_kwargs: dict):
-    stamp = (Path(model_dir) / "model.pt").stat().st_mtime_ns
-    key = (model_dir, stamp, tuple(sorted(load_kwargs.items())))
+    path = saved_model_file(model_dir)
+    key = (model_dir, path.name, path.stat().st_mtime_ns, tuple(sorted(load_kwargs.items())))
     if key not in _MODELS:
-        from st_predict import NH2ST
+        from st_predict import NH2ST, Pretrained
 
         _MODELS.clear()  # one model per worker process
-        _MODELS[key] = NH2ST.load(model_dir, **load_kwargs)
+        _MODELS[key] = (Pretrained if path.name == "pretrained.json" else NH2ST).load(model_dir, **load_kwargs)
     return _MODELS[key]
+
+
+def default_key(model) -> str:
+    """The table a model's slide predictions go to by default: ``"nh2st"``, or ``"pretrained"`` for a pretrained
+    predictor."""
+    from ._slide_pretrained import is_pretrained
+
+    return PRETRAINED_KEY if is_pretrained(model) else PREDICTED_KEY
 
 
 def _one_line(err: BaseException) -> str:
@@ -168,13 +191,13 @@ def predict_one(model_dir: str, load_kwargs: dict, slide: str, out: str, predict
         import dask
 
         model = _model(model_dir, load_kwargs)
-        key = predict_kwargs.get("key_added", PREDICTED_KEY)
+        key = predict_kwargs.get("key_added") or default_key(model)
         # the slide readers' dask arrays are computed here, in this task: with dask's default in a worker they
         # would go to the cluster, and the task, waiting, would let the worker start another slide (three at
         # once in one worker here: slower, and more memory)
         with dask.config.set(scheduler="synchronous"), warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("default")
-            sdata = model.predict_slide(slide, progress=False, num_workers=0, **predict_kwargs)
+            sdata = model.predict_slide(slide, progress=False, num_workers=0, **{**predict_kwargs, "key_added": key})
             write_prediction(sdata, key, out)
         tiles = int(sdata.tables[key].n_obs)
         del sdata
@@ -255,8 +278,7 @@ def run(model_dir: str | os.PathLike, slides, out_dir: str | os.PathLike, *, loa
     from st_predict._utils import interactive
 
     model_dir = os.path.abspath(os.fspath(model_dir))
-    if not (Path(model_dir) / "model.pt").is_file():
-        raise MissingFileError(f"No saved model at {model_dir} (expected {Path(model_dir) / 'model.pt'}).")
+    saved_model_file(model_dir)
     table = slide_table(slides)
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
@@ -321,7 +343,7 @@ def predict_slides(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: bool | None = None,
-    key_added: str = PREDICTED_KEY,
+    key_added: str | None = None,
     **kwargs,
 ) -> pd.DataFrame:
     """Predict expression over many whole slides, one ``dask.distributed`` task per slide.
@@ -341,7 +363,10 @@ def predict_slides(
     Parameters
     ----------
     model
-        A trained :class:`~st_predict.NH2ST` (``model.predict_slides(slides, out_dir)`` calls this).
+        A trained :class:`~st_predict.NH2ST` or a :class:`~st_predict.Pretrained` predictor
+        (``model.predict_slides(slides, out_dir)`` calls this). A pretrained predictor is saved as a reference to
+        its weights, which every worker must find (the same ``model_path``, or the same Hugging Face cache), with
+        its ``feature_cache`` folder.
     slides
         Slide paths (anything :meth:`predict_slide` opens from a path), a DataFrame, or the path of a CSV
         file, with a ``slide`` column and optionally ``slide_id`` (default: the file name without its
@@ -363,7 +388,8 @@ def predict_slides(
     progress
         A progress bar over slides (default: on a terminal or in a notebook).
     key_added
-        Name of each output's table, as in :meth:`predict_slide`.
+        Name of each output's table, as in :meth:`predict_slide` (default ``"nh2st"``, or ``"pretrained"`` for a
+        pretrained predictor).
     **kwargs
         Passed to :meth:`predict_slide` (``mpp``, ``pitch_um``, ``tile_size_um``, ``batch_size``, ``tta``,
         ``tissue_method``, ``min_tissue_fraction``, ``image_mpp``, ``interval_level``, ``ensemble``...).
@@ -379,7 +405,15 @@ def predict_slides(
     >>> manifest = model.predict_slides(["a.svs", "b.svs"], "predictions/")
     >>> sdata = spatialdata.read_zarr("predictions/a.zarr")
     """
-    model._check_if_trained(warn=False)
+    from ._slide_pretrained import is_pretrained
+
+    pretrained = is_pretrained(model)
+    if pretrained:
+        load = _pretrained_load_kwargs(model)
+    else:
+        model._check_if_trained(warn=False)
+        device = getattr(model.module, "device", None)
+        load = {"accelerator": "gpu" if device is not None and device.type == "cuda" else "cpu"}
     for bad in ("progress", "num_workers"):
         if bad in kwargs:
             raise TypeError(f"predict_slides() sets {bad} of predict_slide itself.")
@@ -390,10 +424,21 @@ def predict_slides(
     folder = tempfile.mkdtemp(dir=out, prefix=".model-")  # seen by every worker that sees out_dir
     try:
         model.save(os.path.join(folder, "model"), save_anndata=False)
-        device = getattr(model.module, "device", None)
-        load = {"accelerator": "gpu" if device is not None and device.type == "cuda" else "cpu"}
         return run(os.path.join(folder, "model"), slides, out, load_kwargs=load,
-                           predict_kwargs={**kwargs, "key_added": key_added}, client=client, scheduler=scheduler,
-                           n_workers=n_workers, torch_threads=threads_per_worker, progress=progress)
+                   predict_kwargs={**kwargs, "key_added": key_added or default_key(model)}, client=client,
+                   scheduler=scheduler, n_workers=n_workers, torch_threads=threads_per_worker, progress=progress)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pretrained_load_kwargs(model) -> dict:
+    """How a worker loads a pretrained predictor as ``model`` is: with its feature cache folder (its encoder is
+    named, so the worker builds it again; a module cannot be sent)."""
+    import torch
+
+    if isinstance(model.encoder_arg, torch.nn.Module):
+        raise InputError("predict_slides() loads the predictor again in each worker, which cannot rebuild a user "
+                         "encoder module: give the encoder by name (an st_predict encoder spec), or call "
+                         "predict_slide() per slide.")
+    cache = model._cache()
+    return {} if cache is None else {"feature_cache": str(cache.root)}

@@ -8,12 +8,7 @@ predictions (one float32 per tile and gene) go into one array allocated up front
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,15 +17,11 @@ import torch
 from st_predict._utils import (
     PREDICT_BATCH_SIZE,
     PREDICTED_KEY,
+    PRETRAINED_KEY,
     InputError,
-    InputTypeError,
-    MissingFileError,
     MissingKeyError,
-    available_cores,
     index_batches,
     interactive,
-    progress_logger,
-    resize_tile,
     run_batches,
     single_thread_worker,
     thread_limits,
@@ -38,187 +29,8 @@ from st_predict._utils import (
 )
 
 from ._slide_bins import add_bins, check_bins
-from ._slide_checks import TIFF_SUFFIXES, check_stained, check_tiff_complete, tile_reading
-from ._slide_image import CONVERT_HINT, PLAIN_SUFFIXES, plain_image_element
-from ._tissue import find_tissue, tissue_mpp_for
-
-#: what the slide readers raise for a file they cannot read as a slide (OpenSlide's and tifffile's
-#: errors derive from these; wsidata raises ValueError when no reader accepts the file)
-_UNREADABLE = (OSError, ValueError, KeyError, IndexError)
-
-
-def _wsi_stack():
-    try:
-        import lazyslide
-        import wsidata
-    except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "Whole-slide prediction needs wsidata and lazyslide: pip install 'st-predict[wsi]'."
-        ) from err
-    return wsidata, lazyslide
-
-
-@dataclass
-class OpenedSlide:
-    """A slide opened for prediction: the :class:`wsidata.WSIData`, a name for messages, the µm/px its
-    source recorded (``None`` if none) and, for an AnnData image, how to map tile centres back to the
-    AnnData's full-resolution pixels."""
-
-    wsi: Any
-    name: str
-    mpp: float | None = None
-    to_fullres: float = 1.0
-    spatial_uns: dict = field(default_factory=dict)
-
-
-def _is_zarr_store(path: str) -> bool:
-    return os.path.isdir(path) and any(
-        os.path.exists(os.path.join(path, f)) for f in ("zarr.json", ".zgroup", ".zattrs")
-    )
-
-
-def _from_spatialdata(sdata, image_key: str | None, name: str) -> OpenedSlide:
-    wsidata, _ = _wsi_stack()
-    from spatialdata import SpatialData
-
-    keys = list(sdata.images)
-    if image_key is None:
-        if len(keys) != 1:
-            raise InputError(
-                f"{name} has {len(keys)} image elements ({', '.join(keys) or 'none'}): pass image_element= to "
-                "choose the H&E."
-            )
-        image_key = keys[0]
-    if image_key not in sdata.images:
-        raise MissingKeyError(f"{name} has no image element {image_key!r} (it has: {', '.join(keys) or 'none'}).")
-    try:
-        # a SpatialData of this one element: the user's object gets no tiles, tissues or tables
-        wsi = wsidata.open_wsi(SpatialData(images={image_key: sdata.images[image_key]}), image_key=image_key)
-    except ValueError as err:
-        raise InputError(f"Image element {image_key!r} of {name} cannot be read as an H&E slide: {err}") from err
-    return OpenedSlide(wsi, f"{name} image {image_key!r}")
-
-
-def _from_anndata(adata, image_key: str | None, library_id: str | None) -> OpenedSlide:
-    from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel
-
-    from st_predict.pp import section_images, section_pixel_sizes
-
-    spatial = adata.uns.get("spatial")
-    if not isinstance(spatial, Mapping) or not spatial:
-        raise MissingKeyError("The AnnData has no image: expected adata.uns['spatial'][library_id]['images'].")
-    if library_id is None:
-        if len(spatial) != 1:
-            raise InputError(
-                f"adata.uns['spatial'] has {len(spatial)} libraries ({', '.join(map(str, spatial))}): pass "
-                "library_id= to choose the slide."
-            )
-        library_id = next(iter(spatial))
-    libs = np.array([library_id])
-    images, scales = section_images(adata, libs, image_key or "hires")
-    img = np.asarray(images[library_id])
-    if img.ndim != 3 or img.shape[2] < 3:
-        raise InputError(f"The image of library {library_id!r} must be RGB (H, W, 3), got shape {img.shape}.")
-    if img.dtype != np.uint8:
-        raise InputError(f"The image of library {library_id!r} must be uint8 RGB, got {img.dtype}.")
-    scale = scales[library_id]
-    pixel_size = section_pixel_sizes(adata, libs)[library_id]
-    element = Image2DModel.parse(img[..., :3].transpose(2, 0, 1), dims=("c", "y", "x"))
-    opened = _from_spatialdata(SpatialData(images={"image": element}), "image", f"the AnnData's {library_id!r}")
-    opened.mpp = None if pixel_size is None else pixel_size / scale  # µm per pixel of this image
-    opened.to_fullres = 1.0 / scale
-    opened.spatial_uns = {library_id: dict(spatial[library_id])}
-    return opened
-
-
-def open_slide(slide: Any, image_key: str | None = None, library_id: str | None = None,
-               image_element: str | None = None) -> OpenedSlide:
-    """Open ``slide`` for prediction: a slide file (SVS, NDPI, pyramidal TIFF, ...), a plain JPEG, PNG or
-    TIFF (the µm/px must then be given as ``mpp``), a SpatialData
-    ``.zarr`` store, a :class:`wsidata.WSIData`, a :class:`spatialdata.SpatialData` with an image
-    element, or an AnnData with a Visium-style image in ``uns["spatial"]``."""
-    from spatialdata import SpatialData as _SpatialData
-
-    if image_key is not None and (isinstance(slide, _SpatialData) or isinstance(slide, str | os.PathLike)
-                                  and _is_zarr_store(os.fspath(slide))):
-        warnings.warn("image_key= for a SpatialData's image element is deprecated: use image_element= (image_key "
-                      "names an AnnData's image, as in setup_anndata).", FutureWarning, stacklevel=user_stacklevel())
-        image_element = image_key if image_element is None else image_element
-    wsidata, _ = _wsi_stack()
-    from anndata import AnnData
-    from spatialdata import SpatialData
-
-    if isinstance(slide, wsidata.WSIData):
-        source = slide.path or getattr(slide.reader, "file", None)
-        return OpenedSlide(slide, str(source) if source else "the slide")
-    if isinstance(slide, SpatialData):
-        return _from_spatialdata(slide, image_element, "the SpatialData")
-    if isinstance(slide, AnnData):
-        return _from_anndata(slide, image_key, library_id)
-    if isinstance(slide, str | os.PathLike):
-        path = os.fspath(slide)
-        if not os.path.exists(path):
-            raise MissingFileError(f"Slide file {path!r} does not exist.")
-        if _is_zarr_store(path):
-            import spatialdata
-
-            try:
-                sdata = spatialdata.read_zarr(path)
-            except _UNREADABLE as err:
-                raise InputError(f"Could not read {path!r} as a SpatialData store: {err}") from err
-            return _from_spatialdata(sdata, image_element, path)
-        suffix = os.path.splitext(path)[1].lower()
-        if suffix in TIFF_SUFFIXES:
-            check_tiff_complete(path)
-        if suffix not in (".jpg", ".jpeg", ".png"):
-            try:
-                # store=None: no zarr store is created or reused next to the slide
-                return OpenedSlide(wsidata.open_wsi(path, store=None), path)
-            except _UNREADABLE as err:
-                if suffix not in PLAIN_SUFFIXES:
-                    raise InputError(
-                        f"Could not open {path!r} as a whole-slide image (no reader of wsidata accepts it: "
-                        f"{type(err).__name__}); for an image in another format, {CONVERT_HINT}."
-                    ) from err
-        # a plain JPEG / PNG, or a TIFF no whole-slide reader takes (not tiled): its pixels, at the µm/px of mpp=
-        from spatialdata import SpatialData
-
-        try:
-            element = plain_image_element(path)
-        except InputError as err:
-            why = err.__cause__ or err  # the reader's own words, without the path again
-            raise InputError(f"Could not open {path!r} as a whole-slide or a plain image ({type(why).__name__}: {why}; "
-                             "a truncated or corrupted file?)") from err
-        opened = _from_spatialdata(SpatialData(images={"image": element}), "image", path)
-        opened.name = path
-        return opened
-    raise InputTypeError(
-        "slide must be a path, a wsidata.WSIData, a SpatialData or an AnnData with an image, got "
-        f"{type(slide).__name__}."
-    )
-
-
-def default_num_workers() -> int:
-    """DataLoader workers that read tiles while the network runs.
-
-    None on a machine with 4 cores or fewer: on 2 cores a reading worker takes a core from the
-    network's threads and whole-slide prediction got 20 % slower (``benchmarks/her2st_slide.py``).
-    With more cores, half of them (at most 8) read, the rest run the network's threads.
-    """
-    n = available_cores()  # the cores this process may use, as for the thread limits
-    return 0 if n <= 4 else min(8, n // 2)
-
-
-def _tissue_fraction(tiles, tissues) -> np.ndarray:
-    """The fraction of each tile's area inside the tissue polygons (NaN without them)."""
-    if tissues is None or len(tissues) == 0:
-        return np.full(len(tiles), np.nan, dtype=np.float32)
-    import shapely
-
-    tissue = shapely.union_all(tissues.geometry.to_numpy())
-    geoms = tiles.geometry.to_numpy()
-    return (shapely.area(shapely.intersection(geoms, tissue)) / shapely.area(geoms)).astype(np.float32)
+from ._slide_open import default_num_workers, open_slide
+from ._slide_tiles import add_overview, lay_tiles, tile_dataset, write_tile_table, wsi_stack
 
 
 def _tile_geometry_um(tiles, slide_mpp: float) -> tuple[float, float]:
@@ -240,7 +52,7 @@ def predict_slide(
     tile_size_um: float | None = None,
     batch_size: int = PREDICT_BATCH_SIZE,
     tta: bool | None = None,
-    key_added: str = PREDICTED_KEY,
+    key_added: str | None = None,
     progress: bool | None = None,
     num_workers: int | None = None,
     image_key: str | None = None,
@@ -270,7 +82,10 @@ def predict_slide(
     Parameters
     ----------
     model
-        A trained :class:`~st_predict.NH2ST` (``model.predict_slide(slide, ...)`` calls this).
+        A trained :class:`~st_predict.NH2ST` (``model.predict_slide(slide, ...)`` calls this), or a
+        :class:`~st_predict.Pretrained` predictor, which tiles at its own geometry and takes the parameters below
+        but ``tile_size_um``, ``batch_size``, ``tta``, ``features_key``, ``ensemble``, ``interval_depth`` and
+        ``bin_um`` (see :meth:`~st_predict.Pretrained.predict_slide`).
     slide
         A slide file (SVS, NDPI, pyramidal TIFF / OME-TIFF, anything OpenSlide or tiffslide
         reads), a plain JPEG, PNG or TIFF with ``mpp=`` (decoded into memory up to 2 GiB of pixels,
@@ -292,7 +107,8 @@ def predict_slide(
     tta
         Average over the 8 flips/rotations of each tile (default: the model's setting).
     key_added
-        Name of the table (``sdata.tables[key_added]``); the tiles are the shapes
+        Name of the table (``sdata.tables[key_added]``; default ``"nh2st"``, ``"pretrained"`` for a pretrained
+        predictor); the tiles are the shapes
         ``f"{key_added}_tiles"`` and the tissue polygons ``f"{key_added}_tissues"``.
     progress
         Print the tile count and show a progress bar (default: on a terminal or in a notebook).
@@ -355,13 +171,26 @@ def predict_slide(
     holds the library's images, so ``sc.pl.spatial`` draws the tiles over the H&E. The image
     ``f"{key_added}_image"`` (see ``image_mpp``) is the slide, downsampled, in the tiles' frame.
     """
+    from ._slide_pretrained import is_pretrained, predict_slide_pretrained
+
+    if is_pretrained(model):
+        theirs = {"tile_size_um": tile_size_um, "patch_size_um": patch_size_um, "tta": tta, "features_key": features_key,
+                  "ensemble": ensemble, "interval_depth": interval_depth, "bin_um": bin_um}
+        given = sorted(k for k, v in theirs.items() if v is not None)
+        if given or batch_size != PREDICT_BATCH_SIZE:
+            raise InputError(f"{', '.join(given or ['batch_size'])}: NH2ST's settings, which a pretrained predictor has "
+                             "not (it tiles at model.geometry; its batch size is Pretrained(batch_size=)).")
+        return predict_slide_pretrained(model, slide, mpp, pitch_um, key_added or PRETRAINED_KEY, progress, num_workers,
+                                        image_key, library_id, image_element, tissue_method, min_tissue_fraction,
+                                        image_mpp, interval_level)
+    key_added = PREDICTED_KEY if key_added is None else key_added
     if patch_size_um is not None:
         warnings.warn("predict_slide(patch_size_um=) is deprecated: use tile_size_um=.", FutureWarning,
                       stacklevel=user_stacklevel())
         tile_size_um = patch_size_um if tile_size_um is None else tile_size_um
     model._check_if_trained(warn=False)
     check_bins(model, bin_um, features_key)
-    _, zs = _wsi_stack()
+    _, zs = wsi_stack()
     tile_um = tile_size_um if tile_size_um is not None else model.patch_geometry_.size_um
     if tile_um is None:
         raise InputError(
@@ -408,30 +237,14 @@ def predict_slide(
                 "um patches: lay them with model.as_tile_model().tile_kwargs.", UserWarning, stacklevel=user_stacklevel())
     else:
         num_workers = default_num_workers() if num_workers is None else int(num_workers)
-        # tiles are read straight at the network's resolution, or, on a slide coarser than that, at the slide's own
-        # and upsampled (warned once)
-        tile_px, tile_mpp, upsampling = tile_reading(tile_um, size, slide_mpp, name)
-        stride = max(1, int(round(pitch / tile_mpp)))
-        tile_key = f"{key_added}_tiles"
-        # tissue detection at one physical resolution, on pixels averaged down from a finer level, so that the
-        # same H&E gives the same tissue in any container (lazyslide's "auto" level also depends on free memory)
-        tissue_mpp = tissue_mpp_for(tile_um)
-        tissue_level, seen = find_tissue(wsi, slide_mpp, tissue_mpp, tissue_method, tissue_key)
-        if tissue_key not in wsi.shapes or len(wsi.shapes[tissue_key]) == 0:
-            raise InputError(f"No tissue found on the slide {name}.")
-        check_stained(seen, name)
-        del seen
-        zs.pp.tile_tissues(wsi, tile_px=tile_px, stride_px=stride, mpp=tile_mpp, tissue_key=tissue_key,
-                           key_added=tile_key, background_fraction=1 - min_tissue_fraction)
-        tiles = wsi.shapes[tile_key] if tile_key in wsi.shapes else ()  # lazyslide may add no element
-        if len(tiles) == 0:
-            raise InputError(f"No tissue found on the slide {name} (no tile of {tile_um:g} um on tissue).")
+        laid = lay_tiles(wsi, name, slide_mpp, tile_um, size, pitch, tissue_method, min_tissue_fraction, key_added,
+                         progress)
+        tile_key, tiles, upsampling = laid.tile_key, laid.tiles, laid.upsampling
+        tissue_level, tissue_mpp, stride_um = laid.tissue_level, laid.tissue_mpp, laid.stride_um
         if progress is None:
             progress = interactive()
-        if progress:
-            progress_logger().info("%d tiles of %g um every %g um on %s", len(tiles), tile_um, pitch, name)
         # a network that predicts from its neighbourhood reads the neighbouring tiles, one training pitch away
-        neighbors = (_tile_neighbors(model, tiles, slide_mpp, stride * tile_mpp) if model.module.context != "patch"
+        neighbors = (_tile_neighbors(model, tiles, slide_mpp, stride_um) if model.module.context != "patch"
                      else None)
         with thread_limits():
             pred = _predict_tiles(model, wsi, tile_key, len(tiles), batch_size, num_workers, tta, progress, neighbors)
@@ -442,25 +255,9 @@ def predict_slide(
                 pred = bounds["point"]
                 bounds["flags"] = model.flag_sections(model.shift_flags(
                     {str(name): _sampled_tiles(model, wsi, tile_key, len(tiles))}))
-    centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
-    from anndata import AnnData
-    from spatialdata.models import TableModel
-
-    obs = pd.DataFrame({"region": pd.Categorical([tile_key] * len(tiles)),
-                        "tile_id": tiles["tile_id"].to_numpy(), "tissue_id": tiles["tissue_id"].to_numpy(),
-                        "tissue_fraction": _tissue_fraction(tiles, wsi.shapes[tissue_key] if tissue_key in wsi.shapes else None)},
-                       index=[f"tile_{i}" for i in tiles["tile_id"]])
-    table = AnnData(pred, obs=obs, var=pd.DataFrame(index=list(model.genes_)))
-    if bounds is not None:
-        for layer in ("lower", "upper", "expected_lower", "expected_upper"):  # not `name`: that is the slide's
-            if layer in bounds:
-                table.layers[layer] = bounds[layer].astype(np.float32)
-        rel = model.gene_reliability_
-        table.var = table.var.join(rel[["reliability", "ci_low", "ci_high", "reliable"]])
-    # tile centres in the slide's level-0 pixels (for an AnnData image: the AnnData's full-resolution
-    # pixels, the frame of its obsm["spatial"], so scanpy/squidpy draw the tiles over its image)
-    table.obsm["spatial"] = centres * opened.to_fullres
-    table.uns["st_predict"] = {
+    layers = {k: bounds[k] for k in ("lower", "upper", "expected_lower", "expected_upper")
+              if bounds is not None and k in bounds}
+    uns = {
         "slide": str(name), "slide_mpp": float(slide_mpp), "patch_size_um": float(tile_um),
         "pitch_um": float(pitch), "image_size": int(size), "tta": bool(tta),
         "tissue_level": -1 if tissue_level is None else int(tissue_level), "features_key": features_key or "",
@@ -470,26 +267,18 @@ def predict_slide(
         "scale": "log1p(counts / library size * 1e4)",
     }
     if bounds is not None:
-        table.uns["st_predict"].update(ensemble=bool(bounds["ensemble"]),
-                                       interval_level=-1.0 if interval_level is None else float(interval_level),
-                                       **bounds.get("flags", {}))
+        uns.update(ensemble=bool(bounds["ensemble"]), interval_level=-1.0 if interval_level is None else float(interval_level),
+                   **bounds.get("flags", {}))
         if "depth" in bounds:
-            table.uns["st_predict"].update(interval_depth=float(bounds["depth"]),
-                                           calibration_depth=model.calibration_depth)
-    if opened.spatial_uns:
-        lib, entry = next(iter(opened.spatial_uns.items()))
-        scalef = dict(entry.get("scalefactors", {}))
-        scalef["spot_diameter_fullres"] = float(tile_um / slide_mpp * opened.to_fullres)
-        table.uns["spatial"] = {lib: {**entry, "scalefactors": scalef}}
-    wsi.tables[key_added] = TableModel.parse(table, region=tile_key, region_key="region", instance_key="tile_id")
+            uns.update(interval_depth=float(bounds["depth"]), calibration_depth=model.calibration_depth)
+    write_tile_table(wsi, opened, tiles, tile_key, pred, model.genes_, key_added, tile_um, uns, layers,
+                     model.gene_reliability_ if bounds is not None else None, image_mpp=None)
     if bin_um is not None:
         add_bins(model, wsi, _tile_dataset(model, wsi, tile_key), tile_key, pred, slide_mpp, bin_um, batch_size,
                  tissue_key, opened.to_fullres, key_added)
-    if image_mpp is not None:
-        from ._slide_image import overview_image
-
-        wsi.images[f"{key_added}_image"] = overview_image(wsi, slide_mpp, float(image_mpp))
+    add_overview(wsi, slide_mpp, image_mpp, key_added)
     return wsi
+
 
 def _from_tile_features(model, wsi, features_key: str, batch_size: int):
     """The tile key, tile shapes and predictions of a feature table written by ``zs.tl.feature_extraction``."""
@@ -560,12 +349,8 @@ def as_tile_model(model, tta: bool | None = None):
 
 
 def _tile_dataset(model, wsi, tile_key: str):
-    """wsidata's dataset of the tiles ``tile_key`` at the network's input size (tiles of a slide coarser than it
-    are read at the slide's pixels and upsampled here)."""
-    size = model.module.image_size
-    spec = wsi.tile_spec(tile_key)
-    resize = None if spec is None or (spec.width, spec.height) == (size, size) else partial(resize_tile, size=size)
-    return wsi.ds.tile_images(tile_key=tile_key, image_size=size, transform=resize)
+    """wsidata's dataset of the tiles ``tile_key`` at the network's input size."""
+    return tile_dataset(wsi, tile_key, model.module.image_size)
 
 
 def _sampled_tiles(model, wsi, tile_key: str, n_tiles: int) -> torch.Tensor:

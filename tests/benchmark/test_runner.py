@@ -225,11 +225,16 @@ def test_hest_probe_recovers_a_linear_signal():
     assert min(pcc) > 0.9
 
 
-def test_reliability_columns_and_calibration_never_reads_the_held_out_section(tissue, monkeypatch):
+def test_reliability_columns_and_calibration_never_reads_the_held_out_section(tissue, monkeypatch, tmp_path):
     """A method trained with reliability=True gains the coverage, width, Spearman, CRPS and ensemble columns;
     the fold models and their calibration see the training sections only (a spy on every prediction they make
-    while calibrating)."""
-    from st_predict import NH2ST
+    while calibrating). Beside it, a pretrained predictor (Path2Space, random weights in an offline cache) zero-shot,
+    calibrated and adapted on the same fold: the calibrated rows have the same reliability columns, calibrated on the
+    training sections only, and the fold's genes outside its vocabulary are counted."""
+    from pretrained_fixtures import offline_hub
+
+    from st_predict import NH2ST, Pretrained
+    from st_predict.benchmark import pretrained_methods
 
     read = []
     calibrating = []
@@ -251,9 +256,39 @@ def test_reliability_columns_and_calibration_never_reads_the_held_out_section(ti
     monkeypatch.setattr(NH2ST, "get_predicted_expression", predict_spy)
     method = lambda: NH2STMethod(epochs=3, latent_dim=64, n_heads=4, image_size=32,  # noqa: E731
                                  train_kwargs={"reliability": True})
-    res = run_benchmark(tissue, {"NH2ST reliability": method}, folds=["S2"], n_genes=20, patch_size=32,
-                        image_size=32, weights="random")
+    calibrated_on = []
+    real_calibrate = Pretrained.calibrate
+
+    def calibrate_spy(self, adata, *args, **kwargs):
+        calibrated_on.append(set(adata.obs["section"]))
+        return real_calibrate(self, adata, *args, **kwargs)
+
+    monkeypatch.setattr(Pretrained, "calibrate", calibrate_spy)
+    adata = tissue.copy()
+    for lib in adata.uns["spatial"]:  # Path2Space reads 100 um tiles: 32 px of these sections
+        adata.uns["spatial"][lib].setdefault("metadata", {})["pixel_size_um"] = 100 / 32
+    vocabulary = [f"G{i:03d}" for i in range(0, 60, 2)]  # every other gene
+    with offline_hub(tmp_path, vocabulary):
+        res = run_benchmark(adata, {"NH2ST reliability": method, **pretrained_methods(["path2space"])}, folds=["S2"],
+                            n_genes=20, patch_size=32, image_size=32, weights="random", out_dir=tmp_path / "out")
     assert read == [{"S0", "S1"}, {"S0", "S1"}]  # two fold models, each predicting the training spots only
+    assert calibrated_on == [{"S0", "S1"}, {"S0", "S1"}]  # calibrated and adapted on the training sections
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["NH2ST reliability", "path2space zero-shot", "path2space calibrated", "path2space adapted"]
+    train = adata[adata.obs["section"] != "S2"]
+    genes = select_genes(train.X, train.var_names, train.obs["section"].to_numpy(), n_top=20)
+    outside = sum(g not in vocabulary for g in genes)
+    assert 0 < outside < 20
+    for name in ("path2space zero-shot", "path2space calibrated", "path2space adapted"):
+        assert rows[name]["n_genes_not_output"] == outside and rows[name]["n_nan_genes"] >= outside
+    assert "coverage_90" not in rows["path2space zero-shot"]  # nothing calibrated: no intervals
+    for name in ("path2space calibrated", "path2space adapted"):
+        r = rows[name]
+        assert 0 < r["coverage_80"] <= r["coverage_90"] <= 1 and r["width_80"] < r["width_90"], r
+        assert np.isfinite(r["spearman_reliability"]) and r["n_genes_scored"] == 20 - outside
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "90 % coverage" in table and "| path2space calibrated |" in table.split("90 % coverage")[1]
+    assert "| NH2ST reliability |" in table.split("90 % coverage")[1]
     row = res["rows"][0]
     for key in ("coverage_80", "coverage_90", "coverage_mae_90", "width_90", "spearman_reliability", "pcc_ensemble",
                 "crps_adaptive", "crps_constant_width"):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from pretrained_fixtures import Counting, hub_file, write_path2space, write_stpath
+from pretrained_fixtures import Counting, hub_file, offline_hub, write_stpath
 
 from st_predict import InputError, Pretrained
 from st_predict._utils import MissingFileError, MissingKeyError
@@ -32,16 +32,8 @@ def _with_pixel_size(adata, tile_um):
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """CTransPath and Path2Space with random weights in an offline HF cache (the registry's repos and files)."""
-    root = tmp_path_factory.mktemp("hf")
-    nets = write_path2space(root / "hub", [*GENES, NOISE, "NOT_MEASURED"])
-    with pytest.MonkeyPatch.context() as mp:
-        import huggingface_hub.constants as hc
-
-        mp.setenv("HF_HOME", str(root))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(hc, "HF_HUB_OFFLINE", True)
-        mp.setattr(hc, "HF_HUB_CACHE", str(root / "hub"))
-        yield root / "hub", nets
+    with offline_hub(tmp_path_factory.mktemp("hf"), [*GENES, NOISE, "NOT_MEASURED"]) as hub:
+        yield hub
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +105,8 @@ def test_missing_weights_name_their_fix(hub, tmp_path, monkeypatch):
         Pretrained("path2space", genes=GENES)
 
 
-def test_stpath_sees_each_section_whole_with_its_coordinates(tissue, tmp_path):
-    pytest.importorskip("einops")
-    weights, voc = write_stpath(tmp_path, GENES)
+def test_stpath_sees_each_section_whole_with_its_coordinates(tissue, stpath_files):
+    weights, voc = stpath_files
     enc = Counting(1536)
     with pytest.raises(InputError, match="genes="):
         Pretrained("stpath", encoder=enc, model_path=weights, gene_voc_path=voc, tile_px=32)
@@ -148,7 +139,7 @@ def test_stpath_sees_each_section_whole_with_its_coordinates(tissue, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspotm_predicts_tiles_from_its_hub_files(tmp_path, monkeypatch):
+def test_deepspotm_predicts_tiles_from_its_hub_files(tmp_path, monkeypatch, slide_file):
     pytest.importorskip("deepspotm")
     import huggingface_hub.constants as hc
     import timm
@@ -187,6 +178,11 @@ def test_deepspotm_predicts_tiles_from_its_hub_files(tmp_path, monkeypatch):
     assert calls == [4, 4, 1]  # the tile outputs are kept: not run again
     with pytest.raises(MissingKeyError, match="NOPE"):
         Pretrained("deepspotm", genes=["G001", "NOPE"])
+    # a slide: DeepSpot-M's 224 px tiles of about 112 um, each run through the tile model once
+    calls.clear()
+    table = model.predict_slide(slide_file, pitch_um=150, progress=False, image_mpp=None).tables["pretrained"]
+    assert table.n_obs >= 3 and sum(calls) == table.n_obs and np.isfinite(table.X).all()
+    assert table.uns["st_predict"]["patch_size_um"] == model.geometry.tile_um
 
 
 def test_deepspotm_without_its_package_names_the_install_command(monkeypatch):
@@ -282,8 +278,8 @@ def test_save_and_load_keep_a_reference_and_the_calibration(hub, five, tmp_path,
     assert loaded.key == "path2space" and loaded.genes_ == model.genes_ and loaded.is_calibrated
     pd.testing.assert_frame_equal(loaded.gene_reliability_, model.gene_reliability_, check_dtype=False)
     test = select_sections(five, ["S4"])
-    want = model._calibrated(model.raw_outputs(test, "section"), 0.9)
-    got = loaded._calibrated(model.raw_outputs(test, "section"), 0.9)
+    want = model.calibrated(model.raw_outputs(test, "section"), 0.9)
+    got = loaded.calibrated(model.raw_outputs(test, "section"), 0.9)
     for a, b in zip((want[0], *want[1]), (got[0], *got[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     # real outputs of the reloaded predictor: the same weights, read again from the cache
@@ -294,3 +290,119 @@ def test_save_and_load_keep_a_reference_and_the_calibration(hub, five, tmp_path,
         Pretrained.load(tmp_path / "p", model_path=tmp_path / "moved.pt2")
     with pytest.raises(FileExistsError):
         model.save(tmp_path / "p")
+
+
+# -- whole slides: a pyramidal TIFF of one large stained disc -------------------------------------------------------
+SLIDE_MPP = 0.4
+
+
+@pytest.fixture(scope="module")
+def slide_file(tmp_path_factory):
+    """A 1,536 px (614 um) slide at 0.4 um/px: a textured purple disc covering half of it, on white."""
+    from helpers import write_slide
+
+    size = 1536
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.full((size, size, 3), 242, np.uint8)
+    disc = (yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.4**2
+    stripes = (np.sin(np.arange(size) * 2 * np.pi / 16) * 40).astype(np.int16)
+    tex = np.array([150, 80, 160], np.int16) + stripes[None, :, None] + rng.integers(-20, 20, (size, size, 3))
+    img[disc] = tex[disc].clip(0, 255).astype(np.uint8)
+    return write_slide(tmp_path_factory.mktemp("slide") / "disc.tiff", img, SLIDE_MPP)
+
+
+def _tile_sides_um(sdata, key):
+    bounds = sdata.shapes[f"{key}_tiles"].geometry.bounds
+    return (bounds["maxx"] - bounds["minx"]).to_numpy() * SLIDE_MPP
+
+
+def test_path2space_predicts_a_slide_encoding_each_tile_once_and_calibrated_with_bounds(hub, five, slide_file,
+                                                                                        monkeypatch):
+    pytest.importorskip("lazyslide")
+    model = Pretrained("path2space", genes=[*GENES, NOISE])
+    calls = []
+    model.encoder.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
+    sdata = model.predict_slide(slide_file, progress=False, image_mpp=None)
+    table = sdata.tables["pretrained"]
+    assert table.n_obs >= 8 and list(table.var_names) == [*GENES, NOISE]
+    assert sum(calls) == table.n_obs  # each tile through the encoder once
+    np.testing.assert_allclose(_tile_sides_um(sdata, "pretrained"), 100.0, rtol=0.02)  # Path2Space's 100 um tiles
+    meta = table.uns["st_predict"]
+    assert meta["predictor"] == "path2space" and meta["patch_size_um"] == 100.0 and meta["pitch_um"] == 100.0
+    assert not meta["calibrated"] and "lower" not in table.layers
+    # tile centres in the slide's level-0 pixels
+    assert np.allclose(table.obsm["spatial"], sdata.shapes["pretrained_tiles"].geometry.centroid.get_coordinates())
+    # the same slide again: its features are kept (keyed by the slide's content), no encoder call
+    again = model.predict_slide(slide_file, progress=False, image_mpp=None, key_added="again").tables["again"]
+    assert sum(calls) == table.n_obs
+    np.testing.assert_allclose(again.X, table.X, rtol=1e-6)
+    # calibrated (on a known-error stand-in): the slide's points are the scale map of the same outputs, with bounds
+    _known_error(model, monkeypatch).calibrate(select_sections(five, ["S0", "S1", "S2"]), library_key="section")
+    cal = model.predict_slide(slide_file, progress=False, image_mpp=None, key_added="cal").tables["cal"]
+    assert sum(calls) == table.n_obs
+    a, b = model.calibration_["params"]["scale"]
+    np.testing.assert_allclose(cal.X, np.maximum(a + b * table.X, 0), rtol=1e-5, atol=1e-6)
+    assert (cal.layers["lower"] <= cal.X).all() and (cal.X <= cal.layers["upper"]).all()
+    assert (cal.layers["upper"] > cal.layers["lower"]).all()
+    assert cal.var["reliable"].dtype == bool and cal.var.loc[NOISE, "reliability"] == cal.var["reliability"].min()
+    assert cal.uns["st_predict"]["calibrated"] and cal.uns["st_predict"]["interval_level"] == 0.9
+    with pytest.raises(InputError, match="tta"):
+        model.predict_slide(slide_file, tta=True)
+
+
+@pytest.fixture(scope="module")
+def stpath_files(tmp_path_factory):
+    pytest.importorskip("einops")
+    return write_stpath(tmp_path_factory.mktemp("stpath"), GENES)
+
+
+def test_stpath_predicts_a_slide_in_one_call_and_refuses_more_tiles_than_max_spots(slide_file, stpath_files):
+    pytest.importorskip("lazyslide")
+    weights, voc = stpath_files
+    enc = Counting(1536)
+    model = Pretrained("stpath", genes=GENES[:4], encoder=enc, model_path=weights, gene_voc_path=voc, tile_px=32)
+    enc.seen = 0
+    seen = []
+    real = model.card.predict
+    model.card.predict = lambda features, coords=None: (seen.append((len(features), np.asarray(coords))),
+                                                        real(features, coords))[1]
+    sdata = model.predict_slide(slide_file, progress=False, image_mpp=None)
+    table = sdata.tables["pretrained"]
+    n = table.n_obs
+    assert n >= 8 and enc.seen == n and [k for k, _ in seen] == [n]  # every tile encoded once, one STPath call
+    np.testing.assert_allclose(seen[0][1], table.obsm["spatial"])  # with the tiles' centres
+    np.testing.assert_allclose(_tile_sides_um(sdata, "pretrained"), 112.0, rtol=0.02)  # STPath's 112 um tiles
+    assert np.isfinite(table.X).all() and table.uns["st_predict"]["predictor"] == "stpath"
+    # more tiles than STPath may see at once: refused before any tile is encoded, the error says what to change
+    small = Counting(1536)
+    capped = Pretrained("stpath", genes=GENES[:4], encoder=small, model_path=weights, gene_voc_path=voc, tile_px=32,
+                        max_spots=n - 1)
+    small.seen = 0
+    with pytest.raises(InputError, match=rf"{n} tiles .* max_spots={n - 1}.*pitch_um="):
+        capped.predict_slide(slide_file, progress=False, image_mpp=None)
+    assert small.seen == 0
+    with pytest.raises(InputError, match="user encoder module"):
+        model.predict_slides([slide_file], slide_file + ".out")
+
+
+def test_predict_slides_loads_the_saved_reference_in_each_worker(hub, slide_file, tmp_path):
+    pytest.importorskip("distributed")
+    import shutil
+
+    import spatialdata
+    from distributed import Client
+
+    slides = [shutil.copy(slide_file, tmp_path / name) for name in ("a.tiff", "b.tiff")]
+    model = Pretrained("path2space", genes=GENES, feature_cache=tmp_path / "cache")
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        manifest = model.predict_slides(slides, tmp_path / "out", client=client, image_mpp=None, progress=False)
+    assert list(manifest["status"]) == ["done", "done"], manifest["error"].tolist()
+    got = spatialdata.read_zarr(tmp_path / "out" / "a.zarr").tables["pretrained"]
+    assert got.uns["st_predict"]["predictor"] == "path2space"
+    # the worker's predictor wrote the features into this one's cache: predicting here runs no encoder, same values
+    calls = []
+    model.encoder.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
+    want = model.predict_slide(slides[0], image_mpp=None, progress=False).tables["pretrained"]
+    assert calls == []
+    np.testing.assert_allclose(got.X, want.X, rtol=1e-6)
