@@ -8,7 +8,8 @@ loaders read them:
   table's "genes not output" column is exercised.
 - STPath: its real architecture (STFM) with random weights and a vocabulary of its released size, through
   ``model_path=`` / ``gene_voc_path=``. GigaPath (a ViT-giant) is out of reach on a 2-core CPU: the 1,536-dim
-  features come from a random timm MixNet-XL instead.
+  features come from a random timm MixNet-XL instead, its weights drawn once (seed 0) and passed as a file, so every
+  fold and mode runs the same predictor and its features are computed once per section.
 
 Random weights measure the harness, not the predictors: the folds, the gene counting, the calibration on the
 training sections only and the reliability columns. Their PCC is that of random features, and nothing here says how
@@ -16,6 +17,7 @@ well STPath or Path2Space predict HER2ST. NH2ST runs with ``--reliability`` (its
 have the coverage, width and reliability columns.
 
 Usage:  python benchmarks/pretrained_her2st.py [--data ../shared/data/her2st] [--folds C2 ...] [--epochs N]
+        [--methods path2space stpath NH2ST] [--out FOLDER]
 Writes benchmarks/results/pretrained_her2st/results.{json,md}.
 """
 
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--folds", nargs="+", default=None)
     p.add_argument("--epochs", type=int, default=None, help="NH2ST's epochs (default: the recipe's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pretrained_her2st"))
+    p.add_argument("--methods", nargs="+", default=["path2space", "stpath", "NH2ST"])
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from pretrained_fixtures import write_path2space, write_stpath
@@ -49,11 +52,17 @@ def main() -> None:
         tmp = Path(tmp)
         write_path2space(tmp / "hf" / "hub", [g for i, g in enumerate(genes) if i % 10])
         weights, voc = write_stpath(tmp, genes)
+        import timm
+        import torch
+
+        torch.manual_seed(0)
+        encoder = tmp / "mixnet_xl_random.pt"
+        torch.save(timm.create_model("mixnet_xl", pretrained=False).state_dict(), encoder)
         env = {**os.environ, "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "st_predict", "benchmark", args.data, "--out", args.out, "--overwrite",
-               "--methods", "path2space", "stpath", "NH2ST", "--reliability",
+               "--methods", *args.methods, "--reliability",
                "--pretrained-option", f"stpath:model_path={weights}", f"stpath:gene_voc_path={voc}",
-               "stpath:encoder=timm:mixnet_xl", "stpath:encoder_weights=random"]
+               "stpath:encoder=timm:mixnet_xl", f"stpath:encoder_weights={encoder}"]
         if args.folds:
             cmd += ["--folds", *args.folds]
         if args.epochs:

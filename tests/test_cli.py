@@ -88,7 +88,8 @@ def test_predict_on_image_only_data_and_spatialdata(trained, tmp_path):
 def test_benchmark_command_writes_tables(trained, tmp_path, capsys):
     _, data = trained
     assert main(["benchmark", "--list-methods"]) == 0
-    assert "ridge (PCA-256)" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "ridge (PCA-256)" in listed and "path2space calibrated  (pretrained; by name only)" in listed
     code = main(["benchmark", str(data), "--methods", "per-gene mean", "ridge (PCA-256)", "--folds", "S0", "S1",
                  "--n-genes", "20", "--patch-size", "32", "--image-size", "32", "--weights", "random",
                  "--out", str(tmp_path / "bench")])
@@ -110,6 +111,9 @@ def test_benchmark_command_writes_tables(trained, tmp_path, capsys):
         (["evaluate", "{data}", "--out", "{tmp}/e"], "no predictions 'nh2st'"),
         (["evaluate", "{tmp}/nothing.h5ad", "--out", "{tmp}/e"], "is not a file"),
         (["benchmark", "{data}", "--methods", "magic", "--out", "{tmp}/b"], "unknown methods ['magic']"),
+        (["benchmark", "{data}", "--pretrained-option", "stpath-model_path", "--out", "{tmp}/b"], "KEY:NAME=VALUE"),
+        (["benchmark", "{data}", "--pretrained-option", "nope:model_path=x", "--out", "{tmp}/b"],
+         "not a pretrained predictor"),
         (["predict-slides", "{tmp}/no_model", "{data}", "--out", "{tmp}/s"], "no saved model"),
         (["predict-slides", "{model}", "--out", "{tmp}/s"], "give the slides, or --manifest"),
         (["predict-slides", "{model}", "{tmp}/gone.svs", "--out", "{tmp}/s"], "gone.svs does not exist"),

@@ -190,7 +190,7 @@ def predict_slide(
         tile_size_um = patch_size_um if tile_size_um is None else tile_size_um
     model._check_if_trained(warn=False)
     check_bins(model, bin_um, features_key)
-    _, zs = wsi_stack()
+    wsi_stack()  # the wsi extra is installed (a clear error otherwise)
     tile_um = tile_size_um if tile_size_um is not None else model.patch_geometry_.size_um
     if tile_um is None:
         raise InputError(

@@ -406,3 +406,20 @@ def test_predict_slides_loads_the_saved_reference_in_each_worker(hub, slide_file
     want = model.predict_slide(slides[0], image_mpp=None, progress=False).tables["pretrained"]
     assert calls == []
     np.testing.assert_allclose(got.X, want.X, rtol=1e-6)
+
+
+def test_nh2st_frozen_on_the_same_encoder_reads_the_features_pretrained_wrote(hub, tissue, tmp_path, encoder_calls):
+    """One section embedded once for a pretrained predictor and for NH2ST's frozen heads: NH2ST trained on CTransPath
+    (frozen, the same 100 um patches at 224 px, one view) finds every section's features in the cache Path2Space
+    wrote, and runs no encoder."""
+    from st_predict import NH2ST
+
+    adata = tissue.copy()
+    Pretrained("path2space", genes=GENES, feature_cache=tmp_path / "fc").predict(adata, library_key="section")
+    written = len(list((tmp_path / "fc").rglob("*.pt")))
+    assert written == 3  # one entry per section
+    NH2ST.setup_anndata(adata, library_key="section", patch_size_um=100.0)
+    torch.manual_seed(0)
+    model = NH2ST(adata, encoder="lazyslide:ctranspath", genes=GENES, latent_dim=32, n_heads=2)
+    model.train(max_epochs=1, progress=False, feature_cache=tmp_path / "fc", augment="none")
+    assert encoder_calls == [] and len(list((tmp_path / "fc").rglob("*.pt"))) == written
