@@ -72,7 +72,7 @@ def _method_of(func):
     sig = inspect.signature(func)
     params = list(sig.parameters.values())
     method.__signature__ = sig.replace(parameters=[params[0].replace(name="self"), *params[1:]])
-    method.__doc__ = re.sub(r"\n    model\n        [^\n]*\n", "\n", func.__doc__ or "", count=1)
+    method.__doc__ = re.sub(r"\n    model\n(?:        [^\n]*\n)+", "\n", func.__doc__ or "", count=1)
     return method
 
 
