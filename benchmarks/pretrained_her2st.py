@@ -32,6 +32,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the label every table of this script carries
+TITLE = ("RANDOM WEIGHTS for the pretrained predictors (Path2Space: a random stand-in of CTransPath and a random head; "
+         "STPath: its architecture with random weights on random MixNet-XL features): their rows measure the harness "
+         "(folds, gene counting, calibration on the training sections, reliability columns), not the predictors.")
+
+
+def label(out: Path) -> None:
+    """Put :data:`TITLE` into ``results.json`` and at the top of ``results.md``."""
+    import json
+
+    from st_predict.benchmark import to_markdown
+
+    result = json.loads((out / "results.json").read_text())
+    result["title"] = TITLE
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.md").write_text(to_markdown(result))
 
 
 def main() -> None:
@@ -71,6 +87,7 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(cmd, env=env, check=True)
         print(f"{time.perf_counter() - start:.0f} s")
+    label(Path(args.out))
 
 
 if __name__ == "__main__":
