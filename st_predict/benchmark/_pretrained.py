@@ -59,12 +59,8 @@ class PretrainedMethod:
         self.missing_genes_ = list(model.dropped_genes_)
         self.columns_ = np.asarray([list(fold.genes).index(g) for g in model.genes_], dtype=int)
         self.mean_ = np.asarray(fold.y_train, np.float64).mean(0)
-        if self.mode == "calibrate":
-            model.calibrate(fold.train, library_key=self._where(fold)["library_key"],
-                            **{k: v for k, v in self._where(fold).items() if k != "library_key"})
-        elif self.mode == "adapt":
-            model.adapt(fold.train, library_key=self._where(fold)["library_key"],
-                        **{k: v for k, v in self._where(fold).items() if k != "library_key"})
+        if self.mode != "zero-shot":
+            (model.calibrate if self.mode == "calibrate" else model.adapt)(fold.train, **self._where(fold))
 
     def _outputs(self, fold: Fold, level: float | None):
         raw = self.model_.raw_outputs(fold.test, **self._where(fold))

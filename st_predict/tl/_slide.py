@@ -29,8 +29,16 @@ from st_predict._utils import (
 )
 
 from ._slide_bins import add_bins, check_bins
-from ._slide_open import default_num_workers, open_slide
-from ._slide_tiles import add_overview, lay_tiles, tile_dataset, write_tile_table, wsi_stack
+from ._slide_open import default_num_workers, open_at_mpp
+from ._slide_tiles import (
+    add_overview,
+    check_slide_settings,
+    lay_tiles,
+    tile_centres,
+    tile_dataset,
+    write_tile_table,
+    wsi_stack,
+)
 
 
 def _tile_geometry_um(tiles, slide_mpp: float) -> tuple[float, float]:
@@ -39,7 +47,7 @@ def _tile_geometry_um(tiles, slide_mpp: float) -> tuple[float, float]:
 
     bounds = tiles.geometry.bounds
     side = float(np.median(bounds["maxx"] - bounds["minx"])) * slide_mpp
-    xy = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    xy = tile_centres(tiles)
     pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) * slide_mpp if len(xy) > 1 else side
     return side, pitch
 
@@ -199,28 +207,12 @@ def predict_slide(
         )
     if not tile_um > 0:
         raise InputError(f"tile_size_um must be positive, got {tile_um!r}.")
-    if tissue_method not in ("entropy", "otsu"):
-        raise InputError(f"tissue_method must be 'entropy' or 'otsu', got {tissue_method!r}.")
-    if not 0 <= min_tissue_fraction <= 1:
-        raise InputError(f"min_tissue_fraction must be between 0 and 1, got {min_tissue_fraction!r}.")
     pitch = pitch_um if pitch_um is not None else (model.spot_pitch_um_ or tile_um)
-    if not pitch > 0:
-        raise InputError(f"pitch_um must be positive, got {pitch!r}.")
+    check_slide_settings(tissue_method, min_tissue_fraction, pitch, mpp, image_mpp)
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}.")
-    if mpp is not None and not mpp > 0:
-        raise InputError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
-    if image_mpp is not None and not image_mpp > 0:
-        raise InputError(f"image_mpp must be a positive number of micrometres per pixel or None, got {image_mpp!r}.")
-    opened = open_slide(slide, image_key=image_key, library_id=library_id, image_element=image_element)
+    opened, slide_mpp = open_at_mpp(slide, mpp, image_key, library_id, image_element)
     wsi, name = opened.wsi, opened.name
-    if mpp is not None or opened.mpp is not None:
-        wsi.set_mpp(float(mpp if mpp is not None else opened.mpp))
-    slide_mpp = wsi.properties.mpp
-    if slide_mpp is None or not np.isfinite(slide_mpp) or slide_mpp <= 0:
-        raise InputError(
-            f"The slide {name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
-        )
     size = model.module.image_size
     tta = model.tta_ if tta is None else bool(tta)
     tissue_level = tissue_mpp = bounds = None
@@ -328,7 +320,7 @@ def _tile_neighbors(model, tiles, slide_mpp: float, pitch_um: float) -> np.ndarr
     when the pitch is unknown or the tiles are at least that far apart)."""
     from st_predict.pp import grid_neighbors
 
-    centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    centres = tile_centres(tiles)
     every = max(1, int(round(model.spot_pitch_um_ / pitch_um))) if model.spot_pitch_um_ else 1
     return grid_neighbors(centres, pitch_um / slide_mpp, every, model.module.n_neighbors)
 

@@ -170,6 +170,22 @@ def open_slide(slide: Any, image_key: str | None = None, library_id: str | None 
     )
 
 
+def open_at_mpp(slide: Any, mpp: float | None, image_key: str | None = None, library_id: str | None = None,
+                image_element: str | None = None) -> tuple[OpenedSlide, float]:
+    """:func:`open_slide`, its µm/px set (``mpp``, else what its source recorded) and returned; an error when there
+    is none."""
+    opened = open_slide(slide, image_key=image_key, library_id=library_id, image_element=image_element)
+    wsi = opened.wsi
+    if mpp is not None or opened.mpp is not None:
+        wsi.set_mpp(float(mpp if mpp is not None else opened.mpp))
+    slide_mpp = wsi.properties.mpp
+    if slide_mpp is None or not np.isfinite(slide_mpp) or slide_mpp <= 0:
+        raise InputError(
+            f"The slide {opened.name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan)."
+        )
+    return opened, float(slide_mpp)
+
+
 def default_num_workers() -> int:
     """DataLoader workers that read tiles while the network runs.
 

@@ -9,8 +9,8 @@ import torch
 
 from st_predict._utils import PRETRAINED_KEY, InputError, thread_limits
 
-from ._slide_open import default_num_workers, open_slide
-from ._slide_tiles import lay_tiles, tile_dataset, write_tile_table
+from ._slide_open import default_num_workers, open_at_mpp
+from ._slide_tiles import check_slide_settings, lay_tiles, tile_centres, tile_dataset, write_tile_table
 
 
 def is_pretrained(model) -> bool:
@@ -85,25 +85,10 @@ def predict_slide_pretrained(
     tissue ``f"{key_added}_tissues"`` and, with ``image_mpp``, the image ``f"{key_added}_image"``.
     """
     g = model.geometry
-    if tissue_method not in ("entropy", "otsu"):
-        raise InputError(f"tissue_method must be 'entropy' or 'otsu', got {tissue_method!r}.")
-    if not 0 <= min_tissue_fraction <= 1:
-        raise InputError(f"min_tissue_fraction must be between 0 and 1, got {min_tissue_fraction!r}.")
     pitch = float(pitch_um) if pitch_um is not None else float(g.tile_um)
-    if not pitch > 0:
-        raise InputError(f"pitch_um must be positive, got {pitch_um!r}.")
-    if mpp is not None and not mpp > 0:
-        raise InputError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
-    if image_mpp is not None and not image_mpp > 0:
-        raise InputError(f"image_mpp must be a positive number of micrometres per pixel or None, got {image_mpp!r}.")
-    opened = open_slide(slide, image_key=image_key, library_id=library_id, image_element=image_element)
+    check_slide_settings(tissue_method, min_tissue_fraction, pitch, mpp, image_mpp)
+    opened, slide_mpp = open_at_mpp(slide, mpp, image_key, library_id, image_element)
     wsi, name = opened.wsi, opened.name
-    if mpp is not None or opened.mpp is not None:
-        wsi.set_mpp(float(mpp if mpp is not None else opened.mpp))
-    slide_mpp = wsi.properties.mpp
-    if slide_mpp is None or not np.isfinite(slide_mpp) or slide_mpp <= 0:
-        raise InputError(
-            f"The slide {name} records no micrometres per pixel; pass mpp= (e.g. mpp=0.25 for a 40x scan).")
     laid = lay_tiles(wsi, name, slide_mpp, g.tile_um, g.tile_px, pitch, tissue_method, min_tissue_fraction, key_added,
                      progress, digest=True)
     tiles, n = laid.tiles, len(laid.tiles)
@@ -116,7 +101,7 @@ def predict_slide_pretrained(
             "interest, or raise max_spots= in Pretrained(...) where the memory allows.")
     bounds_px = tiles.geometry.bounds[["minx", "miny", "maxx", "maxy"]].to_numpy(np.float64)
     key = {"section": f"{name} at {laid.tile_mpp:.6g} um/px", "image": laid.digest, "boxes": bounds_px}
-    centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    centres = tile_centres(tiles)
     num_workers = default_num_workers() if num_workers is None else int(num_workers)
     read = _TileReader(tile_dataset(wsi, laid.tile_key, g.tile_px), model.batch_size, num_workers)
     with thread_limits():

@@ -28,6 +28,26 @@ def wsi_stack():
     return wsidata, lazyslide
 
 
+def check_slide_settings(tissue_method: str, min_tissue_fraction: float, pitch: float, mpp: float | None,
+                         image_mpp: float | None) -> None:
+    """The tiling settings every whole-slide prediction takes, checked (an error names the bad one)."""
+    if tissue_method not in ("entropy", "otsu"):
+        raise InputError(f"tissue_method must be 'entropy' or 'otsu', got {tissue_method!r}.")
+    if not 0 <= min_tissue_fraction <= 1:
+        raise InputError(f"min_tissue_fraction must be between 0 and 1, got {min_tissue_fraction!r}.")
+    if not pitch > 0:
+        raise InputError(f"pitch_um must be positive, got {pitch!r}.")
+    if mpp is not None and not mpp > 0:
+        raise InputError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}.")
+    if image_mpp is not None and not image_mpp > 0:
+        raise InputError(f"image_mpp must be a positive number of micrometres per pixel or None, got {image_mpp!r}.")
+
+
+def tile_centres(tiles) -> np.ndarray:
+    """``(n, 2)`` centres of tile shapes, in their (level-0 pixel) frame."""
+    return np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+
+
 def tissue_fraction(tiles, tissues) -> np.ndarray:
     """The fraction of each tile's area inside the tissue polygons (NaN without them)."""
     if tissues is None or len(tissues) == 0:
@@ -102,7 +122,7 @@ def write_tile_table(wsi, opened, tiles, tile_key: str, pred: np.ndarray, genes,
     from spatialdata.models import TableModel
 
     tissue_key = f"{key_added}_tissues"
-    centres = np.column_stack([tiles.geometry.centroid.x.to_numpy(), tiles.geometry.centroid.y.to_numpy()])
+    centres = tile_centres(tiles)
     obs = pd.DataFrame({"region": pd.Categorical([tile_key] * len(tiles)),
                         "tile_id": tiles["tile_id"].to_numpy(), "tissue_id": tiles["tissue_id"].to_numpy(),
                         "tissue_fraction": tissue_fraction(tiles, wsi.shapes[tissue_key] if tissue_key in wsi.shapes else None)},
